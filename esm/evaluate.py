@@ -1,0 +1,240 @@
+"""The evaluation loop: reconstruct, detect, normalise on held-out good images, score, measure.
+
+One jitted function per batch does reconstruction and the raw detector maps, with the batch split
+over the device mesh. Per-image outputs are gathered from every process and put in example order,
+so padding and multi-host sharding never drop or duplicate an example.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from esm import detectors as det
+from esm import metrics
+from esm import parallel
+from esm import report
+from esm import sampling
+from esm import train as train_lib
+from esm.checkpoint import Checkpointer
+from esm.errors import UserError
+from esm.models.dual_stream import count_params
+
+
+@dataclasses.dataclass
+class SplitOutputs:
+  """Host-side per-image outputs of one split, in example order."""
+  maps: Dict[str, np.ndarray]  # raw detector maps, name -> [N,H,W] float32
+  labels: np.ndarray  # [N] int32
+  masks: np.ndarray  # [N,H,W] uint8
+  kept: Dict[int, Dict[str, np.ndarray]]  # example index -> images kept for the figures
+  trajectory: Optional[Dict[str, np.ndarray]]  # snapshots and σ² ranges of one example
+  seconds: float  # wall time of the jitted calls, compilation excluded
+  compile_seconds: float
+
+
+class Scorer:
+  """Everything evaluation and prediction share: the model's EMA parameters, the jitted
+  reconstruct-and-detect function, the detector selection and the normalisation."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.image_size = config.data.image_size
+    self.mesh = parallel.make_mesh()
+    sde, model, net_fn, _, tx = train_lib.build(config, self.image_size)
+    self.num_params = count_params(model, self.image_size)
+    self.params = self._restore_ema(config, workdir, model, tx)
+    self.sampling_cfg = sampling.SamplingConfig.from_config(config.sampling)
+    self.recon = sampling.get_reconstruct_fn(net_fn, sde, self.sampling_cfg)
+    self.detect_cfg = det.DetectConfig.from_config(config.detect)
+    use_cos = self.detect_cfg.weights[0] != 0.0
+    feature_fn = None
+    if use_cos:
+      from esm.features import get_feature_fn  # pylint: disable=g-import-not-at-top
+      feature_fn = get_feature_fn(config.features)
+    available = {'re'} | ({'cos'} if feature_fn is not None else set())
+    if config.loss.kind == 'esm':
+      available |= {'u', 'kl'}
+    self.selection = det.select_detectors(self.detect_cfg.weights, available)
+    if not self.selection.used:
+      raise UserError(f'detect.weights={tuple(self.detect_cfg.weights)}: no available detector has a '
+                      f'nonzero weight (unavailable: {self.selection.unavailable})')
+    for name, reason in self.selection.unavailable.items():
+      logging.warning('detector %s: %s', name, reason)
+
+    cfg, recon_pure = self.detect_cfg, self.recon.pure
+
+    def analyse(params, images, keys):
+      rec = recon_pure(params, images, keys)
+      maps = det.compute_maps(images, rec.x0_hat, rec.var0, rec.var_in, feature_fn,
+                              re_kind=cfg.re_kind, var_floor=cfg.var_floor)
+      return rec, maps
+
+    batch = parallel.batch_sharding(self.mesh)
+    self._analyse = jax.jit(analyse, in_shardings=(parallel.replicated(self.mesh), batch, batch))
+    self._compiled = None
+    self.stats: Optional[det.NormStats] = None
+
+  def _restore_ema(self, config, workdir, model, tx):
+    checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep)
+    abstract = jax.eval_shape(lambda: train_lib.init_state(config, model, tx, self.image_size))
+    state, step = checkpointer.restore_latest(abstract)
+    checkpointer.close()
+    if state is None:
+      raise UserError(f'{workdir}/checkpoints: no checkpoint to evaluate; run --mode=train first')
+    logging.info('evaluating the EMA parameters of step %d', step)
+    self.checkpoint_step = step
+    return jax.device_put(state.ema_params, parallel.replicated(self.mesh))
+
+  def run_split(self, data, *, keep=(), trajectory_index: Optional[int] = None,
+                what: str = 'test') -> SplitOutputs:
+    """Reconstructs and detects every example of `data` (an EvalData)."""
+    n, size = data.num_examples, self.image_size
+    maps = {k: np.zeros((n, size, size), np.float32) for k in self.selection.used}
+    labels = np.zeros((n,), np.int32)
+    masks = np.zeros((n, size, size), np.uint8)
+    kept, trajectory, seconds, compile_seconds = {}, None, 0.0, 0.0
+    keep = set(keep)
+    start, done = time.time(), 0
+    for b, local in enumerate(data.batches()):
+      images = parallel.shard_batch(self.mesh, local['image'])
+      keys = parallel.shard_batch(self.mesh, jax.random.key_data(
+          sampling.image_keys(self.config.seed, np.maximum(local['index'], 0))))
+      if self._compiled is None:
+        t = time.time()
+        self._compiled = self._analyse.lower(self.params, images, keys).compile()
+        compile_seconds = time.time() - t
+      t = time.time()
+      rec, batch_maps = self._compiled(self.params, images, keys)
+      jax.block_until_ready(batch_maps)
+      seconds += time.time() - t
+      index, valid = parallel.gather((local['index'], local['valid']))
+      ok = np.flatnonzero(valid)
+      idx = index[ok]
+      for k in self.selection.used:
+        maps[k][idx] = parallel.gather(batch_maps[k])[ok]
+      labels[idx] = parallel.gather(local['label'])[ok]
+      masks[idx] = parallel.gather(local['mask'])[ok]
+      wanted = [j for j in ok if index[j] in keep or index[j] == trajectory_index]
+      if wanted:
+        host = parallel.gather({'input': images, 'x0_hat': rec.x0_hat,
+                                'var0': rec.var0 if rec.var0 is not None else rec.x0_hat * np.nan,
+                                'snapshots': rec.snapshots, 'var_range': rec.var_range})
+        for j in wanted:
+          if index[j] in keep:
+            kept[int(index[j])] = {k: host[k][j] for k in ('input', 'x0_hat', 'var0')}
+          if index[j] == trajectory_index:
+            trajectory = {'snapshots': host['snapshots'][:, j], 'var_range': host['var_range'][:, j],
+                          'steps': np.asarray(rec.steps),
+                          'snapshot_steps': np.asarray(rec.snapshot_steps)}
+      done += len(ok)
+      elapsed = time.time() - start
+      logging.info('%s: %d/%d images  %.2f s/image  ETA %.0f s', what, done, n,
+                   seconds / max(done, 1), elapsed / done * (n - done))
+    return SplitOutputs(maps, labels, masks, kept, trajectory, seconds, compile_seconds)
+
+  def fit_normalisation(self, val_data) -> SplitOutputs:
+    """Fits the statistics of each raw map over the reconstructed held-out train/good images;
+    returns those images' outputs."""
+    if val_data.num_examples == 0:
+      raise UserError('data.val_fraction: the held-out train/good slice is empty; it is needed to '
+                      'normalise the detector maps (raise data.val_fraction)')
+    out = self.run_split(val_data, what='val')
+    self.stats = det.fit_normalizer(out.maps)
+    return out
+
+  def score(self, raw_maps: Dict[str, np.ndarray], batch_size: int = 32):
+    """(pixel maps [N,H,W], image scores [N]) of the configured combination (eq. 14, 15)."""
+    normed = det.normalize(raw_maps, self.stats)
+    score_fn = det.get_score_fn(self.detect_cfg, self.image_size, self.selection.used)
+    pixel, image = [], []
+    n = next(iter(normed.values())).shape[0]
+    for s in range(0, n, batch_size):
+      p, i = jax.device_get(score_fn({k: v[s:s + batch_size] for k, v in normed.items()}))
+      pixel.append(np.asarray(p, np.float32))
+      image.append(np.asarray(i, np.float32))
+    return np.concatenate(pixel), np.concatenate(image)
+
+
+def _figure_indices(records: List[Dict[str, Any]], per_type: int) -> List[int]:
+  by_type: Dict[str, List[int]] = {}
+  for k, r in enumerate(records):
+    by_type.setdefault(r['defect_type'], []).append(k)
+  return sorted(i for idx in by_type.values() for i in idx[:per_type])
+
+
+def evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Evaluates the latest checkpoint on the test split and writes workdir/report/."""
+  from datasets import pipeline  # pylint: disable=g-import-not-at-top
+  scorer = Scorer(config, workdir)
+  gb = config.sampling.batch_size
+  scorer.fit_normalisation(pipeline.get_eval_data(config.data, 'val', global_batch_size=gb))
+  test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
+  keep = _figure_indices(test.records, config.eval.figures_per_type)
+  defective = [k for k, r in enumerate(test.records) if r['label'] == 1]
+  out = scorer.run_split(test, keep=keep, trajectory_index=defective[0] if defective else None)
+  pixel_maps, scores = scorer.score(out.maps)
+
+  image_m = metrics.ranking_metrics(scores, out.labels)
+  pixel_labels = metrics.prepare_pixel_labels(out.masks) if test.has_masks else None
+  pixel_m = metrics.pixel_metrics(pixel_maps, pixel_labels) if pixel_labels is not None else {}
+  ablation = []
+  normed = det.normalize(out.maps, scorer.stats)
+  for subset, p, s in det.iter_ablation(scorer.detect_cfg, scorer.image_size, normed,
+                                        scorer.selection.used):
+    row = {'detectors': list(subset), 'image_auroc': metrics.auroc(s, out.labels)}
+    if pixel_labels is not None:
+      row['pixel_auroc'] = metrics.pixel_metrics(p, pixel_labels)['auroc']
+    ablation.append(row)
+
+  result = {
+      'category': config.data.category,
+      'dataset': config.data.dataset,
+      'method': scorer.recon.method,
+      't_d': scorer.recon.t_d,
+      'nfe': scorer.recon.nfe,
+      'image_auroc': image_m['auroc'],
+      'pixel_auroc': pixel_m.get('auroc', float('nan')),
+      'aupro': pixel_m.get('aupro', float('nan')),
+      'pixel_ap': pixel_m.get('average_precision', float('nan')),
+      'image_f1_max': image_m['f1_max'],
+      'image_ap': image_m['average_precision'],
+      'seconds_per_image': out.seconds / max(test.num_examples, 1),
+      'compile_seconds': out.compile_seconds,
+      'params': scorer.num_params,
+      'checkpoint_step': scorer.checkpoint_step,
+      'num_test_images': test.num_examples,
+      'detectors': list(scorer.selection.used),
+      'unavailable_detectors': dict(scorer.selection.unavailable),
+      'ablation': ablation,
+  }
+  if jax.process_index() == 0:
+    report.write_category(result, os.path.join(workdir, 'report'), test.records, out, pixel_maps,
+                          scores, scorer.sampling_cfg)
+  logging.info('%s/%s: image AUROC %.4f, pixel AUROC %.4f (%s, T_d=%d, NFE=%d)', result['dataset'],
+               result['category'], result['image_auroc'], result['pixel_auroc'], result['method'],
+               result['t_d'], result['nfe'])
+  return result
+
+
+def predict(config, workdir: str, input_dir: Optional[str]) -> None:
+  """Scores a folder of new images: one heatmap PNG per image and scores.csv with decisions."""
+  from datasets import pipeline  # pylint: disable=g-import-not-at-top
+  if not input_dir:
+    raise UserError('--input: predict needs a folder of images (--input=FOLDER)')
+  data = pipeline.get_predict_data(input_dir, config.data.image_size,
+                                   global_batch_size=config.sampling.batch_size)
+  scorer = Scorer(config, workdir)
+  gb = config.sampling.batch_size
+  val_out = scorer.fit_normalisation(pipeline.get_eval_data(config.data, 'val', global_batch_size=gb))
+  _, val_scores = scorer.score(val_out.maps)
+  threshold = float(np.percentile(val_scores, config.detect.threshold_percentile))
+  out = scorer.run_split(data, what='predict')
+  pixel_maps, scores = scorer.score(out.maps)
+  if jax.process_index() == 0:
+    report.write_predictions(os.path.join(workdir, 'predict'), data.records, pixel_maps, scores,
+                             threshold, config.detect.threshold_percentile)

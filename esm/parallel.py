@@ -1,0 +1,80 @@
+"""Device mesh, multi-host initialisation and batch sharding.
+
+Everything runs under jit over a one-axis ('data') Mesh of all devices of all processes: batches are
+sharded along the batch axis, parameters and optimiser state are replicated.
+"""
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from esm.errors import UserError
+
+DATA_AXIS = 'data'
+_initialized = False
+
+
+def initialize(parallel_cfg) -> None:
+  """Joins a multi-process run when config.parallel names a coordinator (idempotent).
+
+  With no coordinator, JAX's own auto-detection (TPU pods, SLURM) is used only when requested by
+  num_processes > 1; a plain single process needs no initialisation.
+  """
+  global _initialized
+  if _initialized:
+    return
+  if parallel_cfg.coordinator:
+    logging.info('jax.distributed.initialize(coordinator=%s, num_processes=%d, process_id=%d)',
+                 parallel_cfg.coordinator, parallel_cfg.num_processes, parallel_cfg.process_id)
+    jax.distributed.initialize(coordinator_address=parallel_cfg.coordinator,
+                               num_processes=int(parallel_cfg.num_processes),
+                               process_id=int(parallel_cfg.process_id))
+  elif int(parallel_cfg.num_processes) > 1:
+    logging.info('jax.distributed.initialize() with cluster auto-detection')
+    jax.distributed.initialize()
+  _initialized = True
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A one-axis mesh over `devices` (default: every device of every process)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch: int, what: str = 'train.batch_size') -> None:
+  """Fails before any compute when the global batch does not split over devices and processes."""
+  n = jax.device_count()
+  if global_batch < 1 or global_batch % n:
+    raise UserError(f'{what}: global batch {global_batch} must be a positive multiple of the '
+                    f'{n} devices ({jax.process_count()} process(es))')
+
+
+def local_batch_size(global_batch: int) -> int:
+  return global_batch // jax.process_count()
+
+
+def shard_batch(mesh: Mesh, local_batch):
+  """Assembles each process's slice of the global batch into one globally sharded array tree."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def gather(tree):
+  """Every process gets the full (global) value of each array, as numpy."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0

@@ -1,0 +1,180 @@
+"""The benchmark report: results.json/.csv, report.md (paper-style tables) and figures/."""
+
+import csv
+import json
+import math
+import os
+from typing import Any, Dict, List
+
+import numpy as np
+from absl import logging
+
+from esm import metrics
+from esm import plotting
+
+COLUMNS = ('category', 'image_auroc', 'pixel_auroc', 'aupro', 'pixel_ap', 'image_f1_max', 'nfe',
+           'seconds_per_image', 'params', 'method', 't_d')
+DETECTOR_LABELS = {'cos': 'S_Cos', 'u': 'S_U', 'kl': 'S_KL', 're': 'S_RE'}
+
+
+def _pct(value) -> str:
+  """A metric in [0, 1] as the paper prints it (percent, one decimal), NaN as n/a."""
+  return 'n/a' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{100 * value:.1f}'
+
+
+def _json_safe(obj):
+  if isinstance(obj, float) and math.isnan(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: _json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_json_safe(v) for v in obj]
+  if isinstance(obj, (np.floating, np.integer)):
+    return _json_safe(obj.item())
+  return obj
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _mean(values) -> float:
+  values = [v for v in values if v is not None and not math.isnan(v)]
+  return float(np.mean(values)) if values else float('nan')
+
+
+def results_table(results: List[Dict[str, Any]]) -> str:
+  """Image/pixel AUROC per category with a mean row, as in paper tables 1-3."""
+  method = results[0]['method'] if results else ''
+  lines = [f'| Category | {method} image/pixel AUROC | AUPRO | NFE | s/image |', '|---|---|---|---|---|']
+  for r in results:
+    lines.append(f"| {r['category']} | {_pct(r['image_auroc'])}/{_pct(r['pixel_auroc'])} | "
+                 f"{_pct(r['aupro'])} | {r['nfe']} | {r['seconds_per_image']:.3f} |")
+  if len(results) > 1:
+    lines.append(f"| **Mean** | {_pct(_mean(r['image_auroc'] for r in results))}/"
+                 f"{_pct(_mean(r['pixel_auroc'] for r in results))} | "
+                 f"{_pct(_mean(r['aupro'] for r in results))} | | |")
+  return '\n'.join(lines)
+
+
+def ablation_table(result: Dict[str, Any]) -> str:
+  """Every subset of the used detectors, as in paper table 5."""
+  used = result['detectors']
+  head = ' | '.join(DETECTOR_LABELS[d] for d in used)
+  lines = [f'| {head} | image AUROC | pixel AUROC |', '|' + '---|' * (len(used) + 2)]
+  for row in result['ablation']:
+    marks = ' | '.join('x' if d in row['detectors'] else '' for d in used)
+    lines.append(f"| {marks} | {_pct(row['image_auroc'])} | {_pct(row.get('pixel_auroc'))} |")
+  return '\n'.join(lines)
+
+
+def markdown(results: List[Dict[str, Any]]) -> str:
+  parts = ['# Anomaly detection report', '', results_table(results), '']
+  for r in results:
+    parts += [f"## {r['dataset']} / {r['category']}", '',
+              f"method {r['method']}, T_d = {r['t_d']}, NFE = {r['nfe']}, parameters = {r['params']:,}, "
+              f"checkpoint step {r['checkpoint_step']}, {r['num_test_images']} test images, "
+              f"{r['seconds_per_image']:.3f} s/image (compilation {r['compile_seconds']:.1f} s excluded)",
+              '', f"image AP {_pct(r['image_ap'])}, image F1-max {_pct(r['image_f1_max'])}, "
+              f"pixel AP {_pct(r['pixel_ap'])}", '']
+    for name, reason in r['unavailable_detectors'].items():
+      parts.append(f'- {DETECTOR_LABELS[name]}: {reason}')
+    parts += ['', '### Detector ablation', '', ablation_table(r), '']
+  return '\n'.join(parts)
+
+
+def write_tables(results: List[Dict[str, Any]], report_dir: str) -> None:
+  os.makedirs(report_dir, exist_ok=True)
+  _write_text(os.path.join(report_dir, 'results.json'),
+              json.dumps({r['category']: _json_safe(r) for r in results}, indent=2))
+  tmp = os.path.join(report_dir, 'results.csv.tmp')
+  with open(tmp, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(COLUMNS)
+    for r in results:
+      writer.writerow(['' if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in COLUMNS])
+  os.replace(tmp, os.path.join(report_dir, 'results.csv'))
+  text = markdown(results)
+  _write_text(os.path.join(report_dir, 'report.md'), text)
+  logging.info('report written to %s\n%s', report_dir, results_table(results))
+
+
+def write_combined(results: List[Dict[str, Any]], workdir: str) -> None:
+  """One table over every evaluated category (paper tables 1-3)."""
+  write_tables(results, os.path.join(workdir, 'report'))
+
+
+def _image(x) -> np.ndarray:
+  return plotting.to_uint8(x, -1.0, 1.0)
+
+
+def write_category(result, report_dir, records, out, pixel_maps, scores, sampling_cfg) -> None:
+  """Tables and figures of one category."""
+  del sampling_cfg
+  write_tables([result], report_dir)
+  fig_dir = os.path.join(report_dir, 'figures')
+  os.makedirs(fig_dir, exist_ok=True)
+  lo, hi = float(np.percentile(pixel_maps, 1)), float(np.percentile(pixel_maps, 99.9))
+  rows = []
+  for idx in sorted(out.kept):
+    k, r = out.kept[idx], records[idx]
+    var0 = k['var0'].mean(-1)
+    panels = [_image(k['input']), _image(k['x0_hat']),
+              plotting.heatmap(np.log10(np.maximum(var0, 1e-12))) if np.isfinite(var0).all()
+              else np.zeros(var0.shape, np.uint8),
+              plotting.heatmap(pixel_maps[idx], lo, hi), (out.masks[idx] * 255).astype(np.uint8)]
+    titles = [f"{r['defect_type']} {scores[idx]:.2f}", 'reconstruction', 'log σ²_0', 'map', 'mask']
+    row = plotting.panel_row(panels, titles, scale=max(1, 128 // pixel_maps.shape[1]))
+    row.save(os.path.join(fig_dir, f"example_{idx:04d}_{r['defect_type']}.png"))
+    rows.append(row)
+  if rows:
+    plotting.stack_rows(rows).save(os.path.join(fig_dir, 'examples.png'))
+  if out.trajectory is not None:
+    _trajectory_figure(out.trajectory, os.path.join(fig_dir, 'trajectory.png'),
+                       scale=max(1, 128 // pixel_maps.shape[1]))
+  curves = {}
+  if len(set(out.labels.tolist())) == 2:
+    curves['image'] = metrics.roc_curve(scores, out.labels)
+  if out.masks.any() and not out.masks.all():
+    curves['pixel'] = metrics.roc_curve(pixel_maps.ravel(), out.masks.ravel())
+  if curves:
+    plotting.line_plot({f'{k} AUROC {_pct(metrics.auroc(*((scores, out.labels) if k == "image" else (pixel_maps.ravel(), out.masks.ravel()))))}':
+                        c for k, c in curves.items()},
+                       f"ROC {result['category']} ({result['method']})", 'false positive rate',
+                       'true positive rate', xlim=(0, 1), ylim=(0, 1)).save(
+                           os.path.join(fig_dir, 'roc.png'))
+
+
+def _trajectory_figure(traj: Dict[str, np.ndarray], path: str, scale: int) -> None:
+  """x_i along the denoising with the σ² (min, max) each step used, as in paper Fig. 3."""
+  ranges = dict(zip(traj['steps'].tolist(), traj['var_range'].tolist()))
+  panels, titles = [], []
+  for step, snap in zip(traj['snapshot_steps'].tolist(), traj['snapshots']):
+    rng = ranges.get(step) or ranges.get(min(ranges, key=lambda s: abs(s - step)))
+    panels.append(_image(snap))
+    titles.append(f't={step} ({rng[0]:.2g},{rng[1]:.2g})')
+  if panels:
+    plotting.panel_row(panels, titles, scale=scale).save(path)
+
+
+def write_predictions(out_dir: str, records, pixel_maps, scores, threshold: float,
+                      percentile: float) -> None:
+  """predict mode: a heatmap PNG per image and scores.csv (score, decision)."""
+  os.makedirs(os.path.join(out_dir, 'heatmaps'), exist_ok=True)
+  lo, hi = float(np.percentile(pixel_maps, 1)), float(np.percentile(pixel_maps, 99.9))
+  tmp = os.path.join(out_dir, 'scores.csv.tmp')
+  with open(tmp, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['filename', 'score', 'threshold', 'decision'])
+    for k, r in enumerate(records):
+      name = os.path.splitext(r['filename'])[0].replace(os.sep, '__')
+      plotting.panel_row([plotting.heatmap(pixel_maps[k], lo, hi)], [f'{scores[k]:.2f}']).save(
+          os.path.join(out_dir, 'heatmaps', f'{name}.png'))
+      writer.writerow([r['filename'], f'{scores[k]:.6g}', f'{threshold:.6g}',
+                       'defect' if scores[k] > threshold else 'good'])
+  os.replace(tmp, os.path.join(out_dir, 'scores.csv'))
+  logging.info('predict: %d images scored, threshold %.4g (percentile %.1f of held-out good '
+               'scores); results in %s', len(records), threshold, percentile, out_dir)

@@ -1,0 +1,80 @@
+"""Train / evaluate / predict orchestration, nothing else."""
+
+import copy
+import math
+import os
+
+import jax
+from absl import logging
+
+from esm import parallel
+from esm import train as train_lib
+from esm import validate
+
+
+def categories(config) -> list:
+  """The categories a config names: one, or every category of the dataset for 'all'."""
+  if config.data.category != 'all':
+    return [config.data.category]
+  from datasets import pipeline  # pylint: disable=g-import-not-at-top
+  return list(pipeline.category_names(config.data.dataset, config.data.root))
+
+
+def category_config(config, category: str):
+  """A copy of config for one category, with that category's T_d from the dataset's table."""
+  c = copy.deepcopy(config)
+  c.data.category = category
+  table = dict(config.sampling.t_d_by_category)
+  if category in table:
+    c.sampling.t_d = table[category]
+  return c
+
+
+def resolve_num_steps(config) -> None:
+  """config.train.num_epochs > 0 sets num_steps from the size of the training split."""
+  if config.train.num_epochs > 0:
+    from datasets import pipeline  # pylint: disable=g-import-not-at-top
+    n = pipeline.num_train_examples(config.data)
+    config.train.num_steps = max(1, math.ceil(config.train.num_epochs * n / config.train.batch_size))
+    logging.info('%d epochs of %d images at batch %d = %d steps', config.train.num_epochs, n,
+                 config.train.batch_size, config.train.num_steps)
+
+
+def train(config, workdir: str):
+  from datasets import pipeline  # pylint: disable=g-import-not-at-top
+  validate.check_checkpoint_compatible(train_lib.load_saved_config(workdir), config, workdir)
+  resolve_num_steps(config)
+  train_lib.save_config(config, workdir)
+
+  def train_iter(start_step):
+    return pipeline.get_train_iterator(config.data, global_batch_size=config.train.batch_size,
+                                       seed=config.seed, start_step=start_step)
+
+  return train_lib.train_and_checkpoint(config, workdir, train_iter)
+
+
+def run(config, workdir: str, mode: str, input_dir=None) -> None:
+  validate.validate_config(config, mode)
+  parallel.initialize(config.parallel)
+  parallel.check_batch_size(config.train.batch_size)
+  parallel.check_batch_size(config.sampling.batch_size, 'sampling.batch_size')
+  cats = categories(config)
+  multi = config.data.category == 'all'
+  results = []
+  for category in cats:
+    cfg = category_config(config, category)
+    wd = os.path.join(workdir, category) if multi else workdir
+    if multi:
+      logging.info('=== category %s (%d/%d) -> %s', category, cats.index(category) + 1, len(cats), wd)
+    if mode in ('train', 'train_eval'):
+      if train(cfg, wd) is None:
+        return  # preempted: the checkpoint is saved, the rerun resumes
+    if mode in ('eval', 'train_eval'):
+      from esm import evaluate  # pylint: disable=g-import-not-at-top
+      results.append(evaluate.evaluate(cfg, wd))
+    if mode == 'predict':
+      from esm import evaluate  # pylint: disable=g-import-not-at-top
+      evaluate.predict(cfg, wd, input_dir)
+  if results and jax.process_index() == 0:
+    from esm import report  # pylint: disable=g-import-not-at-top
+    report.write_combined(results, workdir if multi else os.path.join(workdir, 'report'))

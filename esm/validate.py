@@ -1,0 +1,88 @@
+"""Config checks that run before any compute, each failing with a one-line UserError."""
+
+from typing import Optional
+
+from esm.errors import UserError
+
+MODES = ('train', 'eval', 'train_eval', 'predict')
+DATASETS = ('mvtec_ad', 'visa', 'mpdd', 'folder', 'synthetic')
+SAMPLING_METHODS = ('sgm', 'esm', 'esm_sigma')
+SIGMA_TIMES = ('literal', 'matched')
+VAR_SOURCES = ('i1', 't_d', 'mean')
+# Sections whose change makes a checkpoint unusable (parameter shapes or their meaning).
+MODEL_SECTIONS = ('model', 'loss', 'sde')
+MODEL_FIELDS_THAT_MAY_CHANGE = ('dropout', 'dtype')
+
+
+def _expect(ok: bool, message: str) -> None:
+  if not ok:
+    raise UserError(message)
+
+
+def validate_config(config, mode: str) -> None:
+  """Everything that can be checked from the config alone."""
+  # Imported here so that validating stays cheap for callers that never build a model.
+  from esm.models.unet import UNetConfig, check_image_size  # pylint: disable=g-import-not-at-top
+
+  _expect(mode in MODES, f'--mode: expected one of {MODES}, got {mode!r}')
+  d = config.data
+  _expect(d.dataset in DATASETS, f'data.dataset: expected one of {DATASETS}, got {d.dataset!r}')
+  _expect(d.image_size >= 8, f'data.image_size: expected at least 8, got {d.image_size}')
+  _expect(0.0 <= d.val_fraction < 1.0, f'data.val_fraction: expected [0, 1), got {d.val_fraction}')
+  check_image_size(UNetConfig.from_config(config.model), d.image_size)
+  _expect(config.loss.kind in ('esm', 'dsm'), f"loss.kind: expected 'esm' or 'dsm', got {config.loss.kind!r}")
+
+  s = config.sampling
+  _expect(s.method in SAMPLING_METHODS,
+          f'sampling.method: expected one of {SAMPLING_METHODS}, got {s.method!r}')
+  _expect(s.sigma_time in SIGMA_TIMES,
+          f'sampling.sigma_time: expected one of {SIGMA_TIMES}, got {s.sigma_time!r}')
+  _expect(s.var_source in VAR_SOURCES,
+          f'sampling.var_source: expected one of {VAR_SOURCES}, got {s.var_source!r}')
+  num_steps = config.sde.num_steps
+  t_ds = [s.t_d] + list(dict(s.t_d_by_category).values())
+  for t_d in t_ds:
+    _expect(1 <= t_d <= num_steps, f'sampling.t_d: expected 1 <= T_d <= T={num_steps}, got {t_d}')
+  _expect(0 < s.min_var <= s.max_var,
+          f'sampling.min_var/max_var: expected 0 < min_var <= max_var, got {s.min_var}, {s.max_var}')
+  _expect(not (s.method != 'sgm' and config.loss.kind == 'dsm') or mode == 'train',
+          f"sampling.method={s.method!r} needs a dual-stream model (loss.kind='esm'); a DSM model "
+          "only supports sampling.method='sgm'")
+
+  weights = tuple(config.detect.weights)
+  _expect(len(weights) == 4, f'detect.weights: expected 4 weights (u, v, w, r) for S_Cos, S_U, S_KL, '
+          f'S_RE, got {len(weights)}: {weights}')
+  _expect(config.detect.re_kind in ('squared', 'absolute'),
+          f"detect.re_kind: expected 'squared' or 'absolute', got {config.detect.re_kind!r}")
+
+  t = config.train
+  for name in ('num_steps', 'batch_size', 'log_every', 'ckpt_every', 'keep', 'max_bad_steps'):
+    _expect(t[name] >= 1, f'train.{name}: expected a positive integer, got {t[name]}')
+
+
+def config_differences(saved: dict, current: dict, prefix: str = '') -> list:
+  """Dotted names of the fields that differ between two nested config dicts."""
+  diffs = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key), current.get(key)
+    name = f'{prefix}{key}'
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += config_differences(a, b, name + '.')
+    elif (list(a) if isinstance(a, (list, tuple)) else a) != (
+        list(b) if isinstance(b, (list, tuple)) else b):
+      diffs.append(name)
+  return diffs
+
+
+def check_checkpoint_compatible(saved_config: Optional[dict], config, workdir: str) -> None:
+  """A workdir's checkpoints were written for its config.json: refuse a different model."""
+  if saved_config is None:
+    return
+  import json  # pylint: disable=g-import-not-at-top
+  current = json.loads(config.to_json_best_effort())
+  diffs = []
+  for section in MODEL_SECTIONS:
+    diffs += config_differences(saved_config.get(section, {}), current.get(section, {}), section + '.')
+  diffs = [d for d in diffs if d.split('.')[-1] not in MODEL_FIELDS_THAT_MAY_CHANGE]
+  _expect(not diffs, f'{workdir}: its checkpoints were trained with a different model config '
+          f'(differing fields: {", ".join(diffs)}); use a new --workdir or the original config')

@@ -1,0 +1,52 @@
+"""Entry point: `python main.py --config=configs/mvtec.py:bottle --workdir=DIR --mode=train`.
+
+Modes: train, eval, train_eval (default), predict (with --input=FOLDER). The work is done in
+esm/run.py; bad input ends with a one-line error (add --traceback to see where it came from).
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from esm.errors import UserError
+
+config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file, e.g. configs/mvtec.py:bottle.')
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and reports.')
+flags.DEFINE_string('mode', 'train_eval', 'train, eval, train_eval or predict.')
+flags.DEFINE_string('input', None, 'predict: folder of images to score.')
+flags.DEFINE_bool('traceback', False, 'Show the full traceback of input errors.')
+FLAGS = flags.FLAGS
+_REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+class _ProjectInfoOnly:
+  """Keeps INFO lines from this project only: orbax and TFDS log every internal step at INFO."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(_REPO)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir is required')
+  logging.get_absl_handler().addFilter(_ProjectInfoOnly())
+  from esm import run  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  try:
+    run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, input_dir=FLAGS.input)
+  except UserError as e:
+    if FLAGS.traceback:
+      raise
+    logging.flush()
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

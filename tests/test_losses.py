@@ -1,0 +1,64 @@
+"""The ESM loss (eq. 10) and the DSM loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esm import losses
+from esm.errors import UserError
+from esm.sde import SDEConfig, VPSchedule
+
+
+def test_esm_loss_value_and_terms():
+  noise = jnp.full((2, 2, 2, 1), 1.0)
+  eps = jnp.full((2, 2, 2, 1), 0.5)
+  log_var = jnp.full((2, 2, 2, 1), np.log(0.5))
+  ab = jnp.array([0.75, 0.0])
+  loss, sq, lv = losses.esm_loss(noise, eps, log_var, ab)
+  np.testing.assert_allclose(sq, [(0.25 * 0.25) / 0.5, 0.25 / 0.5], rtol=1e-6)
+  np.testing.assert_allclose(lv, [np.log(0.5)] * 2, rtol=1e-6)
+  np.testing.assert_allclose(loss, sq + lv, rtol=1e-6)
+
+
+def test_esm_loss_minimiser_in_variance_is_the_squared_noise_error():
+  rng = np.random.default_rng(0)
+  noise = rng.normal(size=(9, 1, 1, 1)).astype(np.float32)  # one pixel per example
+  eps = rng.normal(size=(9, 1, 1, 1)).astype(np.float32)
+  ab = np.full((9,), 0.6, np.float32)
+  # Evaluate the loss on a fine grid of log σ² per pixel and take the argmin.
+  grid = np.arange(-14.0, 3.0, 1e-3, dtype=np.float32)
+  loss, _, _ = jax.jit(jax.vmap(losses.esm_loss, in_axes=(None, None, 0, None)))(
+      noise, eps, jnp.broadcast_to(grid[:, None, None, None, None], (grid.size, 9, 1, 1, 1)), ab)
+  best = grid[np.argmin(np.asarray(loss), axis=0)]
+  expected = (1 - 0.6) * (noise - eps).ravel() ** 2
+  np.testing.assert_allclose(np.exp(best), expected, rtol=2e-3)
+
+
+def test_dsm_loss():
+  np.testing.assert_allclose(losses.dsm_loss(jnp.ones((2, 2, 2, 3)), jnp.zeros((2, 2, 2, 3))), [1, 1])
+
+
+def test_loss_fn_draws_steps_uniformly_and_logs_terms():
+  sde = VPSchedule(SDEConfig())
+  seen = []
+
+  def net_fn(params, x, i, *, train, rng):
+    del train, rng
+    seen.append(np.asarray(i))
+    return losses.NetOutput(params * x, jnp.zeros_like(x))
+
+  loss_fn = losses.get_loss_fn(net_fn, sde, 'esm')
+  loss, terms = loss_fn(jnp.float32(0.0), jnp.zeros((20000, 1, 1, 1)), jax.random.key(0))
+  i = seen[0]
+  assert i.min() >= 1 and i.max() <= 1000 and abs(i.mean() - 500.5) < 10
+  assert set(terms) == {'loss', 'sq_term', 'log_var_term'}
+  # With ε_θ = 0 and log σ² = 0 the loss is E[(1-ᾱ_i) ε̄²] over i uniform in 1..T.
+  expected = float(np.mean(1 - np.asarray(sde.alpha_bar)[1:]))
+  assert abs(float(loss) - expected) < 0.03
+  assert float(terms['log_var_term']) == 0.0
+
+
+def test_unknown_loss_kind():
+  with pytest.raises(UserError, match='loss.kind'):
+    losses.get_loss_fn(None, VPSchedule(SDEConfig()), 'vlb')

@@ -1,0 +1,87 @@
+"""The U-Net stream and the dual-stream network."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from configs.default import get_default_config
+from esm.errors import UserError
+from esm.models import dual_stream
+from esm.models.layers import sinusoidal_embedding
+from esm.sde import get_sde
+
+SIZE = 16
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  config = common.set_tiny_model(get_default_config())
+  model = dual_stream.create_model(config, SIZE)
+  params = dual_stream.init_params(model, jax.random.key(0), SIZE)
+  net_fn = dual_stream.get_net_fn(model, get_sde(config.sde))
+  return config, model, params, net_fn
+
+
+def test_output_shapes_and_finite_variance(tiny):
+  _, _, params, net_fn = tiny
+  x = jax.random.normal(jax.random.key(1), (2, SIZE, SIZE, 3))
+  out = jax.jit(net_fn)(params, x, jnp.array([1, 1000]))
+  assert out.eps.shape == x.shape and out.log_var.shape == x.shape
+  assert out.eps.dtype == jnp.float32 and bool(jnp.isfinite(out.log_var).all())
+
+
+def test_streams_share_no_parameters_and_eps_ignores_the_variance_stream(tiny):
+  _, _, params, net_fn = tiny
+  assert set(params) == {'eps_stream', 'var_stream'}
+  x = jax.random.normal(jax.random.key(2), (2, SIZE, SIZE, 3))
+  # Make the zero-initialised output convs non-zero so that both outputs depend on their inputs.
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), params)
+  i = jnp.array([10, 500])
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(net_fn(p, x, i).eps ** 2)))(params)
+  var_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads['var_stream']))
+  eps_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads['eps_stream']))
+  assert var_norm == 0.0 and eps_norm > 0.0
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(net_fn(p, x, i).log_var)))(params)
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads['eps_stream'])) == 0.0
+
+
+def test_single_stream_for_dsm():
+  config = common.set_tiny_model(get_default_config())
+  config.loss.kind = 'dsm'
+  model = dual_stream.create_model(config, SIZE)
+  params = jax.eval_shape(lambda: dual_stream.init_params(model, jax.random.key(0), SIZE))
+  assert set(params) == {'eps_stream'}
+  dual = dual_stream.count_params(dual_stream.create_model(common.set_tiny_model(get_default_config()), SIZE), SIZE)
+  assert 2 * dual_stream.count_params(model, SIZE) == dual
+
+
+def test_variance_parameterisations():
+  ab = jnp.array([0.9])
+  v = jnp.zeros((1, 2, 2, 3))
+  np.testing.assert_allclose(jnp.exp(dual_stream.variance_from_raw(v, ab, 'scaled', 12.0)), 0.1, rtol=1e-5)
+  np.testing.assert_allclose(jnp.exp(dual_stream.variance_from_raw(v, ab, 'direct', 12.0)), 1.0)
+  huge = dual_stream.variance_from_raw(jnp.full((1, 1, 1, 1), 1e30), ab, 'direct', 12.0)
+  assert float(huge.max()) <= 12.0 and bool(jnp.isfinite(huge).all())
+
+
+def test_paper_scale_parameter_count_without_allocation():
+  config = get_default_config()
+  model = dual_stream.create_model(config, 256)
+  n = dual_stream.count_params(model, 256)
+  # Paper table 4: 0.98 GB of float32 parameters for the two streams.
+  assert 0.9e9 < 4 * n < 1.1e9
+
+
+def test_image_size_must_divide_by_the_downsampling():
+  config = get_default_config()
+  with pytest.raises(UserError, match='not divisible'):
+    dual_stream.create_model(config, 100)
+
+
+def test_time_embedding():
+  emb = sinusoidal_embedding(jnp.array([0.0, 0.5]), 9)
+  assert emb.shape == (2, 9)
+  np.testing.assert_allclose(emb[0, :4], 0.0)  # sin(0)
+  np.testing.assert_allclose(emb[0, 4:8], 1.0)  # cos(0)

@@ -1,0 +1,93 @@
+"""The train step: NaN skipping, device-count invariance and resume equality."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from configs.default import get_default_config
+from esm import parallel
+from esm import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 16
+
+
+def tiny_config():
+  c = common.set_tiny_model(get_default_config())
+  c.data.image_size = SIZE
+  c.train.batch_size = 4
+  c.train.warmup_steps = 0
+  c.train.lr = 1e-3
+  return c
+
+
+@pytest.fixture(scope='module')
+def step_setup():
+  config = tiny_config()
+  config.train.inject_nonfinite_step = 1
+  _, model, _, loss_fn, tx = train_lib.build(config, SIZE)
+  state = train_lib.init_state(config, model, tx, SIZE)
+  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, 0.5, inject_nonfinite_step=1))
+  images = jax.random.uniform(jax.random.key(5), (4, SIZE, SIZE, 3), minval=-1, maxval=1)
+  return state, step, images
+
+
+def test_non_finite_step_is_skipped_and_counted(step_setup):
+  state, step, images = step_setup
+  s1 = step(state, images, jax.random.key(0))
+  assert int(s1.step) == 1 and int(s1.bad_steps) == 0
+  s2 = step(s1, images, jax.random.key(0))  # step index 1 is poisoned
+  assert int(s2.step) == 2 and int(s2.bad_steps) == 1 and int(s2.skipped_steps) == 1
+  same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), (s1.params, s1.ema_params),
+                      (s2.params, s2.ema_params))
+  assert all(jax.tree.leaves(same))
+  s3 = step(s2, images, jax.random.key(0))
+  assert int(s3.bad_steps) == 0 and int(s3.skipped_steps) == 1
+  assert int(s3.metric_count) == 2  # the skipped step is not in the logged means
+
+
+_TWO_DEVICE_SCRIPT = textwrap.dedent('''
+  import jax, numpy as np
+  from esm import parallel, train as train_lib
+  from tests.test_train import tiny_config, SIZE
+  assert jax.device_count() == 2
+  config = tiny_config()
+  _, model, _, loss_fn, tx = train_lib.build(config, SIZE)
+  step_fn = train_lib.get_train_step_fn(loss_fn, tx, 0.9)
+  rng = np.random.default_rng(0)
+  batches = [rng.uniform(-1, 1, (4, SIZE, SIZE, 3)).astype(np.float32) for _ in range(2)]
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = parallel.make_mesh(devices)
+    step = jax.jit(step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
+                   out_shardings=parallel.replicated(mesh))
+    state = jax.device_put(train_lib.init_state(config, model, tx, SIZE), parallel.replicated(mesh))
+    for b in batches:
+      state = step(state, parallel.shard_batch(mesh, b), jax.random.key(3))
+    results.append(jax.device_get(state))
+  leaves = [jax.tree.leaves((r.params, r.metric_sums)) for r in results]
+  err = max(float(np.max(np.abs(a - b))) for a, b in zip(*leaves))
+  print('MAXERR', err)
+''')
+
+
+def test_two_device_step_equals_one_device_step():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  err = float(out.stdout.split('MAXERR')[1])
+  assert err < 1e-5, err
+
+
+def test_batch_that_does_not_divide_over_devices_is_refused():
+  from esm.errors import UserError
+  with pytest.raises(UserError, match='multiple of'):
+    parallel.check_batch_size(jax.device_count() + 1 if jax.device_count() > 1 else 0)
