@@ -34,7 +34,6 @@ class SplitOutputs:
   kept: Dict[int, Dict[str, np.ndarray]]  # example index -> images kept for the figures
   trajectory: Optional[Dict[str, np.ndarray]]  # snapshots and σ² ranges of one example
   seconds: float  # wall time of the jitted calls, compilation excluded
-  compile_seconds: float
 
 
 class Scorer:
@@ -77,6 +76,7 @@ class Scorer:
     batch = parallel.batch_sharding(self.mesh)
     self._analyse = jax.jit(analyse, in_shardings=(parallel.replicated(self.mesh), batch, batch))
     self._compiled = None
+    self.compile_seconds = 0.0
     self.stats: Optional[det.NormStats] = None
 
   def _restore_ema(self, config, workdir, model, tx):
@@ -97,7 +97,7 @@ class Scorer:
     maps = {k: np.zeros((n, size, size), np.float32) for k in self.selection.used}
     labels = np.zeros((n,), np.int32)
     masks = np.zeros((n, size, size), np.uint8)
-    kept, trajectory, seconds, compile_seconds = {}, None, 0.0, 0.0
+    kept, trajectory, seconds = {}, None, 0.0
     keep = set(keep)
     start, done = time.time(), 0
     for b, local in enumerate(data.batches()):
@@ -107,7 +107,7 @@ class Scorer:
       if self._compiled is None:
         t = time.time()
         self._compiled = self._analyse.lower(self.params, images, keys).compile()
-        compile_seconds = time.time() - t
+        self.compile_seconds = time.time() - t
       t = time.time()
       rec, batch_maps = self._compiled(self.params, images, keys)
       jax.block_until_ready(batch_maps)
@@ -135,7 +135,7 @@ class Scorer:
       elapsed = time.time() - start
       logging.info('%s: %d/%d images  %.2f s/image  ETA %.0f s', what, done, n,
                    seconds / max(done, 1), elapsed / done * (n - done))
-    return SplitOutputs(maps, labels, masks, kept, trajectory, seconds, compile_seconds)
+    return SplitOutputs(maps, labels, masks, kept, trajectory, seconds)
 
   def fit_normalisation(self, val_data) -> SplitOutputs:
     """Fits the statistics of each raw map over the reconstructed held-out train/good images;
@@ -204,7 +204,7 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
       'image_f1_max': image_m['f1_max'],
       'image_ap': image_m['average_precision'],
       'seconds_per_image': out.seconds / max(test.num_examples, 1),
-      'compile_seconds': out.compile_seconds,
+      'compile_seconds': scorer.compile_seconds,
       'params': scorer.num_params,
       'checkpoint_step': scorer.checkpoint_step,
       'num_test_images': test.num_examples,

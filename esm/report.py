@@ -126,7 +126,7 @@ def write_category(result, report_dir, records, out, pixel_maps, scores, samplin
               plotting.heatmap(np.log10(np.maximum(var0, 1e-12))) if np.isfinite(var0).all()
               else np.zeros(var0.shape, np.uint8),
               plotting.heatmap(pixel_maps[idx], lo, hi), (out.masks[idx] * 255).astype(np.uint8)]
-    titles = [f"{r['defect_type']} {scores[idx]:.2f}", 'reconstruction', 'log σ²_0', 'map', 'mask']
+    titles = [f"{r['defect_type']} {scores[idx]:.2f}", 'reconstruction', 'log var0', 'map', 'mask']
     row = plotting.panel_row(panels, titles, scale=max(1, 128 // pixel_maps.shape[1]))
     row.save(os.path.join(fig_dir, f"example_{idx:04d}_{r['defect_type']}.png"))
     rows.append(row)

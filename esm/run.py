@@ -75,6 +75,6 @@ def run(config, workdir: str, mode: str, input_dir=None) -> None:
     if mode == 'predict':
       from esm import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.predict(cfg, wd, input_dir)
-  if results and jax.process_index() == 0:
+  if multi and results and jax.process_index() == 0:
     from esm import report  # pylint: disable=g-import-not-at-top
-    report.write_combined(results, workdir if multi else os.path.join(workdir, 'report'))
+    report.write_combined(results, workdir)

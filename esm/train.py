@@ -40,7 +40,7 @@ def get_train_step_fn(loss_fn: Callable, tx: optax.GradientTransformation, ema_r
       poison = jnp.where(state.step == inject_nonfinite_step, jnp.nan, 0.0)
       loss = loss + poison
       grads = jax.tree.map(lambda g: g + poison, grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     updated = state.apply_update(grads, tx, ema_rate)
     state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
     sums = {k: state.metric_sums[k] + jnp.where(finite, terms[k], 0.0) for k in state.metric_sums}

@@ -15,3 +15,17 @@ def shared_data_dir(*parts) -> pathlib.Path:
   if not path.exists():
     pytest.skip(f'real data not present at {path}')
   return path
+
+
+@pytest.fixture(scope='session', autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+  """One persistent XLA cache for the session: subprocesses reuse what this process compiled."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.getbasetemp() / 'xla_cache')
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = path
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  yield path

@@ -294,7 +294,8 @@ def test_snapshots_clipped_to_t_d():
     out = jax.eval_shape(fn.pure, PARAMS, X0, sampling.image_keys(0, [0, 1]))
     assert out.snapshots.shape == (len(want), 2) + SHAPE
     assert out.var_range.shape == (t_d, 2, 2) and out.net_labels.shape == (t_d, 2)
-  rec, _ = run(GENERIC, PARAMS, X0, cfg(method='esm', var_source='mean', snapshot_steps=tuple(range(T_D + 1))))
+  all_steps = cfg(method='esm', var_source='mean', snapshot_steps=tuple(range(T_D + 1)))
+  rec, _ = run(GENERIC, PARAMS, X0, all_steps)
   np.testing.assert_array_equal(rec.snapshot_steps, np.arange(T_D, -1, -1))
   np.testing.assert_array_equal(rec.steps, np.arange(T_D, 0, -1))
   np.testing.assert_array_equal(rec.snapshots[-1], rec.x0_hat)

@@ -1,0 +1,114 @@
+"""End to end through esm.run and main.py: resume equality, train_eval reports, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import common
+from configs.default import get_default_config
+from esm import run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {
+    'data.dataset': 'synthetic', 'data.category': 'object', 'data.image_size': 16,
+    'data.synthetic_size': 32, 'data.synthetic_num_train': 16, 'data.synthetic_num_test': 8,
+    'data.val_fraction': 0.25, 'train.batch_size': 4, 'train.warmup_steps': 0, 'train.lr': 1e-3,
+    'train.log_every': 1, 'train.ckpt_every': 3, 'sampling.t_d': 4, 'sampling.batch_size': 4,
+    'sampling.snapshot_steps': (4, 2, 0), 'features.model': 'none', 'detect.weights': (0, 1, 1, 1),
+    'eval.figures_per_type': 1,
+}
+
+
+def tiny_config(cache: str, num_steps: int):
+  c = common.set_tiny_model(get_default_config())
+  for key, value in OVERRIDES.items():
+    section, field = key.split('.')
+    c[section][field] = value
+  c.data.root = os.path.join(cache, 'synthetic')
+  c.data.tfds_dir = os.path.join(cache, 'tfds')
+  c.train.num_steps = num_steps
+  return c
+
+
+def _flags(cfg, workdir):
+  args = [f'--config.{k}={v}' for k, v in OVERRIDES.items() if not isinstance(v, tuple)]
+  args += [f'--config.{k}=({",".join(map(str, v))}{"," if len(v) == 1 else ""})'
+           for k, v in OVERRIDES.items() if isinstance(v, tuple)]
+  return [sys.executable, 'main.py', '--config=configs/demo.py', f'--workdir={workdir}', *args,
+          f'--config.data.root={cfg.data.root}', f'--config.data.tfds_dir={cfg.data.tfds_dir}',
+          f'--config.train.num_steps={cfg.train.num_steps}', '--config.model.ch=16',
+          '--config.model.ch_mult=(1,2)', '--config.model.num_res_blocks=1',
+          '--config.model.attn_resolutions=(8,)', '--config.model.num_groups=8',
+          '--config.model.dropout=0.0', '--config.train.ema_rate=0.9999']
+
+
+def _params(workdir):
+  ckpt = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  tree = ckpt.restore(ckpt.latest_step())
+  return ckpt.latest_step(), tree['params']
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [(r['step'], r['loss']) for r in map(json.loads, f)]
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """Six steps in one go, in this process."""
+  base = tmp_path_factory.mktemp('run')
+  cfg = tiny_config(str(base / 'cache'), 6)
+  run.run(cfg, str(base / 'straight'), 'train')
+  return base, cfg
+
+
+def test_resume_in_a_new_process_equals_an_uninterrupted_run(straight):
+  base, cfg = straight
+  resumed = str(base / 'resumed')
+  run.run(tiny_config(cfg.data.root.rsplit('/', 1)[0], 3), resumed, 'train')
+  assert [s for s, _ in _losses(resumed)] == [1, 2, 3]
+  out = subprocess.run(_flags(cfg, resumed) + ['--mode=train'], cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'resuming from step 3' in out.stderr
+  step_a, params_a = _params(str(base / 'straight'))
+  step_b, params_b = _params(resumed)
+  assert step_a == step_b == 6
+  for a, b in zip(*(jax_leaves(p) for p in (params_a, params_b))):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert _losses(resumed) == pytest.approx(_losses(str(base / 'straight')), rel=1e-6)
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_train_eval_writes_every_report_file(straight):
+  base, cfg = straight
+  workdir = str(base / 'straight')
+  run.run(cfg, workdir, 'train_eval')  # training is finished, so this only evaluates
+  report = os.path.join(workdir, 'report')
+  for name in ('results.json', 'results.csv', 'report.md', 'figures/examples.png',
+               'figures/trajectory.png', 'figures/roc.png'):
+    assert os.path.exists(os.path.join(report, name)), name
+  result = json.load(open(os.path.join(report, 'results.json')))['object']
+  for key in ('image_auroc', 'pixel_auroc', 'aupro', 'pixel_ap', 'image_f1_max'):
+    assert 0.0 <= result[key] <= 1.0, (key, result[key])
+  assert result['nfe'] == 8 and result['method'] == 'esm_sigma' and result['t_d'] == 4
+  assert len(result['ablation']) == 7  # S_U, S_KL, S_RE: 2^3 - 1 subsets
+  assert result['seconds_per_image'] > 0 and result['params'] > 0
+
+
+def test_bad_config_is_one_line_error_without_traceback(tmp_path):
+  out = subprocess.run([sys.executable, 'main.py', '--config=configs/demo.py',
+                        f'--workdir={tmp_path}', '--config.sampling.t_d=1001', '--mode=eval'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith('error: sampling.t_d')
+  assert 'Traceback' not in out.stderr
