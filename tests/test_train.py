@@ -79,7 +79,8 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
 
 
 def test_two_device_step_equals_one_device_step():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

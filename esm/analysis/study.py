@@ -61,15 +61,17 @@ def _z_squared_mean(delta: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=3)
 def _score_moments(score, true, cond, power: int):
-  """ESM_l, DSM_l, Σ_d E[gap] and the per-sample gap (s-g)^l - (s-c)^l [n, d] of one estimator.
+  """ESM_l, DSM_l, Σ_d E[gap] with its standard error, and the per-sample gap [n, d] of one
+  estimator, where gap = (s-g)^l - (s-c)^l.
 
   For l = 2 every term is >= 0, so Σ_d E[gap] is ESM_2 - DSM_2; taken per sample it keeps the
   float32 precision that the difference of the two large norms loses.
   """
   esm_terms, dsm_terms = (score - true) ** power, (score - cond) ** power
   gap = esm_terms - dsm_terms
+  gap_mean, gap_se = _mc_stats(gap)
   return (jnp.sum(jnp.abs(jnp.mean(esm_terms, 0))), jnp.sum(jnp.abs(jnp.mean(dsm_terms, 0))),
-          jnp.sum(jnp.mean(gap, 0)), gap)
+          jnp.sum(gap_mean), gap_se, gap)
 
 
 @jax.jit
@@ -88,10 +90,10 @@ def get_measure_fn(data: gmm_lib.GaussianMixture, sde: VPSchedule, score_fns: Di
   score_fns maps a params key to scores_fn(params, x, i) -> {estimator label: score [n, d]}
   (one network evaluation can give several estimators); the loss minimiser is added here from
   the closed-form noise posterior, clipped to the model family's range. Keys are 'name/ESM_l',
-  'name/DSM_l', 'name/gap_l' (Σ_d E[(s-g)^l - (s-c)^l]), 'name/rel_err' and, against the
-  reference estimator, 'name/delta_l' (Σ_d of the mean difference of differences),
-  'name/delta_l_se' and 'name/q_l'. The work is split into
-  small jitted pieces shared by all estimators and powers, so that each piece compiles once.
+  'name/DSM_l', 'name/gap_l' (Σ_d E[(s-g)^l - (s-c)^l]), 'name/gap_l_se', 'name/rel_err' and,
+  against the reference estimator, 'name/delta_l' (Σ_d of the mean difference of differences),
+  'name/delta_l_se' and 'name/q_l'. The work is split into small jitted pieces shared by all
+  estimators and powers, so that each piece compiles once.
   """
   @jax.jit
   def draw(rng, i):
@@ -125,7 +127,7 @@ def get_measure_fn(data: gmm_lib.GaussianMixture, sde: VPSchedule, score_fns: Di
     for name, s in scores.items():
       for l in powers:
         (out[f'{name}/ESM_{l}'], out[f'{name}/DSM_{l}'], out[f'{name}/gap_{l}'],
-         gaps[name, l]) = _score_moments(s, true, cond, l)
+         out[f'{name}/gap_{l}_se'], gaps[name, l]) = _score_moments(s, true, cond, l)
       out[f'{name}/rel_err'] = jnp.sqrt(out[f'{name}/ESM_2'] / out['true_score_sq'])
     for name in scores:
       if name == reference:
@@ -158,9 +160,9 @@ def run_study(cfg: StudyConfig = StudyConfig(), sde: Optional[VPSchedule] = None
 
   sde defaults to the project's default schedule (linear β from 1e-4 to 0.02, T = 1000).
 
-  Returns {'rows': one dict per (d, i, estimator), 'train': per dimension and model the final
-  loss and the (wall, CPU) seconds of each training chunk, 'seconds': wall and process-CPU
-  seconds of the whole run and of its measurement phase}.
+  Returns {'rows': one dict per (d, i, estimator), 'train': per dimension and model the first
+  and final mean loss and the (wall, CPU) seconds of each training chunk, 'seconds': wall and
+  process-CPU seconds of the whole run and of its measurement phase}.
   """
   if 2 not in cfg.powers:
     raise UserError(f'analysis powers: expected a tuple that contains 2, got {cfg.powers}')
@@ -175,7 +177,10 @@ def run_study(cfg: StudyConfig = StudyConfig(), sde: Optional[VPSchedule] = None
     data = gmm_lib.get_gmm(dim, seed=cfg.seed)
     results, net_fns = _train_models(cfg, dim, data, sde, log_var_bound,
                                      jax.random.fold_in(rng_dim, 0))
-    train_info[dim] = {kind: {'final_loss': float(jnp.mean(r.losses[-100:])),
+    # Mean loss over the first and the last fifth of training (at most 100 steps each).
+    span = max(1, min(100, cfg.train.num_steps // 5))
+    train_info[dim] = {kind: {'first_loss': float(jnp.mean(r.losses[:span])),
+                              'final_loss': float(jnp.mean(r.losses[-span:])),
                               'chunk_seconds': r.chunk_seconds,
                               'chunk': min(cfg.train.chunk, cfg.train.num_steps)}
                        for kind, r in results.items()}
@@ -187,10 +192,12 @@ def run_study(cfg: StudyConfig = StudyConfig(), sde: Optional[VPSchedule] = None
     measure = get_measure_fn(data, sde, score_fns, cfg.powers, cfg.num_samples, log_var_bound)
     params = {kind: r.params for kind, r in results.items()}
     measure_start, measure_cpu = time.perf_counter(), time.process_time()
-    for step in cfg.steps:
+    for done, step in enumerate(cfg.steps, 1):
       stats = jax.device_get(measure(params, jax.random.fold_in(rng_dim, 1000 + step), step))
       rows.extend(_rows(dim, step, stats, cfg.powers))
-      logging.info('analysis measure d=%d: step %d done', dim, step)
+      elapsed = time.perf_counter() - measure_start
+      logging.info('analysis measure d=%d: %d/%d step labels, %.1f s each, ETA %.0fs', dim, done,
+                   len(cfg.steps), elapsed / done, elapsed / done * (len(cfg.steps) - done))
     seconds['measure'] += time.perf_counter() - measure_start
     seconds['measure_cpu'] += time.process_time() - measure_cpu
   seconds['total'] = time.perf_counter() - start
@@ -230,6 +237,7 @@ def _rows(dim: int, step: int, stats: Dict, powers) -> List[Dict]:
       for key in (f'delta_{l}', f'delta_{l}_se', f'q_{l}'):
         row[key] = float(stats[f'{name}/{key}']) if f'{name}/{key}' in stats else None
     row['gap2'] = float(stats[f'{name}/gap_2'])  # ESM_2 - DSM_2, summed per sample
+    row['gap2_se'] = float(stats[f'{name}/gap_2_se'])
     rows.append(row)
   return rows
 
@@ -253,7 +261,7 @@ def markdown_table(rows: List[Dict], powers=(2, 3, 4)) -> str:
     delta2 = ('—' if r['delta_2'] is None else
               f"{r['delta_2']:+.3g} ± {r['delta_2_se']:.2g}")
     cells = [str(r['d']), str(r['i']), _fmt(r['one_minus_alpha_bar']), r['score'],
-             _fmt(r['ESM_2']), _fmt(r['DSM_2']), _fmt(r['gap2'], True),
+             _fmt(r['ESM_2']), _fmt(r['DSM_2']), f"{r['gap2']:+.4g} ± {r['gap2_se']:.2g}",
              f"{r['expected_gap2']:+.4g} ± {r['expected_gap2_se']:.2g}", delta2]
     for l in powers:
       if l != 2:
