@@ -15,6 +15,9 @@ def get_config(arg=None):
   c.data.image_size = 32
   c.data.synthetic_size = 64
   c.sampling.t_d = 100
+  # Chosen on a held-out synthetic set (synthetic_seed=1), not on the demo's test split: image
+  # AUROC 1.00 for esm against 0.88 for esm_sigma (literal) and 0.72 (matched); docs/benchmarks.md.
+  c.sampling.method = 'esm'
   c.sampling.batch_size = 16
   c.train.num_steps = 600
   c.train.batch_size = 16

@@ -27,6 +27,10 @@ def validate_config(config, mode: str) -> None:
   _expect(mode in MODES, f'--mode: expected one of {MODES}, got {mode!r}')
   d = config.data
   _expect(d.dataset in DATASETS, f'data.dataset: expected one of {DATASETS}, got {d.dataset!r}')
+  known = sorted(dict(config.sampling.t_d_by_category))
+  _expect(not known or d.category == 'all' or d.category in known,
+          f'data.category: unknown {d.dataset} category {d.category!r}; expected one of: '
+          f'{", ".join(known)} or all')
   _expect(d.image_size >= 8, f'data.image_size: expected at least 8, got {d.image_size}')
   _expect(0.0 <= d.val_fraction < 1.0, f'data.val_fraction: expected [0, 1), got {d.val_fraction}')
   check_image_size(UNetConfig.from_config(config.model), d.image_size)

@@ -18,7 +18,7 @@ OVERRIDES = {
     'data.dataset': 'synthetic', 'data.category': 'object', 'data.image_size': 16,
     'data.synthetic_size': 32, 'data.synthetic_num_train': 16, 'data.synthetic_num_test': 8,
     'data.val_fraction': 0.25, 'train.batch_size': 4, 'train.warmup_steps': 0, 'train.lr': 1e-3,
-    'train.log_every': 1, 'train.ckpt_every': 3, 'sampling.t_d': 4, 'sampling.batch_size': 4,
+    'train.log_every': 1, 'train.ckpt_every': 5, 'sampling.t_d': 4, 'sampling.batch_size': 4,
     'sampling.snapshot_steps': (4, 2, 0), 'features.model': 'none', 'detect.weights': (0, 1, 1, 1),
     'eval.figures_per_type': 1,
 }
@@ -60,9 +60,9 @@ def _losses(workdir):
 
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
-  """Six steps in one go, in this process."""
+  """Thirty steps in one go, in this process."""
   base = tmp_path_factory.mktemp('run')
-  cfg = tiny_config(str(base / 'cache'), 6)
+  cfg = tiny_config(str(base / 'cache'), 30)
   run.run(cfg, str(base / 'straight'), 'train')
   return base, cfg
 
@@ -70,18 +70,25 @@ def straight(tmp_path_factory):
 def test_resume_in_a_new_process_equals_an_uninterrupted_run(straight):
   base, cfg = straight
   resumed = str(base / 'resumed')
-  run.run(tiny_config(cfg.data.root.rsplit('/', 1)[0], 3), resumed, 'train')
-  assert [s for s, _ in _losses(resumed)] == [1, 2, 3]
+  run.run(tiny_config(cfg.data.root.rsplit('/', 1)[0], 15), resumed, 'train')
+  assert [s for s, _ in _losses(resumed)] == list(range(1, 16))
   out = subprocess.run(_flags(cfg, resumed) + ['--mode=train'], cwd=REPO, capture_output=True,
                        text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert 'resuming from step 3' in out.stderr
+  assert 'resuming from step 15' in out.stderr
   step_a, params_a = _params(str(base / 'straight'))
   step_b, params_b = _params(resumed)
-  assert step_a == step_b == 6
+  assert step_a == step_b == 30
   for a, b in zip(*(jax_leaves(p) for p in (params_a, params_b))):
     np.testing.assert_allclose(a, b, atol=1e-6)
   assert _losses(resumed) == pytest.approx(_losses(str(base / 'straight')), rel=1e-6)
+
+
+def test_loss_falls_on_the_synthetic_data(straight):
+  base, _ = straight
+  losses = [loss for _, loss in _losses(str(base / 'straight'))]
+  assert len(losses) == 30
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
 
 
 def jax_leaves(tree):
@@ -112,3 +119,29 @@ def test_bad_config_is_one_line_error_without_traceback(tmp_path):
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1].startswith('error: sampling.t_d')
   assert 'Traceback' not in out.stderr
+
+
+def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  base, cfg = straight
+  folder = tmp_path / 'new'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  # Mixed sizes and modes: RGB, grayscale and RGBA.
+  Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(folder / 'a.png')
+  Image.fromarray(rng.integers(0, 255, (20, 24), np.uint8)).save(folder / 'b.png')
+  Image.fromarray(rng.integers(0, 255, (16, 16, 4), np.uint8), 'RGBA').save(folder / 'c.png')
+  workdir = str(base / 'straight')
+  run.run(cfg, workdir, 'predict', input_dir=str(folder))
+  with open(os.path.join(workdir, 'predict', 'scores.csv')) as f:
+    rows = [line.strip().split(',') for line in f][1:]
+  assert sorted(r[0] for r in rows) == ['a.png', 'b.png', 'c.png']
+  assert all(r[3] in ('good', 'defect') and np.isfinite(float(r[1])) for r in rows)
+  assert len(os.listdir(os.path.join(workdir, 'predict', 'heatmaps'))) == 3
+
+
+def test_predict_on_an_empty_folder_is_a_clear_error(straight, tmp_path):
+  from esm.errors import UserError  # pylint: disable=g-import-not-at-top
+  base, cfg = straight
+  with pytest.raises(UserError, match='empty|no image'):
+    run.run(cfg, str(base / 'straight'), 'predict', input_dir=str(tmp_path))

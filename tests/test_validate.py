@@ -1,0 +1,68 @@
+"""Config checks before any compute: each bad field is a one-line UserError naming it."""
+
+import json
+
+import pytest
+
+from configs import mpdd, mvtec
+from configs.default import get_default_config
+from esm import validate
+from esm.errors import UserError
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('sampling.t_d', 1001, 'sampling.t_d'),
+    ('sampling.t_d', 0, 'sampling.t_d'),
+    ('sampling.method', 'ddim', 'sampling.method'),
+    ('sampling.sigma_time', 'late', 'sampling.sigma_time'),
+    ('detect.weights', (1.0, 1.0, 1.0), 'detect.weights: expected 4'),
+    ('data.dataset', 'imagenet', 'data.dataset'),
+    ('data.image_size', 100, 'not divisible'),
+    ('train.batch_size', 0, 'train.batch_size'),
+    ('loss.kind', 'vlb', 'loss.kind'),
+])
+def test_bad_field_is_named(field, value, match):
+  c = get_default_config()
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(UserError, match=match) as e:
+    validate.validate_config(c, 'train_eval')
+  assert '\n' not in str(e.value)
+
+
+def test_unknown_mode_and_category():
+  with pytest.raises(UserError, match='--mode'):
+    validate.validate_config(get_default_config(), 'fit')
+  with pytest.raises(UserError, match="unknown mpdd category 'tube'.*tubes"):
+    validate.validate_config(mpdd.get_config('tube'), 'train')
+  validate.validate_config(mvtec.get_config('bottle'), 'train')
+  validate.validate_config(mvtec.get_config(), 'train')  # all categories
+
+
+def test_esm_sampling_needs_a_dual_stream_model():
+  c = get_default_config()
+  c.loss.kind = 'dsm'
+  with pytest.raises(UserError, match="needs a dual-stream model"):
+    validate.validate_config(c, 'eval')
+  c.sampling.method = 'sgm'
+  validate.validate_config(c, 'eval')
+
+
+def test_paper_t_d_tables():
+  assert mvtec.get_config('bottle').sampling.t_d == 100
+  assert mvtec.get_config('wood').sampling.t_d == 20
+  assert mpdd.get_config('metal_plate').sampling.t_d == 50
+  assert len(mvtec.T_D) == 15 and len(mpdd.T_D) == 6
+
+
+def test_checkpoint_from_a_different_model_is_refused(tmp_path):
+  saved = json.loads(get_default_config().to_json_best_effort())
+  c = get_default_config()
+  c.model.ch = 64
+  c.model.var_param = 'direct'
+  with pytest.raises(UserError, match='model.ch, model.var_param'):
+    validate.check_checkpoint_compatible(saved, c, str(tmp_path))
+  c = get_default_config()
+  c.model.dropout = 0.3  # does not change the parameters
+  c.train.lr = 1.0
+  validate.check_checkpoint_compatible(saved, c, str(tmp_path))
