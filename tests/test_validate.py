@@ -66,3 +66,11 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path):
   c.model.dropout = 0.3  # does not change the parameters
   c.train.lr = 1.0
   validate.check_checkpoint_compatible(saved, c, str(tmp_path))
+
+
+def test_t_d_tables_name_exactly_the_builder_categories():
+  from configs import visa  # pylint: disable=g-import-not-at-top
+  from datasets import mpdd as mpdd_builder, mvtec_ad, visa as visa_builder  # pylint: disable=g-import-not-at-top
+  assert set(mvtec.T_D) == set(mvtec_ad.CATEGORIES)
+  assert set(visa.T_D) == set(visa_builder.CATEGORIES)
+  assert set(mpdd.T_D) == set(mpdd_builder.CATEGORIES)
