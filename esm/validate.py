@@ -6,9 +6,6 @@ from esm.errors import UserError
 
 MODES = ('train', 'eval', 'train_eval', 'predict')
 DATASETS = ('mvtec_ad', 'visa', 'mpdd', 'folder', 'synthetic')
-SAMPLING_METHODS = ('sgm', 'esm', 'esm_sigma')
-SIGMA_TIMES = ('literal', 'matched')
-VAR_SOURCES = ('i1', 't_d', 'mean')
 # Sections whose change makes a checkpoint unusable (parameter shapes or their meaning).
 MODEL_SECTIONS = ('model', 'loss', 'sde')
 MODEL_FIELDS_THAT_MAY_CHANGE = ('dropout', 'dtype')
@@ -22,7 +19,11 @@ def _expect(ok: bool, message: str) -> None:
 def validate_config(config, mode: str) -> None:
   """Everything that can be checked from the config alone."""
   # Imported here so that validating stays cheap for callers that never build a model.
-  from esm.models.unet import UNetConfig, check_image_size  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from esm.detectors import DetectConfig
+  from esm.models.unet import UNetConfig, check_image_size
+  from esm.sampling import SamplingConfig
+  # pylint: enable=g-import-not-at-top
 
   _expect(mode in MODES, f'--mode: expected one of {MODES}, got {mode!r}')
   d = config.data
@@ -37,12 +38,7 @@ def validate_config(config, mode: str) -> None:
   _expect(config.loss.kind in ('esm', 'dsm'), f"loss.kind: expected 'esm' or 'dsm', got {config.loss.kind!r}")
 
   s = config.sampling
-  _expect(s.method in SAMPLING_METHODS,
-          f'sampling.method: expected one of {SAMPLING_METHODS}, got {s.method!r}')
-  _expect(s.sigma_time in SIGMA_TIMES,
-          f'sampling.sigma_time: expected one of {SIGMA_TIMES}, got {s.sigma_time!r}')
-  _expect(s.var_source in VAR_SOURCES,
-          f'sampling.var_source: expected one of {VAR_SOURCES}, got {s.var_source!r}')
+  SamplingConfig.from_config(s)  # method, sigma_time, var_source, clamps, snapshot steps
   num_steps = config.sde.num_steps
   t_ds = [s.t_d] + list(dict(s.t_d_by_category).values())
   for t_d in t_ds:
@@ -53,11 +49,7 @@ def validate_config(config, mode: str) -> None:
           f"sampling.method={s.method!r} needs a dual-stream model (loss.kind='esm'); a DSM model "
           "only supports sampling.method='sgm'")
 
-  weights = tuple(config.detect.weights)
-  _expect(len(weights) == 4, f'detect.weights: expected 4 weights (u, v, w, r) for S_Cos, S_U, S_KL, '
-          f'S_RE, got {len(weights)}: {weights}')
-  _expect(config.detect.re_kind in ('squared', 'absolute'),
-          f"detect.re_kind: expected 'squared' or 'absolute', got {config.detect.re_kind!r}")
+  DetectConfig.from_config(config.detect)  # weights (u, v, w, r), blur, N_a, re_kind, floor
 
   t = config.train
   for name in ('num_steps', 'batch_size', 'log_every', 'ckpt_every', 'keep', 'max_bad_steps'):
