@@ -47,8 +47,8 @@ class Scorer:
     sde, model, net_fn, _, tx = train_lib.build(config, self.image_size)
     self.num_params = count_params(model, self.image_size)
     self.params = self._restore_ema(config, workdir, model, tx)
-    self.sampling_cfg = sampling.SamplingConfig.from_config(config.sampling)
-    self.recon = sampling.get_reconstruct_fn(net_fn, sde, self.sampling_cfg)
+    self.recon = sampling.get_reconstruct_fn(
+        net_fn, sde, sampling.SamplingConfig.from_config(config.sampling))
     self.detect_cfg = det.DetectConfig.from_config(config.detect)
     use_cos = self.detect_cfg.weights[0] != 0.0
     feature_fn = None
@@ -100,7 +100,7 @@ class Scorer:
     kept, trajectory, seconds = {}, None, 0.0
     keep = set(keep)
     start, done = time.time(), 0
-    for b, local in enumerate(data.batches()):
+    for local in data.batches():
       images = parallel.shard_batch(self.mesh, local['image'])
       keys = parallel.shard_batch(self.mesh, jax.random.key_data(
           sampling.image_keys(self.config.seed, np.maximum(local['index'], 0))))
@@ -147,9 +147,12 @@ class Scorer:
     self.stats = det.fit_normalizer(out.maps)
     return out
 
-  def score(self, raw_maps: Dict[str, np.ndarray], batch_size: int = 32):
-    """(pixel maps [N,H,W], image scores [N]) of the configured combination (eq. 14, 15)."""
-    normed = det.normalize(raw_maps, self.stats)
+  def normalize(self, raw_maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    return det.normalize(raw_maps, self.stats)
+
+  def score(self, normed: Dict[str, np.ndarray], batch_size: int = 32):
+    """(pixel maps [N,H,W], image scores [N]) of the configured combination (eq. 14, 15) of
+    normalised maps."""
     score_fn = det.get_score_fn(self.detect_cfg, self.image_size, self.selection.used)
     pixel, image = [], []
     n = next(iter(normed.values())).shape[0]
@@ -177,13 +180,13 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
   keep = _figure_indices(test.records, config.eval.figures_per_type)
   defective = [k for k, r in enumerate(test.records) if r['label'] == 1]
   out = scorer.run_split(test, keep=keep, trajectory_index=defective[0] if defective else None)
-  pixel_maps, scores = scorer.score(out.maps)
+  normed = scorer.normalize(out.maps)
+  pixel_maps, scores = scorer.score(normed)
 
   image_m = metrics.ranking_metrics(scores, out.labels)
   pixel_labels = metrics.prepare_pixel_labels(out.masks) if test.has_masks else None
   pixel_m = metrics.pixel_metrics(pixel_maps, pixel_labels) if pixel_labels is not None else {}
   ablation = []
-  normed = det.normalize(out.maps, scorer.stats)
   for subset, p, s in det.iter_ablation(scorer.detect_cfg, scorer.image_size, normed,
                                         scorer.selection.used):
     row = {'detectors': list(subset), 'image_auroc': metrics.auroc(s, out.labels)}
@@ -214,7 +217,7 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
   }
   if jax.process_index() == 0:
     report.write_category(result, os.path.join(workdir, 'report'), test.records, out, pixel_maps,
-                          scores, scorer.sampling_cfg)
+                          scores)
   logging.info('%s/%s: image AUROC %.4f, pixel AUROC %.4f (%s, T_d=%d, NFE=%d)', result['dataset'],
                result['category'], result['image_auroc'], result['pixel_auroc'], result['method'],
                result['t_d'], result['nfe'])
@@ -231,10 +234,10 @@ def predict(config, workdir: str, input_dir: Optional[str]) -> None:
   scorer = Scorer(config, workdir)
   gb = config.sampling.batch_size
   val_out = scorer.fit_normalisation(pipeline.get_eval_data(config.data, 'val', global_batch_size=gb))
-  _, val_scores = scorer.score(val_out.maps)
+  _, val_scores = scorer.score(scorer.normalize(val_out.maps))
   threshold = float(np.percentile(val_scores, config.detect.threshold_percentile))
   out = scorer.run_split(data, what='predict')
-  pixel_maps, scores = scorer.score(out.maps)
+  pixel_maps, scores = scorer.score(scorer.normalize(out.maps))
   if jax.process_index() == 0:
     report.write_predictions(os.path.join(workdir, 'predict'), data.records, pixel_maps, scores,
                              threshold, config.detect.threshold_percentile)

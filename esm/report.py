@@ -111,9 +111,8 @@ def _image(x) -> np.ndarray:
   return plotting.to_uint8(x, -1.0, 1.0)
 
 
-def write_category(result, report_dir, records, out, pixel_maps, scores, sampling_cfg) -> None:
+def write_category(result, report_dir, records, out, pixel_maps, scores) -> None:
   """Tables and figures of one category."""
-  del sampling_cfg
   write_tables([result], report_dir)
   fig_dir = os.path.join(report_dir, 'figures')
   os.makedirs(fig_dir, exist_ok=True)
@@ -137,13 +136,12 @@ def write_category(result, report_dir, records, out, pixel_maps, scores, samplin
                        scale=max(1, 128 // pixel_maps.shape[1]))
   curves = {}
   if len(set(out.labels.tolist())) == 2:
-    curves['image'] = metrics.roc_curve(scores, out.labels)
+    curves[f"image AUROC {_pct(result['image_auroc'])}"] = metrics.roc_curve(scores, out.labels)
   if out.masks.any() and not out.masks.all():
-    curves['pixel'] = metrics.roc_curve(pixel_maps.ravel(), out.masks.ravel())
+    curves[f"pixel AUROC {_pct(result['pixel_auroc'])}"] = metrics.roc_curve(
+        pixel_maps.ravel(), out.masks.ravel())
   if curves:
-    plotting.line_plot({f'{k} AUROC {_pct(metrics.auroc(*((scores, out.labels) if k == "image" else (pixel_maps.ravel(), out.masks.ravel()))))}':
-                        c for k, c in curves.items()},
-                       f"ROC {result['category']} ({result['method']})", 'false positive rate',
+    plotting.line_plot(curves, f"ROC {result['category']} ({result['method']})", 'false positive rate',
                        'true positive rate', xlim=(0, 1), ylim=(0, 1)).save(
                            os.path.join(fig_dir, 'roc.png'))
 
