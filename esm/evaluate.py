@@ -170,8 +170,28 @@ def _figure_indices(records: List[Dict[str, Any]], per_type: int) -> List[int]:
   return sorted(i for idx in by_type.values() for i in idx[:per_type])
 
 
-def evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Evaluates the latest checkpoint on the test split and writes workdir/report/."""
+@dataclasses.dataclass
+class Evaluation:
+  """One evaluation: the result row plus the per-image outputs the report and figures use."""
+  result: Dict[str, Any]
+  records: List[Dict[str, Any]]  # test records, in example order
+  outputs: SplitOutputs
+  pixel_maps: np.ndarray  # [N,H,W] combined anomaly maps
+  scores: np.ndarray  # [N] image scores
+
+
+def evaluate(config, workdir: str, report_dir: Optional[str] = None) -> Dict[str, Any]:
+  """Evaluates the latest checkpoint on the test split and writes the report (default
+  workdir/report/); returns the result row."""
+  ev = evaluate_outputs(config, workdir)
+  if jax.process_index() == 0:
+    report.write_category(ev.result, report_dir or os.path.join(workdir, 'report'), ev.records,
+                          ev.outputs, ev.pixel_maps, ev.scores)
+  return ev.result
+
+
+def evaluate_outputs(config, workdir: str) -> Evaluation:
+  """Reconstructs and scores the held-out good images and the test split; measures."""
   from datasets import pipeline  # pylint: disable=g-import-not-at-top
   scorer = Scorer(config, workdir)
   gb = config.sampling.batch_size
@@ -215,13 +235,10 @@ def evaluate(config, workdir: str) -> Dict[str, Any]:
       'unavailable_detectors': dict(scorer.selection.unavailable),
       'ablation': ablation,
   }
-  if jax.process_index() == 0:
-    report.write_category(result, os.path.join(workdir, 'report'), test.records, out, pixel_maps,
-                          scores)
   logging.info('%s/%s: image AUROC %.4f, pixel AUROC %.4f (%s, T_d=%d, NFE=%d)', result['dataset'],
                result['category'], result['image_auroc'], result['pixel_auroc'], result['method'],
                result['t_d'], result['nfe'])
-  return result
+  return Evaluation(result, test.records, out, pixel_maps, scores)
 
 
 def predict(config, workdir: str, input_dir: Optional[str]) -> None:

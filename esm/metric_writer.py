@@ -61,6 +61,14 @@ class MetricWriter:
         self._tb.add_scalar(k, float(v), int(step))
       self._tb.flush()
 
+  def write_throughput(self, step: int, images_per_second: float, seconds: float) -> None:
+    """DIR/throughput.jsonl: training speed per logging interval (the first includes compilation)."""
+    if not self._enabled:
+      return
+    with open(os.path.join(os.path.dirname(self.path), 'throughput.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': int(step), 'images_per_second': float(images_per_second),
+                          'seconds': float(seconds)}) + '\n')
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -157,6 +157,7 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
         now = time.time()
         rate = (done - step_log) * tc.batch_size / max(now - t_log, 1e-9)
         eta = (tc.num_steps - done) * tc.batch_size / max(rate, 1e-9)
+        writer.write_throughput(done, rate, now - t_log)
         logging.info('step %d/%d  %.1f img/s  ETA %s  %s', done, tc.num_steps, rate, _format_eta(eta),
                      '  '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
         t_log, step_log = now, done

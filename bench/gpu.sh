@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One prepared single-GPU run (an H200 lent for minutes): bottle at 256², paper-scale model, bf16.
+#
+#   bash bench/gpu.sh [--dry-run] [extra bench/gpu_run.py flags]
+#
+# Installs the wheels carried in .whl/ (the machine is offline), trains for a fixed number of steps,
+# evaluates ESM and ESM^σ and prints one table (bench/gpu_run.py). Data: .gpu_data/mvtec_ad/bottle
+# (a copy of ../shared/data/mvtec_ad/bottle carried with the run) or $GPU_DATA_ROOT. The table and
+# gpu_results.json go to $OUT (default /tmp/esm_gpu); checkpoints to $ESM_GPU_WORKDIR. --dry-run runs
+# the same code path with a tiny config on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+args=()
+dry=0
+for a in "$@"; do
+  if [[ "$a" == --dry-run ]]; then dry=1; else args+=("$a"); fi
+done
+if compgen -G '.whl/*.whl' >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/esm_site .whl/*.whl
+  export PYTHONPATH=/tmp/esm_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+out=${OUT:-/tmp/esm_gpu}
+work=${ESM_GPU_WORKDIR:-/tmp/esm_gpu_work}  # checkpoints stay out of $OUT (gigabytes)
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1
+if (( dry )); then
+  JAX_PLATFORMS=cpu python3 bench/gpu_run.py --dry_run --workdir="$work" --out="$out" "${args[@]}"
+else
+  python3 bench/gpu_run.py --data_root="${GPU_DATA_ROOT:-.gpu_data}" --workdir="$work" --out="$out" \
+    "${args[@]}"
+fi

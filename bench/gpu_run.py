@@ -1,0 +1,180 @@
+"""The single-GPU run behind bench/gpu.sh: train bottle at 256² in bf16, evaluate ESM and ESM^σ.
+
+  python3 bench/gpu_run.py --data_root=DIR_WITH_mvtec_ad --workdir=DIR --out=DIR [--steps=N] [--batch=B]
+  python3 bench/gpu_run.py --dry_run --workdir=DIR --out=DIR  # the same code path, tiny, on CPU
+
+Trains the paper-scale dual-stream U-Net (configs/mvtec.py:bottle, bf16 compute, float32
+parameters) for a fixed number of steps through esm.run.train, then evaluates the checkpoint with
+ESM and ESM^σ (both time labellings) through esm.evaluate, while a wall-clock budget allows. Prints
+one table: AUROC, training images/s, sampling s/image and MFU (model FLOPs from XLA's cost
+analysis of the train step / step time / peak bf16 FLOP/s). S_Cos is off: the DINO weights cannot
+be carried to an offline GPU machine within its 64 MiB transfer limit (docs/benchmarks.md).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+from absl import logging
+
+from configs import common
+from configs import mvtec
+from esm import evaluate as evaluate_lib
+from esm import run as run_lib
+from esm import train as train_lib
+from esm import validate
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H200 SXM (NVIDIA's data sheet)
+EVALS = (('ESM', 'esm', 'literal'), ('ESM^σ literal', 'esm_sigma', 'literal'),
+         ('ESM^σ matched', 'esm_sigma', 'matched'))
+
+
+def gpu_config(data_root: str, steps: int, batch: int, res_blocks: int = 2):
+  c = mvtec.get_config('bottle')
+  c.data.root = data_root
+  c.model.num_res_blocks = res_blocks  # the paper's 2; 1 halves the compile time
+  c.model.dtype = 'bfloat16'
+  c.train.num_epochs = -1
+  c.train.num_steps = steps
+  c.train.batch_size = batch
+  c.train.lr = 1e-4  # a short run: 5x the paper's 2e-5, with warm-up and clipping
+  c.train.warmup_steps = 200
+  c.train.ema_rate = 0.999
+  c.train.log_every = 50
+  c.train.ckpt_every = steps
+  c.sampling.batch_size = 32
+  c.features.model = 'none'
+  c.detect.weights = (0.0, 1.0, 1.0, 1.0)
+  return c
+
+
+def dry_run_config(workdir: str):
+  """Tiny model, 16² synthetic images: every stage of the real run in about a minute on CPU."""
+  c = common.set_tiny_model(gpu_config('', steps=4, batch=4))
+  c.data.dataset, c.data.category, c.data.image_size = 'synthetic', 'object', 16
+  c.data.synthetic_size, c.data.synthetic_num_train, c.data.synthetic_num_test = 32, 16, 8
+  c.data.val_fraction = 0.25
+  c.data.root = os.path.join(workdir, 'data', 'synthetic')
+  c.data.tfds_dir = os.path.join(workdir, 'data', 'tfds')
+  c.model.dtype = 'float32'  # bf16 convolutions are slow on CPU; the GPU run uses bf16
+  c.train.warmup_steps, c.train.log_every = 0, 1
+  c.sampling.t_d_by_category = {}
+  c.sampling.t_d, c.sampling.batch_size, c.sampling.snapshot_steps = 4, 4, (4, 2, 0)
+  return c
+
+
+def train_step_flops(config) -> float:
+  """FLOPs of one train step, from XLA's cost analysis of the lowered step (no compilation)."""
+  size = config.data.image_size
+  _, model, _, loss_fn, tx = train_lib.build(config, size)
+  state = jax.eval_shape(lambda: train_lib.init_state(config, model, tx, size))
+  images = jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), np.float32)
+  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, config.train.ema_rate))
+  traced = step.trace(state, images, jax.random.key(0))
+  # The GPU backend has no cost model before compilation; XLA's CPU one counts the same HLO.
+  cost = traced.lower(lowering_platforms=('cpu',)).cost_analysis()
+  cost = cost if cost else traced.lower().compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+
+def steady_images_per_second(workdir: str) -> float:
+  """Training speed without the first logging interval (which holds the compilation)."""
+  with open(os.path.join(workdir, 'throughput.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  steady = rows[1:] or rows
+  seconds = sum(r['seconds'] for r in steady)
+  images = sum(r['images_per_second'] * r['seconds'] for r in steady)
+  return images / max(seconds, 1e-9)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True, help='checkpoints, data cache and reports')
+  parser.add_argument('--out', required=True, help='where gpu_results.json goes')
+  parser.add_argument('--data_root', default='', help='folder holding mvtec_ad/bottle')
+  # Measured on an H200 (docs/benchmarks.md): the paper-scale step compiles in about 4 minutes and
+  # then runs at about 81 img/s at batch 32, so 100 steps leave time for the ESM evaluation.
+  parser.add_argument('--steps', type=int, default=100)
+  parser.add_argument('--res_blocks', type=int, default=2, help='residual blocks per U-Net level')
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--budget_s', type=float, default=480.0,
+                      help='wall-clock budget: evaluations that would not fit are skipped')
+  parser.add_argument('--dry_run', action='store_true')
+  args = parser.parse_args()
+  logging.set_verbosity(logging.INFO)
+  start = time.time()
+
+  if args.dry_run:
+    config = dry_run_config(args.workdir)
+  else:
+    config = gpu_config(os.path.join(args.data_root, 'mvtec_ad'), args.steps, args.batch,
+                        args.res_blocks)
+  wd = os.path.join(args.workdir, 'run')
+  validate.validate_config(config, 'train_eval')
+  platform = jax.devices()[0].platform
+  print(f'# devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}); '
+        f'jax {jax.__version__}', flush=True)
+
+  t = time.time()
+  run_lib.train(config, wd)
+  train_wall = time.time() - t
+  img_s = steady_images_per_second(wd)
+  print(f'# trained {config.train.num_steps} steps in {train_wall:.0f} s: {img_s:.1f} img/s',
+        flush=True)
+
+  rows = []
+  for name, method, sigma_time in EVALS:
+    elapsed = time.time() - start
+    # Budget the next evaluation by the last one: its compilation, plus sampling scaled by NFE.
+    need = 0.0
+    if rows:
+      last = rows[-1]
+      sampling_s = (last['wall_seconds'] - last['compile_seconds']) * 2 * config.sampling.t_d / last['nfe']
+      need = 1.2 * (last['compile_seconds'] + (sampling_s if method == 'esm_sigma' else sampling_s / 2))
+    if elapsed + need > args.budget_s:
+      print(f'# skipped {name}: {elapsed:.0f} s used, about {need:.0f} s needed, budget '
+            f'{args.budget_s:.0f} s', flush=True)
+      continue
+    cfg = run_lib.category_config(config, config.data.category)
+    cfg.sampling.method, cfg.sampling.sigma_time = method, sigma_time
+    t = time.time()
+    result = evaluate_lib.evaluate(cfg, wd, report_dir=os.path.join(wd, f'report_{method}_{sigma_time}'))
+    rows.append(dict(result, name=name, wall_seconds=time.time() - t))
+
+  flops = train_step_flops(config)
+  peak = H200_BF16_PEAK if platform == 'gpu' else float('nan')
+  mfu = flops / (config.train.batch_size / img_s) / peak
+  print(f'# {flops / 1e12:.2f} TFLOP/step: MFU {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s', flush=True)
+
+  summary = {'platform': platform, 'device_kind': jax.devices()[0].device_kind,
+             'jax': jax.__version__, 'steps': config.train.num_steps,
+             'batch': config.train.batch_size, 'image_size': config.data.image_size,
+             'params': rows[0]['params'] if rows else None, 'train_wall_s': train_wall,
+             'train_images_per_s': img_s, 'train_flops_per_step': flops, 'mfu': mfu,
+             'total_wall_s': time.time() - start, 'evals': rows}
+  with open(os.path.join(args.out, 'gpu_results.json'), 'w') as f:
+    json.dump(summary, f, indent=1, default=float)
+
+  print(f'\n# {config.data.category} {config.data.image_size}², {config.train.num_steps} steps x batch '
+        f'{config.train.batch_size}, {config.model.dtype}, S_U+S_KL+S_RE; total '
+        f'{time.time() - start:.0f} s')
+  print('| method | T_d | NFE | image AUROC | pixel AUROC | AUPRO | train img/s | sampling s/image | '
+        'MFU (train) |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    print(f"| {r['name']} | {r['t_d']} | {r['nfe']} | {r['image_auroc']:.3f} | "
+          f"{r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {img_s:.1f} | {r['seconds_per_image']:.3f} | "
+          f"{'n/a' if np.isnan(mfu) else f'{mfu:.1%}'} |")
+
+
+if __name__ == '__main__':
+  main()

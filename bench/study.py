@@ -1,0 +1,375 @@
+"""The real-data study at CPU scale: ESM vs ESM^σ vs SGM, the ambiguous choices, T_d and detectors.
+
+  python3 bench/study.py --category=bottle --root=../shared/data --workdir=/tmp/study
+  python3 bench/study.py --category=metal_plate --root=../shared/data --workdir=/tmp/study
+
+Stages (--stages, default all, each resumable: finished trainings and evaluations are skipped):
+  train   ESM (dual stream, eq. 10) and SGM (single stream, DSM) with the same backbone, steps and
+          batch (configs/cpu/); on the development category also ESM with var_param='direct'.
+  select  development category only (bottle): the ambiguous readings of the paper (DESIGN, "Where
+          the paper is ambiguous") are chosen on a development set made from TRAINING images only:
+          the held-out train/good slice, clean and with painted defects (scratch, hole, stain).
+          Test labels are never looked at. The choices go to WORKDIR/choices.json; other
+          categories reuse them (metal_plate is only reported, never tuned on).
+  report  the test split: SGM, ESM, ESM^σ (both time labellings) with all detectors incl. DINO
+          S_Cos, the detector ablation, T_d swept over five values (without S_Cos, to fit the CPU
+          budget; the T_d of the paper's table reuses the main run's S_U+S_KL+S_RE score), the
+          efficiency, and one figure (input, reconstruction, heatmap per method).
+Prints one markdown table per stage; WORKDIR/<category>/study.md holds them all.
+"""
+
+import argparse
+import copy
+import importlib
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from esm import evaluate as evaluate_lib
+from esm import plotting
+from esm import run as run_lib
+from esm import validate
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+CATEGORIES = {'bottle': ('configs.cpu.bottle', 'mvtec_ad'),
+              'metal_plate': ('configs.cpu.metal_plate', 'mpdd')}
+DEV_CATEGORY = 'bottle'
+MODELS = {'esm': {}, 'sgm': {'loss.kind': 'dsm', 'sampling.method': 'sgm'},
+          'esm_direct': {'model.var_param': 'direct'}}
+NO_COS = {'features.model': 'none', 'detect.weights': (0.0, 1.0, 1.0, 1.0)}
+DEV_DEFECTS = ('scratch', 'hole', 'stain')
+
+
+def override(config, changes: dict):
+  c = copy.deepcopy(config)
+  for dotted, value in changes.items():
+    *path, leaf = dotted.split('.')
+    node = c
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def base_config(category: str, root: str):
+  module, dataset = CATEGORIES[category]
+  c = importlib.import_module(module).get_config()
+  c.data.root = os.path.join(root, {'mvtec_ad': 'mvtec_ad', 'mpdd': 'mpdd'}[dataset])
+  return c
+
+
+def model_dir(workdir: str, category: str, model: str) -> str:
+  return os.path.join(workdir, f'{category}_{model}')
+
+
+# --- stage: train ---------------------------------------------------------------------------------
+
+def train_models(base, workdir: str, category: str, models) -> dict:
+  seconds = {}
+  for name in models:
+    cfg = override(base, MODELS[name])
+    validate.validate_config(cfg, 'train')
+    t = time.time()
+    logging.info('=== training %s/%s', category, name)
+    run_lib.train(cfg, model_dir(workdir, category, name))
+    seconds[name] = time.time() - t
+  return seconds
+
+
+# --- the development set (training images only) ---------------------------------------------------
+
+def build_dev_set(base, out_root: str, seed: int = 0) -> str:
+  """A folder dataset: train/good = the real train/good; test = the held-out val images, clean and
+  with one painted defect each. The val slice (same files, same seed) is what the model never saw."""
+  from datasets import pipeline  # pylint: disable=g-import-not-at-top
+  from datasets import synthetic  # pylint: disable=g-import-not-at-top
+  category = base.data.category
+  src = os.path.join(base.data.root, category)
+  dst = os.path.join(out_root, category)
+  done = os.path.join(dst, '.complete')
+  if os.path.exists(done):
+    return out_root
+  val = pipeline.get_eval_data(base.data, 'val', global_batch_size=base.sampling.batch_size)
+  os.makedirs(os.path.join(dst, 'train'), exist_ok=True)
+  if not os.path.exists(os.path.join(dst, 'train', 'good')):
+    os.symlink(os.path.join(src, 'train', 'good'), os.path.join(dst, 'train', 'good'))
+  rng = np.random.default_rng(seed)
+  for k, rec in enumerate(val.records):
+    stem = os.path.splitext(os.path.basename(rec['filename']))[0]
+    with Image.open(os.path.join(src, rec['filename'])) as im:
+      img = np.asarray(im.convert('RGB'), np.float32)
+    os.makedirs(os.path.join(dst, 'test', 'good'), exist_ok=True)
+    Image.fromarray(img.astype(np.uint8)).save(os.path.join(dst, 'test', 'good', f'{stem}.png'))
+    kind = DEV_DEFECTS[k % len(DEV_DEFECTS)]
+    bad = synthetic.add_defect(img, {}, 'texture', kind, rng)
+    mask = np.any(np.abs(bad - img) > 0.5, axis=-1)
+    for folder, array in (('test', np.clip(bad, 0, 255).astype(np.uint8)),
+                          ('ground_truth', (mask * 255).astype(np.uint8))):
+      os.makedirs(os.path.join(dst, folder, kind), exist_ok=True)
+      name = f'{stem}.png' if folder == 'test' else f'{stem}_mask.png'
+      Image.fromarray(array).save(os.path.join(dst, folder, kind, name))
+  open(done, 'w').close()
+  return out_root
+
+
+# --- evaluation cases ---------------------------------------------------------------------------
+
+class Cases:
+  """Evaluations of one category, one JSON line each in WORKDIR/<category>/study.jsonl."""
+
+  def __init__(self, workdir: str, category: str):
+    self.dir = os.path.join(workdir, category)
+    os.makedirs(self.dir, exist_ok=True)
+    self.path = os.path.join(self.dir, 'study.jsonl')
+    self.rows = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          row = json.loads(line)
+          self.rows[row['case']] = row
+
+  def panels_path(self, case: str) -> str:
+    return os.path.join(self.dir, 'panels', case.replace('/', '_').replace(' ', '_') + '.npz')
+
+  def run(self, case: str, config, model_wd: str, *, figure: bool = False) -> dict:
+    """Evaluates one case (or returns its stored row); with figure, also stores the kept examples'
+    input, reconstruction and combined map."""
+    if case in self.rows and (not figure or os.path.exists(self.panels_path(case))):
+      logging.info('case %s: done before', case)
+      return self.rows[case]
+    key = json.dumps([model_wd, json.loads(config.to_json_best_effort())], sort_keys=True)
+    same = next((r for r in self.rows.values() if r.get('key') == key), None)
+    if same is not None and not figure:  # another name for a configuration evaluated before
+      row = dict(same, case=case)
+      self._append(row)
+      return row
+    validate.validate_config(config, 'eval')
+    t = time.time()
+    ev = evaluate_lib.evaluate_outputs(config, model_wd)
+    row = dict(ev.result, case=case, wall_seconds=time.time() - t,
+               sigma_time=config.sampling.sigma_time, var_source=config.sampling.var_source,
+               re_kind=config.detect.re_kind, var_param=config.model.var_param,
+               split=config.data.dataset, key=key)
+    if figure:
+      idx = sorted(ev.outputs.kept)
+      os.makedirs(os.path.dirname(self.panels_path(case)), exist_ok=True)
+      np.savez_compressed(
+          self.panels_path(case), index=np.asarray(idx),
+          input=np.stack([ev.outputs.kept[i]['input'] for i in idx]),
+          x0_hat=np.stack([ev.outputs.kept[i]['x0_hat'] for i in idx]),
+          map=ev.pixel_maps[idx], mask=ev.outputs.masks[idx],
+          defect_type=np.asarray([ev.records[i]['defect_type'] for i in idx]),
+          scale=np.percentile(ev.pixel_maps, [1.0, 99.9]))
+    if case not in self.rows:
+      self._append(row)
+    self.rows[case] = row
+    logging.info('case %s: image AUROC %.4f, pixel AUROC %.4f (%.0f s)', case, row['image_auroc'],
+                 row['pixel_auroc'], row['wall_seconds'])
+    return row
+
+
+  def _append(self, row: dict) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row, default=float) + '\n')
+    self.rows[row['case']] = row
+
+
+def _score(row) -> float:
+  """The selection criterion on the development set: mean of image and pixel AUROC."""
+  return 0.5 * (row['image_auroc'] + row['pixel_auroc'])
+
+
+def _pick(options: dict) -> str:
+  """The option with the best score; ties go to the first (the default reading)."""
+  best = max(options, key=lambda k: (_score(options[k]), -list(options).index(k)))
+  return best
+
+
+def select(base, workdir: str, cases: Cases) -> dict:
+  """Chooses the ambiguous readings on the development set, one at a time, in a fixed order."""
+  dev_root = build_dev_set(base, os.path.join(workdir, 'dev_data'))
+  dev = override(base, dict(NO_COS, **{'data.dataset': 'folder', 'data.root': dev_root}))
+  esm_wd = model_dir(workdir, base.data.category, 'esm')
+  table = []
+
+  def compare(what: str, options: dict, wd_of=lambda name: esm_wd) -> str:
+    rows = {name: cases.run(f'dev/{what}={name}', override(dev, changes), wd_of(name))
+            for name, changes in options.items()}
+    choice = _pick(rows)
+    for name, row in rows.items():
+      table.append((what, name, row, name == choice))
+    return choice
+
+  ch = {}
+  ch['sigma_time'] = compare('sigma_time', {
+      t: {'sampling.method': 'esm_sigma', 'sampling.sigma_time': t} for t in ('literal', 'matched')})
+  sigma = {'sampling.method': 'esm_sigma', 'sampling.sigma_time': ch['sigma_time']}
+  ch['method'] = compare('method', {'esm': {'sampling.method': 'esm'}, 'esm_sigma': sigma})
+  method = {'sampling.method': ch['method'], 'sampling.sigma_time': ch['sigma_time']}
+  ch['var_source'] = compare('var_source', {
+      v: dict(method, **{'sampling.var_source': v}) for v in ('i1', 't_d', 'mean')})
+  chosen = dict(method, **{'sampling.var_source': ch['var_source']})
+  ch['re_kind'] = compare('re_kind', {
+      r: dict(chosen, **{'detect.re_kind': r}) for r in ('squared', 'absolute')})
+  chosen['detect.re_kind'] = ch['re_kind']
+  direct_wd = model_dir(workdir, base.data.category, 'esm_direct')
+  if os.path.isdir(os.path.join(direct_wd, 'checkpoints')):
+    ch['var_param'] = compare(
+        'var_param', {v: dict(chosen, **{'model.var_param': v}) for v in ('scaled', 'direct')},
+        wd_of=lambda v: esm_wd if v == 'scaled' else direct_wd)
+  else:
+    logging.warning('%s: not trained; model.var_param stays scaled (not compared)', direct_wd)
+    ch['var_param'] = 'scaled'
+
+  with open(os.path.join(workdir, 'choices.json'), 'w') as f:
+    json.dump(ch, f, indent=1)
+  lines = ['| choice | option | dev image AUROC | dev pixel AUROC | chosen |', '|---|---|---|---|---|']
+  lines += [f"| {w} | {n} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {'yes' if c else ''} |"
+            for w, n, r, c in table]
+  return ch, '\n'.join(lines)
+
+
+def chosen_overrides(choices: dict) -> dict:
+  return {'sampling.sigma_time': choices['sigma_time'], 'sampling.var_source': choices['var_source'],
+          'detect.re_kind': choices['re_kind'], 'model.var_param': choices['var_param']}
+
+
+def sweep_values(t_d: int) -> list:
+  return sorted({max(1, round(t_d * f)) for f in (0.25, 0.5, 1.0, 1.5, 2.0)})
+
+
+def report(base, workdir: str, cases: Cases, choices: dict, figure_path: str,
+           sweep_names=('SGM', 'ESM')) -> str:
+  category = base.data.category
+  esm_model = 'esm' if choices['var_param'] == 'scaled' else 'esm_direct'
+  test = override(base, dict(chosen_overrides(choices), **{'eval.figures_per_type': 1}))
+  wd = {'sgm': model_dir(workdir, category, 'sgm'), 'esm': model_dir(workdir, category, esm_model)}
+  sgm_cfg = override(test, dict(MODELS['sgm'], **{'model.var_param': 'scaled'}))
+  methods = {  # name -> (model, overrides)
+      'SGM': ('sgm', {}),
+      'ESM': ('esm', {'sampling.method': 'esm'}),
+      'ESM^σ literal': ('esm', {'sampling.method': 'esm_sigma', 'sampling.sigma_time': 'literal'}),
+      'ESM^σ matched': ('esm', {'sampling.method': 'esm_sigma', 'sampling.sigma_time': 'matched'}),
+  }
+  main = {}
+  for name, (model, changes) in methods.items():
+    cfg = override(sgm_cfg if model == 'sgm' else test, changes)
+    main[name] = cases.run(f'test/{name}', cfg, wd[model], figure=True)
+
+  _figure(cases, list(methods), figure_path)
+
+  t_d0 = base.sampling.t_d
+  sweep = {}
+  sweep_methods = {name: methods[name] for name in sweep_names}
+  for name, (model, changes) in sweep_methods.items():
+    for t_d in sweep_values(t_d0):
+      if t_d == t_d0:  # the main run's detectors without S_Cos: the same maps and weights
+        no_cos = [a for a in main[name]['ablation'] if 'cos' not in a['detectors']]
+        sweep[(name, t_d)] = max(no_cos, key=lambda a: len(a['detectors']))
+        continue
+      cfg = override(sgm_cfg if model == 'sgm' else test, dict(NO_COS, **changes, **{'sampling.t_d': t_d}))
+      sweep[(name, t_d)] = cases.run(f'test/sweep/{name}/t_d={t_d}', cfg, wd[model])
+
+  return _tables(category, main, sweep, sweep_methods, t_d0)
+
+
+def _tables(category, main, sweep, sweep_methods, t_d0) -> str:
+  out = [f'### {category}: test split, T_d = {t_d0} (T = 250), all detectors incl. DINO S_Cos', '',
+         '| method | image AUROC | pixel AUROC | AUPRO | params | NFE | s/image | eval wall (s) |',
+         '|---|---|---|---|---|---|---|---|']
+  for name, r in main.items():
+    out.append(f"| {name} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
+               f"{r['params'] / 1e6:.2f} M | {r['nfe']} | {r['seconds_per_image']:.2f} | "
+               f"{r['wall_seconds']:.0f} |")
+  out += ['', f'### {category}: detector ablation (image / pixel AUROC)', '']
+  names = list(main)
+  subsets = {tuple(a['detectors']) for r in main.values() for a in r['ablation']}
+  out.append('| detectors | ' + ' | '.join(names) + ' |')
+  out.append('|---|' + '---|' * len(names))
+  for subset in sorted(subsets, key=lambda s: (len(s), s)):
+    cells = []
+    for n in names:
+      a = next((a for a in main[n]['ablation'] if tuple(a['detectors']) == subset), None)
+      cells.append(f"{a['image_auroc']:.3f} / {a.get('pixel_auroc', float('nan')):.3f}" if a else '–')
+    out.append(f"| {'+'.join(subset)} | " + ' | '.join(cells) + ' |')
+  out += ['', f'### {category}: AUROC against T_d (image / pixel; S_U+S_KL+S_RE, no S_Cos)', '']
+  t_ds = sorted({t for _, t in sweep})
+  out.append('| method | ' + ' | '.join(f'T_d={t}' for t in t_ds) + ' |')
+  out.append('|---|' + '---|' * len(t_ds))
+  for name in sweep_methods:
+    cells = [f"{sweep[(name, t)]['image_auroc']:.3f} / {sweep[(name, t)]['pixel_auroc']:.3f}"
+             for t in t_ds]
+    out.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(out)
+
+
+def _figure(cases: Cases, methods: list, path: str) -> None:
+  """Rows: the first examples of each defect type; columns: input, ground truth, then the
+  reconstruction and the combined map of each method (colour scale per method: its maps' 1st to
+  99.9th percentile over the test split)."""
+  panels = {m: np.load(cases.panels_path(f'test/{m}')) for m in methods}
+  first = panels[methods[0]]
+  rows = []
+  for k in range(len(first['index'])):
+    tiles = [plotting.to_uint8(first['input'][k], -1, 1), first['mask'][k] * 255]
+    titles = [str(first['defect_type'][k]), 'truth']
+    for m in methods:
+      p = panels[m]
+      lo, hi = p['scale']
+      tiles += [plotting.to_uint8(p['x0_hat'][k], -1, 1), plotting.heatmap(p['map'][k], lo, hi)]
+      titles += [m, 'map']
+    rows.append(plotting.panel_row(tiles, titles, scale=2))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  plotting.stack_rows(rows).save(path)
+  logging.info('figure: %s', path)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--category', required=True, choices=sorted(CATEGORIES))
+  parser.add_argument('--root', required=True, help='folder holding mvtec_ad/ and mpdd/')
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--stages', default='train,select,report')
+  parser.add_argument('--figure', default='', help='default docs/figures/study_<category>.png')
+  parser.add_argument('--sweep', default='SGM,ESM', help='methods whose AUROC is swept over T_d')
+  args = parser.parse_args()
+  logging.set_verbosity(logging.INFO)
+  stages = args.stages.split(',')
+  base = base_config(args.category, args.root)
+  dev = args.category == DEV_CATEGORY
+  cases = Cases(args.workdir, args.category)
+  sections = []
+  if 'train' in stages:
+    models = list(MODELS) if dev else ['esm', 'sgm']
+    if not dev and os.path.exists(os.path.join(args.workdir, 'choices.json')):
+      with open(os.path.join(args.workdir, 'choices.json')) as f:
+        models = ['esm_direct' if json.load(f)['var_param'] == 'direct' else 'esm', 'sgm']
+    train_models(base, args.workdir, args.category, models)
+  choices_path = os.path.join(args.workdir, 'choices.json')
+  if 'select' in stages and dev:
+    _, table = select(base, args.workdir, cases)
+    sections.append(f'### {DEV_CATEGORY}: choices on the development set (training images only)\n\n'
+                    + table)
+  if 'report' in stages:
+    if not os.path.exists(choices_path):
+      raise SystemExit(f'{choices_path}: run the select stage on {DEV_CATEGORY} first')
+    with open(choices_path) as f:
+      choices = json.load(f)
+    figure = args.figure or os.path.join('docs', 'figures', f'study_{args.category}.png')
+    sections.append(report(base, args.workdir, cases, choices, figure, args.sweep.split(',')))
+  text = '\n\n'.join(sections)
+  with open(os.path.join(cases.dir, 'study.md'), 'a') as f:
+    f.write(text + '\n\n')
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
