@@ -300,7 +300,8 @@ def _tables(category, main, sweep, sweep_methods, t_d0) -> str:
       a = next((a for a in main[n]['ablation'] if tuple(a['detectors']) == subset), None)
       cells.append(f"{a['image_auroc']:.3f} / {a.get('pixel_auroc', float('nan')):.3f}" if a else '–')
     out.append(f"| {'+'.join(subset)} | " + ' | '.join(cells) + ' |')
-  out += ['', f'### {category}: AUROC against T_d (image / pixel; S_U+S_KL+S_RE, no S_Cos)', '']
+  out += ['', f'### {category}: AUROC against T_d (image / pixel; no S_Cos: S_U+S_KL+S_RE for '
+          'ESM, S_RE for SGM)', '']
   t_ds = sorted({t for _, t in sweep})
   out.append('| method | ' + ' | '.join(f'T_d={t}' for t in t_ds) + ' |')
   out.append('|---|' + '---|' * len(t_ds))
@@ -325,7 +326,7 @@ def _figure(cases: Cases, methods: list, path: str) -> None:
       p = panels[m]
       lo, hi = p['scale']
       tiles += [plotting.to_uint8(p['x0_hat'][k], -1, 1), plotting.heatmap(p['map'][k], lo, hi)]
-      titles += [m, 'map']
+      titles += [m.replace('^σ', '-sigma'), 'map']  # PIL's default font has no σ
     rows.append(plotting.panel_row(tiles, titles, scale=2))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   plotting.stack_rows(rows).save(path)

@@ -85,13 +85,13 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # --- esm/sampling.py ---------------------------------------------------------------------------
   c.sampling = sa = ml_collections.ConfigDict()
-  sa.method = 'esm_sigma'  # 'sgm', 'esm' or 'esm_sigma'
+  sa.method = 'esm'  # 'sgm', 'esm' or 'esm_sigma' (esm chosen on bottle's dev set, docs/method.md)
   sa.t_d = 100  # partial-diffusion depth T_d (per category, paper tables 6-8)
   sa.t_d_by_category = {}  # per-category T_d of a dataset config, used when data.category='all'
   sa.min_var = 0.01  # σ²_min: lower clamp of the learned variance in the sampler (section 4.2)
   sa.max_var = 0.02  # σ²_max: upper clamp of b_i/s_i in ESM^σ (β_max of the schedule)
   sa.sigma_time = 'literal'  # ESM^σ time label: 'literal' (i) or 'matched' (ᾱ of Π(1-b_j))
-  sa.var_source = 'i1'  # σ²_0 / σ²_in from: 'i1' network at i=1, 't_d' at T_d, 'mean' trajectory
+  sa.var_source = 't_d'  # σ²_0 / σ²_in from: 'i1' network at i=1, 't_d' at T_d, 'mean' trajectory
   sa.snapshot_steps = (200, 150, 100, 80, 50, 20, 0)  # x_i kept for the trajectory figure
   sa.batch_size = 8  # global eval batch (padded; split over devices)
 
@@ -100,7 +100,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   de.weights = (1.0, 1.0, 1.0, 1.0)  # eq. 14 weights (u, v, w, r) of S_Cos, S_U, S_KL, S_RE
   de.blur_sigma = 4.0  # Gaussian blur σ in pixels at 256², scaled with image size
   de.top_n = 250  # N_a of eq. 15 at 256², scaled with image area
-  de.re_kind = 'squared'  # S_RE as 'squared' or 'absolute' difference
+  de.re_kind = 'absolute'  # S_RE as 'squared' or 'absolute' difference
   de.var_floor = 1e-8  # numerical floor of σ² in S_U and S_KL (not the sampler's σ²_min)
   de.threshold_percentile = 99.0  # predict: decision threshold, percentile of held-out good scores
 

@@ -47,7 +47,7 @@ class DetectConfig:
   weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
   blur_sigma: float = 4.0
   top_n: int = 250
-  re_kind: str = 'squared'
+  re_kind: str = 'absolute'
   var_floor: float = 1e-8
 
   @classmethod

@@ -39,12 +39,12 @@ VAR_FLOOR = 1e-12
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  method: str = 'esm_sigma'
+  method: str = 'esm'
   t_d: int = 100
   min_var: float = 0.01
   max_var: float = 0.02
   sigma_time: str = 'literal'
-  var_source: str = 'i1'
+  var_source: str = 't_d'
   snapshot_steps: Tuple[int, ...] = (200, 150, 100, 80, 50, 20, 0)
   batch_size: int = 8
 

@@ -34,7 +34,8 @@ def _random_conv_features(images):
 
 def test_config_from_default_and_bad_fields():
   cfg = detectors.DetectConfig.from_config(default.get_default_config().detect)
-  assert cfg == detectors.DetectConfig((1.0, 1.0, 1.0, 1.0), 4.0, 250, 'squared', 1e-8)
+  assert cfg == detectors.DetectConfig((1.0, 1.0, 1.0, 1.0), 4.0, 250, 'absolute', 1e-8)
+  assert cfg == detectors.DetectConfig()  # the dataclass and the config agree
   bad = {'weights': (1.0, 1.0), 're_kind': 'cubed', 'top_n': 0, 'blur_sigma': -1.0,
          'var_floor': 0.0}
   for field, value in bad.items():

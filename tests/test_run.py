@@ -20,7 +20,7 @@ OVERRIDES = {
     'data.val_fraction': 0.25, 'train.batch_size': 4, 'train.warmup_steps': 0, 'train.lr': 1e-3,
     'train.log_every': 1, 'train.ckpt_every': 5, 'sampling.t_d': 4, 'sampling.batch_size': 4,
     'sampling.snapshot_steps': (4, 2, 0), 'features.model': 'none', 'detect.weights': (0, 1, 1, 1),
-    'eval.figures_per_type': 1,
+    'eval.figures_per_type': 1, 'sampling.method': 'esm_sigma',
 }
 
 

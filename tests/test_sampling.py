@@ -20,7 +20,8 @@ from esm.sde import SDEConfig, VPSchedule
 SDE = VPSchedule(SDEConfig())
 SHAPE = (8, 8, 3)
 T_D = 6
-BASE = sampling.SamplingConfig(snapshot_steps=(200, 150, 100, 80, 50, 20, 0))
+BASE = sampling.SamplingConfig(method='esm_sigma', var_source='i1',
+                               snapshot_steps=(200, 150, 100, 80, 50, 20, 0))
 CALLS = []  # batch size of every network call executed, appended by the stubs at run time
 
 
