@@ -33,7 +33,9 @@ def cpu_config(dataset: str, category: str, paper_t_d: int):
 
   c.sampling.t_d = max(1, round(paper_t_d / T_SCALE))
   c.sampling.max_var = c.sde.beta_max  # σ²_max = β_T (section 4.2)
-  c.sampling.min_var *= T_SCALE  # σ²_min keeps its ratio to β_T (0.01 of 0.02 at T = 1000)
+  # σ²_min keeps its ratio to β_T (0.01 of 0.02 at T = 1000): right for ESM^σ's per-step b_i, but
+  # too high for ESM's clamp on σ²_θ, which should stay 0.01 (docs/benchmarks.md, "A flaw").
+  c.sampling.min_var *= T_SCALE
   c.sampling.snapshot_steps = (50, 40, 25, 20, 10, 5, 0)
   c.sampling.batch_size = 16
 
