@@ -311,7 +311,7 @@ def test_jitted_function_is_cached():
 
 def test_config_from_default():
   c = sampling.SamplingConfig.from_config(get_default_config().sampling)
-  assert (c.method, c.t_d, c.min_var, c.max_var, c.var_source) == ('esm_sigma', 100, 0.01, 0.02, 'i1')
+  assert (c.method, c.t_d, c.min_var, c.max_var, c.var_source) == ('esm', 100, 0.01, 0.02, 't_d')
 
 
 @pytest.mark.parametrize('bad,field', [({'method': 'ddim'}, 'sampling.method'),
