@@ -79,9 +79,9 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # --- esm/parallel.py ---------------------------------------------------------------------------
   c.parallel = p = ml_collections.ConfigDict()
-  p.coordinator = ''  # 'host:port' of process 0; '' = single process (or JAX auto-detection)
-  p.num_processes = 1  # processes in a multi-host run
-  p.process_id = 0  # this process's index in a multi-host run
+  p.coordinator = ''  # 'host:port' of process 0; '' = single process, or auto-detection (below)
+  p.num_processes = 1  # processes in a multi-host run; > 1 with no coordinator: TPU/SLURM auto-detect
+  p.process_id = 0  # this process's index in a multi-host run (with a coordinator)
 
   # --- esm/sampling.py ---------------------------------------------------------------------------
   c.sampling = sa = ml_collections.ConfigDict()

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from esm import parallel
+
 
 def all_finite(tree) -> bool:
   """True when every floating-point leaf of the tree is finite."""
@@ -63,12 +65,14 @@ class Checkpointer:
     return None, None
 
   def _move_aside(self, path: str) -> str:
+    parallel.barrier('checkpoint: before moving aside')  # every process picks the same name
     n = 0
     while os.path.exists(f'{path}.corrupt-{n}'):
       n += 1
     target = f'{path}.corrupt-{n}'
     if jax.process_index() == 0:
       os.rename(path, target)
+    parallel.barrier('checkpoint: moved aside')  # no process lists the old folder again
     # The manager caches its step list; a fresh one sees the folder without the moved step.
     self._manager.close()
     self._manager = self._new_manager()

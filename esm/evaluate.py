@@ -82,7 +82,8 @@ class Scorer:
   def _restore_ema(self, config, workdir, model, tx):
     checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep)
     abstract = jax.eval_shape(lambda: train_lib.init_state(config, model, tx, self.image_size))
-    state, step = checkpointer.restore_latest(abstract)
+    state, step = checkpointer.restore_latest(
+        parallel.with_sharding(abstract, parallel.replicated(self.mesh)))
     checkpointer.close()
     if state is None:
       raise UserError(f'{workdir}/checkpoints: no checkpoint to evaluate; run --mode=train first')

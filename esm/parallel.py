@@ -24,21 +24,36 @@ def initialize(parallel_cfg) -> None:
   global _initialized
   if _initialized:
     return
+  num_processes, process_id = int(parallel_cfg.num_processes), int(parallel_cfg.process_id)
+  if parallel_cfg.coordinator and not 0 <= process_id < num_processes:
+    raise UserError(f'parallel.process_id={process_id}: expected 0 <= process_id < '
+                    f'parallel.num_processes={num_processes}')
   if parallel_cfg.coordinator:
     logging.info('jax.distributed.initialize(coordinator=%s, num_processes=%d, process_id=%d)',
                  parallel_cfg.coordinator, parallel_cfg.num_processes, parallel_cfg.process_id)
     jax.distributed.initialize(coordinator_address=parallel_cfg.coordinator,
-                               num_processes=int(parallel_cfg.num_processes),
-                               process_id=int(parallel_cfg.process_id))
-  elif int(parallel_cfg.num_processes) > 1:
+                               num_processes=num_processes, process_id=process_id)
+  elif num_processes > 1:
     logging.info('jax.distributed.initialize() with cluster auto-detection')
     jax.distributed.initialize()
+    if jax.process_count() != num_processes:
+      raise UserError(f'parallel.num_processes={num_processes}, but the cluster has '
+                      f'{jax.process_count()} processes')
   _initialized = True
+  if jax.process_count() > 1:
+    logging.info('process %d of %d: %d local of %d devices', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A one-axis mesh over `devices` (default: every device of every process)."""
-  return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
+  """A one-axis mesh over `devices` (default: every device of every process).
+
+  Devices are grouped by process, in process order, so that process p's rows of a global batch
+  (datasets/pipeline.py) sit at the same positions as on a single host.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  devices = sorted(devices, key=lambda d: d.process_index)  # stable: keeps the order within a host
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -55,6 +70,13 @@ def check_batch_size(global_batch: int, what: str = 'train.batch_size') -> None:
   if global_batch < 1 or global_batch % n:
     raise UserError(f'{what}: global batch {global_batch} must be a positive multiple of the '
                     f'{n} devices ({jax.process_count()} process(es))')
+
+
+def with_sharding(abstract_tree, sharding):
+  """ShapeDtypeStructs that carry `sharding`: checkpoints then restore onto this run's devices,
+  whatever the number of processes and devices that wrote them."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      abstract_tree)
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -78,3 +100,18 @@ def gather(tree):
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any (e.g. a SIGTERM that reached one host)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.bool_))))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier of this name (no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

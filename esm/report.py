@@ -114,6 +114,7 @@ def _image(x) -> np.ndarray:
 def write_category(result, report_dir, records, out, pixel_maps, scores) -> None:
   """Tables and figures of one category."""
   write_tables([result], report_dir)
+  write_image_scores(os.path.join(report_dir, 'scores.csv'), records, out.labels, scores)
   fig_dir = os.path.join(report_dir, 'figures')
   os.makedirs(fig_dir, exist_ok=True)
   lo, hi = float(np.percentile(pixel_maps, 1)), float(np.percentile(pixel_maps, 99.9))
@@ -144,6 +145,17 @@ def write_category(result, report_dir, records, out, pixel_maps, scores) -> None
     plotting.line_plot(curves, f"ROC {result['category']} ({result['method']})", 'false positive rate',
                        'true positive rate', xlim=(0, 1), ylim=(0, 1)).save(
                            os.path.join(fig_dir, 'roc.png'))
+
+
+def write_image_scores(path: str, records, labels, scores) -> None:
+  """One row per test image, in example order: filename, defect type, label, image score."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['filename', 'defect_type', 'label', 'score'])
+    for r, label, score in zip(records, labels, scores):
+      writer.writerow([r['filename'], r['defect_type'], int(label), f'{float(score):.8g}'])
+  os.replace(tmp, path)
 
 
 def _trajectory_figure(traj: Dict[str, np.ndarray], path: str, scale: int) -> None:

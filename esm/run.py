@@ -40,6 +40,17 @@ def resolve_num_steps(config) -> None:
                  config.train.batch_size, config.train.num_steps)
 
 
+def prepare_data_on_main_process_first(config) -> None:
+  """In a multi-process run, process 0 prepares the dataset while the others wait: on a shared
+  disk no two processes then write the same cache folder (each process reads it afterwards)."""
+  if jax.process_count() == 1:
+    return
+  from datasets import pipeline  # pylint: disable=g-import-not-at-top
+  if parallel.is_main_process():
+    pipeline.prepare_dataset(config.data)
+  parallel.barrier('dataset prepared')
+
+
 def train(config, workdir: str):
   from datasets import pipeline  # pylint: disable=g-import-not-at-top
   validate.check_checkpoint_compatible(train_lib.load_saved_config(workdir), config, workdir)
@@ -66,6 +77,7 @@ def run(config, workdir: str, mode: str, input_dir=None) -> None:
     wd = os.path.join(workdir, category) if multi else workdir
     if multi:
       logging.info('=== category %s (%d/%d) -> %s', category, cats.index(category) + 1, len(cats), wd)
+    prepare_data_on_main_process_first(cfg)
     if mode in ('train', 'train_eval'):
       if train(cfg, wd) is None:
         return  # preempted: the checkpoint is saved, the rerun resumes

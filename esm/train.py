@@ -116,7 +116,8 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
 
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), tc.keep)
   abstract = jax.eval_shape(lambda: init_state(config, model, tx, image_size))
-  state, start = checkpointer.restore_latest(abstract)
+  state, start = checkpointer.restore_latest(
+      parallel.with_sharding(abstract, parallel.replicated(mesh)))
   if state is None:
     state, start = init_state(config, model, tx, image_size), 0
     logging.info('training from scratch: %d steps, global batch %d on %d device(s)',
@@ -162,9 +163,10 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
                      '  '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
         t_log, step_log = now, done
         state = reset_fn(state)
-      if done % tc.ckpt_every == 0 or done == tc.num_steps or preemption.requested:
+      preempted = parallel.any_process(preemption.requested)  # the save is collective
+      if done % tc.ckpt_every == 0 or done == tc.num_steps or preempted:
         checkpointer.save(done, state, force=True)
-      if preemption.requested:
+      if preempted:
         checkpointer.wait()
         logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', done)
         checkpointer.close()

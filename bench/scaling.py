@@ -1,0 +1,149 @@
+"""Data-parallel train-step throughput: 1 process x 1 device, 1 process x N devices, N processes.
+
+  python3 bench/scaling.py [--devices=2] [--cases=1x1,1x2,2x1] [--per_device_batch=8]
+                           [--image_size=32] [--steps=10] [--dtypes=float32,bfloat16]
+                           [--model=tiny|default]
+
+Prints one markdown table of images/s; scaling efficiency is images/s divided by (devices x the
+first case's images/s per device), so 100% is perfect weak scaling. Every case runs in its own
+subprocess on this machine's platform; on CPU, 'N devices' are --xla_force_host_platform_device_count=N slices of the same
+cores, and 'N processes' are joined by jax.distributed over localhost (gloo collectives), which is
+the multi-host code path of esm/parallel.py without a cluster. The per-device batch is fixed (weak
+scaling), as in a real scale-out. Random images replace the data pipeline: this measures the step
+and its gradient all-reduce, not the loader (bench/data_pipeline.py measures that).
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def worker(args) -> None:
+  """One process of a case: time `steps` train steps over the mesh of every process's devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from configs.default import get_default_config  # pylint: disable=g-import-not-at-top
+  from esm import parallel  # pylint: disable=g-import-not-at-top
+  from esm import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  config = get_default_config()
+  if args.model == 'tiny':
+    common.set_tiny_model(config)
+  config.model.dtype = args.dtype
+  config.parallel.coordinator = args.coordinator
+  config.parallel.num_processes = args.num_processes
+  config.parallel.process_id = args.process_id
+  parallel.initialize(config.parallel)
+  size, global_batch = args.image_size, args.per_device_batch * jax.device_count()
+  mesh = parallel.make_mesh()
+  _, model, _, loss_fn, tx = train_lib.build(config, size)
+  state = jax.device_put(train_lib.init_state(config, model, tx, size), parallel.replicated(mesh))
+  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, 0.999),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
+                 out_shardings=parallel.replicated(mesh), donate_argnums=(0,))
+  local = np.random.default_rng(jax.process_index()).uniform(
+      -1, 1, (global_batch // jax.process_count(), size, size, 3)).astype(np.float32)
+  images = parallel.shard_batch(mesh, local)
+  rng = jax.random.key(0)
+  t = time.perf_counter()
+  state = step(state, images, rng)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - t
+  times = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    state = step(state, images, rng)
+    int(state.step)  # the training loop also reads one scalar per step
+    times.append(time.perf_counter() - t)
+  seconds = float(np.median(times))
+  stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+  if jax.process_index() == 0:
+    print('RESULT ' + json.dumps({
+        'peak_gb': stats.get('peak_bytes_in_use', float('nan')) / 2**30,
+        'processes': jax.process_count(), 'devices': jax.device_count(),
+        'platform': jax.devices()[0].platform, 'global_batch': global_batch,
+        'compile_s': compile_s, 'step_s': seconds, 'img_s': global_batch / seconds}), flush=True)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def run_case(args, processes: int, devices_per_process: int) -> dict:
+  flags = os.environ.get('XLA_FLAGS', '')
+  if devices_per_process > 1:
+    flags += f' --xla_force_host_platform_device_count={devices_per_process}'
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  base = [sys.executable, os.path.abspath(__file__), '--worker', f'--steps={args.steps}',
+          f'--per_device_batch={args.per_device_batch}', f'--image_size={args.image_size}',
+          f'--dtype={args.dtype}', f'--model={args.model}', f'--num_processes={processes}']
+  coordinator = f'localhost:{_free_port()}' if processes > 1 else ''
+  procs = [subprocess.Popen(base + [f'--coordinator={coordinator}', f'--process_id={i}'], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(processes)]
+  outs = [p.communicate() for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    if p.returncode:
+      raise RuntimeError(f'case {processes}x{devices_per_process} failed:\n{err[-3000:]}')
+  line = next(l for l in outs[0][0].splitlines() if l.startswith('RESULT '))
+  print(f'{processes}x{devices_per_process} {args.dtype}: {line}', file=sys.stderr, flush=True)
+  return json.loads(line[len('RESULT '):])
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--worker', action='store_true')
+  parser.add_argument('--devices', type=int, default=2)
+  parser.add_argument('--cases', default='', help='comma list of PROCESSESxDEVICES (default '
+                      '1x1,1xN,Nx1 for N=--devices)')
+  parser.add_argument('--per_device_batch', type=int, default=8)
+  parser.add_argument('--image_size', type=int, default=32)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--dtypes', default='float32', help='comma list: float32,bfloat16')
+  parser.add_argument('--dtype', default='float32')  # the worker's one dtype
+  parser.add_argument('--model', default='tiny', choices=('tiny', 'default'))
+  parser.add_argument('--coordinator', default='')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  args = parser.parse_args()
+  if args.worker:
+    worker(args)
+    return
+  n = args.devices
+  cases = [tuple(int(v) for v in c.split('x')) for c in
+           (args.cases or f'1x1,1x{n},{n}x1').split(',')]
+  rows = []
+  for dtype in args.dtypes.split(','):
+    args.dtype = dtype
+    for p, d in cases:
+      rows.append((dtype, f'{p} process{"es" if p > 1 else ""} x {d} device{"s" if d > 1 else ""}',
+                   run_case(args, p, d)))
+  base = {}
+  for dtype, _, r in rows:
+    base.setdefault(dtype, r['img_s'] / r['devices'])
+  platform = rows[0][2]['platform']
+  print(f'# data-parallel scaling, {args.model} model, {args.image_size}² images, '
+        f'{args.per_device_batch} images per device, {platform}, {os.cpu_count()} cores, '
+        f'median of {args.steps} steps')
+  print('| dtype | case | global batch | compile (s) | step (s) | images/s | scaling efficiency | '
+        'peak device memory (GiB) |')
+  print('|---|---|---|---|---|---|---|---|')
+  for dtype, name, r in rows:
+    efficiency = r['img_s'] / (r['devices'] * base[dtype])
+    print(f"| {dtype} | {name} | {r['global_batch']} | {r['compile_s']:.1f} | {r['step_s']:.3f} | "
+          f"{r['img_s']:.1f} | {efficiency:.0%} | "
+          f"{'n/a' if r['peak_gb'] != r['peak_gb'] else format(r['peak_gb'], '.1f')} |")
+
+
+if __name__ == '__main__':
+  main()
