@@ -15,7 +15,9 @@ dry=0
 for a in "$@"; do
   if [[ "$a" == --dry-run ]]; then dry=1; else args+=("$a"); fi
 done
-if compgen -G '.whl/*.whl' >/dev/null; then
+# Only where the packages are missing: the carried wheels are built for the device's Python.
+if ! python3 -c 'import ml_collections, grain, tensorflow_datasets, array_record' 2>/dev/null &&
+    compgen -G '.whl/*.whl' >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/esm_site .whl/*.whl
   export PYTHONPATH=/tmp/esm_site${PYTHONPATH:+:$PYTHONPATH}

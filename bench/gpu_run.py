@@ -57,8 +57,9 @@ def gpu_config(data_root: str, steps: int, batch: int, res_blocks: int = 2):
 
 
 def dry_run_config(workdir: str):
-  """Tiny model, 16² synthetic images: every stage of the real run in about a minute on CPU."""
-  c = common.set_tiny_model(gpu_config('', steps=4, batch=4))
+  """Micro model, 16² synthetic images: every stage of the real run in about a minute on CPU (the
+  code path does not depend on the model's size; compiling does)."""
+  c = common.set_micro_model(gpu_config('', steps=4, batch=4))
   c.data.dataset, c.data.category, c.data.image_size = 'synthetic', 'object', 16
   c.data.synthetic_size, c.data.synthetic_num_train, c.data.synthetic_num_test = 32, 16, 8
   c.data.val_fraction = 0.25

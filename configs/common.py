@@ -23,6 +23,14 @@ def set_tiny_model(c):
   return c
 
 
+def set_micro_model(c):
+  """One level, 8 channels, no attention: for tests of mechanisms that do not depend on the
+  model's size (checkpointing, parallelism, precision), where compilation is most of the time."""
+  m = set_tiny_model(c).model
+  m.ch, m.ch_mult, m.attn_resolutions, m.num_groups = 8, (1,), (), 4
+  return c
+
+
 def set_cpu_model(c):
   """The CPU-scale model: 64² images on a 2-core machine."""
   m = c.model

@@ -55,7 +55,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   m.resamp_with_conv = True  # 3x3 conv after nearest upsampling / strided conv downsampling
   m.num_groups = 32  # GroupNorm groups (capped by the channel count)
   m.var_param = 'scaled'  # stream 2 output: 'scaled' σ²=(1-ᾱ_i)exp(v), 'direct' σ²=exp(v)
-  m.log_var_bound = 12.0  # |v| is soft-clipped to this, so σ² is finite by construction
+  m.log_var_bound = 12.0  # v -> bound·tanh(v/bound): |v| < bound (at most 80), so σ² is finite
   m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
 
   # --- esm/losses.py -----------------------------------------------------------------------------
@@ -75,7 +75,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   t.ckpt_every = 5000  # steps between checkpoints
   t.keep = 3  # checkpoints kept
   t.max_bad_steps = 10  # consecutive non-finite steps tolerated (skipped) before stopping
-  t.inject_nonfinite_step = -1  # fault injection: make the loss non-finite at this step (-1 off)
+  t.inject_nonfinite_step = -1  # fault injection: NaN loss/gradients from step index N on (-1: off)
+  t.inject_nonfinite_count = 1  # fault injection: how many consecutive steps get the NaN
 
   # --- esm/parallel.py ---------------------------------------------------------------------------
   c.parallel = p = ml_collections.ConfigDict()

@@ -262,6 +262,18 @@ def image_to_rgb(im: Image.Image) -> np.ndarray:
   return np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a
 
 
+def check_image_file(path: str) -> None:
+  """Raises UserError unless the file parses as an image (header and, for PNG, chunk checksums),
+  without decoding the pixels: a cheap check before any compute."""
+  try:
+    with Image.open(path) as im:
+      im.verify()
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    raise UserError(f'{path}: corrupt, truncated or unreadable image ({reason}); expected a '
+                    'readable PNG/JPEG/BMP/TIFF file') from None
+
+
 def read_image(path: str) -> np.ndarray:
   """Decodes an image file to uint8 HxWx3, or raises UserError naming the file."""
   with _open(path) as im:

@@ -297,6 +297,8 @@ def get_predict_data(folder_path: str, image_size: int, *, global_batch_size: in
   names = folder.list_image_files(folder_path)
   if not names:
     raise UserError(f'{folder_path}: no images found; expected PNG/JPEG/BMP/TIFF files')
+  for n in names:  # before the model is restored and compiled
+    folder.check_image_file(os.path.join(folder_path, n))
   records = [{'filename': n, 'defect_type': '', 'label': -1} for n in names]
 
   def load(i: int) -> dict[str, np.ndarray]:

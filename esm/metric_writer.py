@@ -12,10 +12,31 @@ import jax
 from absl import logging
 
 
+def _truncate_jsonl(path: str, step: int) -> None:
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut short by a kill
+    if record.get('step', 0) <= step:
+      kept.append(json.dumps(record) + '\n')
+  if kept != lines:  # also when the last line lost its newline: the next append would join it
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class MetricWriter:
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._throughput_path = os.path.join(workdir, 'throughput.jsonl')
     self._enabled = jax.process_index() == 0
     self._tb = None
     if not self._enabled:
@@ -27,27 +48,14 @@ class MetricWriter:
       logging.warning('tensorboardX is not installed: metrics go to %s only', self.path)
 
   def truncate_after(self, step: int) -> None:
-    """Drops records past `step` (written after the checkpoint a resumed run starts from), so that
-    after a resume every step appears exactly once. The file is rewritten atomically."""
-    if not self._enabled or not os.path.exists(self.path):
+    """Drops records past `step` (written after the checkpoint a resumed run starts from) from
+    metrics.jsonl and throughput.jsonl, so that after a resume every step appears exactly once.
+    A line cut short by a kill is dropped too. Each file is rewritten atomically."""
+    if not self._enabled:
       return
-    with open(self.path) as f:
-      lines = f.readlines()
-    kept = []
-    for line in lines:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # a line cut short by a kill
-      if record.get('step', 0) <= step:
-        kept.append(json.dumps(record) + '\n')
-    if len(kept) != len(lines):
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self.path)
+    for path in (self.path, self._throughput_path):
+      if os.path.exists(path):
+        _truncate_jsonl(path, step)
 
   def write(self, step: int, scalars: Dict[str, float]) -> None:
     if not self._enabled:
@@ -65,7 +73,7 @@ class MetricWriter:
     """DIR/throughput.jsonl: training speed per logging interval (the first includes compilation)."""
     if not self._enabled:
       return
-    with open(os.path.join(os.path.dirname(self.path), 'throughput.jsonl'), 'a') as f:
+    with open(self._throughput_path, 'a') as f:
       f.write(json.dumps({'step': int(step), 'images_per_second': float(images_per_second),
                           'seconds': float(seconds)}) + '\n')
 

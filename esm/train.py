@@ -17,7 +17,7 @@ from esm.errors import UserError
 from esm.losses import get_loss_fn
 from esm.metric_writer import MetricWriter
 from esm.models.dual_stream import ScoreNet, create_model, get_net_fn, init_params
-from esm.sde import VPSchedule, get_sde
+from esm.sde import get_sde
 from esm.train_state import TrainState, create_train_state, make_optimizer
 
 
@@ -26,21 +26,30 @@ def metric_names(loss_kind: str):
 
 
 def get_train_step_fn(loss_fn: Callable, tx: optax.GradientTransformation, ema_rate: float,
-                      inject_nonfinite_step: int = -1) -> Callable:
+                      inject_nonfinite_step: int = -1, inject_nonfinite_count: int = 1) -> Callable:
   """train_step(state, images, base_rng) -> state, pure and ready for jit over a mesh.
 
   The step's randomness is fold_in(base_rng, step), so a resumed run draws what an uninterrupted
-  run would. A step whose loss or gradients are non-finite is skipped (state unchanged except the
-  counters), which keeps NaNs out of the parameters and so out of every checkpoint.
+  run would. A step whose loss, gradients or squared gradient norm are non-finite is skipped (state
+  unchanged except the counters), which keeps NaNs out of the parameters and so out of every
+  checkpoint (Checkpointer.save refuses a non-finite state as a last guard). Fault injection: the
+  steps taken from state.step = inject_nonfinite_step on, inject_nonfinite_count of them, get a
+  NaN loss and NaN gradients.
   """
   def train_step(state: TrainState, images, base_rng):
     rng = jax.random.fold_in(base_rng, state.step)
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, rng)
     if inject_nonfinite_step >= 0:  # fault injection for the reliability tests
-      poison = jnp.where(state.step == inject_nonfinite_step, jnp.nan, 0.0)
+      hit = (state.step >= inject_nonfinite_step) & (
+          state.step < inject_nonfinite_step + inject_nonfinite_count)
+      poison = jnp.where(hit, jnp.nan, 0.0)
       loss = loss + poison
       grads = jax.tree.map(lambda g: g + poison, grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    # Adam squares the gradients: a finite gradient whose square overflows would put inf into its
+    # state, so the squared norm must be finite too. (Testing the updated state itself instead
+    # makes XLA:CPU compile this step for minutes.)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm * grad_norm)
     updated = state.apply_update(grads, tx, ema_rate)
     state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
     sums = {k: state.metric_sums[k] + jnp.where(finite, terms[k], 0.0) for k in state.metric_sums}
@@ -108,13 +117,21 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
   train_iter_fn(start_step) returns this process's iterator of {'image': [local_batch,H,W,3]}
   batches from start_step on. Returns the final state, or None after a SIGTERM (checkpoint saved).
   """
+  # Installed before the restore and the compilation, so that a notice arriving then still ends
+  # with a checkpoint and exit status 0 rather than the default termination.
+  with _Preemption() as preemption:
+    return _train_and_checkpoint(config, workdir, train_iter_fn, preemption)
+
+
+def _train_and_checkpoint(config, workdir: str, train_iter_fn: Callable,
+                          preemption: _Preemption) -> Optional[TrainState]:
   tc = config.train
   image_size = config.data.image_size
   parallel.check_batch_size(tc.batch_size)
   mesh = parallel.make_mesh()
   _, model, _, loss_fn, tx = build(config, image_size)
 
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), tc.keep)
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), tc.keep, owner=True)
   abstract = jax.eval_shape(lambda: init_state(config, model, tx, image_size))
   state, start = checkpointer.restore_latest(
       parallel.with_sharding(abstract, parallel.replicated(mesh)))
@@ -129,7 +146,8 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
   writer.truncate_after(start)
 
   step_fn = jax.jit(
-      get_train_step_fn(loss_fn, tx, tc.ema_rate, tc.inject_nonfinite_step),
+      get_train_step_fn(loss_fn, tx, tc.ema_rate, tc.inject_nonfinite_step,
+                        tc.inject_nonfinite_count),
       in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
       out_shardings=parallel.replicated(mesh), donate_argnums=(0,))
   reset_fn = jax.jit(reset_metrics, donate_argnums=(0,))
@@ -140,38 +158,40 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
     return state
   batches = train_iter_fn(start)
   t_log, step_log = time.time(), start
-  with _Preemption() as preemption:
-    for step in range(start, tc.num_steps):
-      images = parallel.shard_batch(mesh, next(batches)['image'])
-      state = step_fn(state, images, base_rng)
-      done = step + 1
-      bad = int(state.bad_steps)  # one scalar per step: stop on the step that reaches the limit
-      if bad >= tc.max_bad_steps:
-        checkpointer.wait()
-        raise UserError(f'training stopped at step {done}: {bad} consecutive steps had a non-finite '
-                        f'loss or gradient (train.max_bad_steps={tc.max_bad_steps})')
-      if done % tc.log_every == 0 or done == tc.num_steps:
-        sums, count = jax.device_get((state.metric_sums, state.metric_count))
-        scalars = {k: float(v) / max(int(count), 1) for k, v in sums.items()}
-        scalars['skipped_steps'] = int(state.skipped_steps)
-        writer.write(done, scalars)
-        now = time.time()
-        rate = (done - step_log) * tc.batch_size / max(now - t_log, 1e-9)
-        eta = (tc.num_steps - done) * tc.batch_size / max(rate, 1e-9)
-        writer.write_throughput(done, rate, now - t_log)
-        logging.info('step %d/%d  %.1f img/s  ETA %s  %s', done, tc.num_steps, rate, _format_eta(eta),
-                     '  '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
-        t_log, step_log = now, done
-        state = reset_fn(state)
-      preempted = parallel.any_process(preemption.requested)  # the save is collective
-      if done % tc.ckpt_every == 0 or done == tc.num_steps or preempted:
-        checkpointer.save(done, state, force=True)
-      if preempted:
-        checkpointer.wait()
-        logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', done)
-        checkpointer.close()
-        writer.close()
-        return None
+  for step in range(start, tc.num_steps):
+    images = parallel.shard_batch(mesh, next(batches)['image'])
+    state = step_fn(state, images, base_rng)
+    done = step + 1
+    bad = int(state.bad_steps)  # one scalar per step: stop on the step that reaches the limit
+    if bad >= tc.max_bad_steps:
+      checkpointer.wait()
+      checkpointer.close()
+      writer.close()
+      raise UserError(f'training stopped at step {done}: {bad} consecutive steps had a non-finite '
+                      f'loss or gradient (train.max_bad_steps={tc.max_bad_steps})')
+    if done % tc.log_every == 0 or done == tc.num_steps:
+      sums, count = jax.device_get((state.metric_sums, state.metric_count))
+      # Means over the finite steps only; none when every step since the last line was skipped.
+      scalars = {k: float(v) / int(count) for k, v in sums.items()} if int(count) else {}
+      scalars['skipped_steps'] = int(state.skipped_steps)
+      writer.write(done, scalars)
+      now = time.time()
+      rate = (done - step_log) * tc.batch_size / max(now - t_log, 1e-9)
+      eta = (tc.num_steps - done) * tc.batch_size / max(rate, 1e-9)
+      writer.write_throughput(done, rate, now - t_log)
+      logging.info('step %d/%d  %.1f img/s  ETA %s  %s', done, tc.num_steps, rate, _format_eta(eta),
+                   '  '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
+      t_log, step_log = now, done
+      state = reset_fn(state)
+    preempted = parallel.any_process(preemption.requested)  # the save is collective
+    if done % tc.ckpt_every == 0 or done == tc.num_steps or preempted:
+      checkpointer.save(done, state, force=True)
+    if preempted:
+      checkpointer.wait()
+      logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', done)
+      checkpointer.close()
+      writer.close()
+      return None
   checkpointer.wait()
   checkpointer.close()
   writer.close()

@@ -9,6 +9,9 @@ DATASETS = ('mvtec_ad', 'visa', 'mpdd', 'folder', 'synthetic')
 # Sections whose change makes a checkpoint unusable (parameter shapes or their meaning).
 MODEL_SECTIONS = ('model', 'loss', 'sde')
 MODEL_FIELDS_THAT_MAY_CHANGE = ('dropout', 'dtype')
+# exp(80) ≈ 5.5e34 and exp(-80) ≈ 1.8e-35 are finite (and normal) in float32 and bfloat16.
+MAX_LOG_VAR_BOUND = 80.0
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _expect(ok: bool, message: str) -> None:
@@ -35,6 +38,9 @@ def validate_config(config, mode: str) -> None:
   _expect(d.image_size >= 8, f'data.image_size: expected at least 8, got {d.image_size}')
   _expect(0.0 <= d.val_fraction < 1.0, f'data.val_fraction: expected [0, 1), got {d.val_fraction}')
   check_image_size(UNetConfig.from_config(config.model), d.image_size)
+  bound = config.model.log_var_bound
+  _expect(0 < bound <= MAX_LOG_VAR_BOUND, f'model.log_var_bound: expected 0 < bound <= '
+          f'{MAX_LOG_VAR_BOUND:g} (exp(±bound) must stay finite in float32/bfloat16), got {bound}')
   _expect(config.loss.kind in ('esm', 'dsm'), f"loss.kind: expected 'esm' or 'dsm', got {config.loss.kind!r}")
 
   s = config.sampling
@@ -52,7 +58,9 @@ def validate_config(config, mode: str) -> None:
   DetectConfig.from_config(config.detect)  # weights (u, v, w, r), blur, N_a, re_kind, floor
 
   t = config.train
-  for name in ('num_steps', 'batch_size', 'log_every', 'ckpt_every', 'keep', 'max_bad_steps'):
+  _expect(0 < t.lr < FLOAT32_MAX, f'train.lr: expected a positive float32 value, got {t.lr}')
+  for name in ('num_steps', 'batch_size', 'log_every', 'ckpt_every', 'keep', 'max_bad_steps',
+               'inject_nonfinite_count'):
     _expect(t[name] >= 1, f'train.{name}: expected a positive integer, got {t[name]}')
 
 

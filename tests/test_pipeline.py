@@ -151,9 +151,8 @@ def test_predict_bad_folders(tmp_path):
   bad = tmp_path / 'bad'
   bad.mkdir()
   (bad / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
-  data = pipeline.get_predict_data(str(bad), 8, global_batch_size=2)
-  with pytest.raises(UserError, match='broken.png'):
-    list(data.batches())
+  with pytest.raises(UserError, match='broken.png: corrupt, truncated or unreadable image'):
+    pipeline.get_predict_data(str(bad), 8, global_batch_size=2)  # before any model is compiled
 
 
 def test_unknown_dataset_and_category(cfg):

@@ -20,7 +20,9 @@ SIZE = 16
 
 
 def tiny_config():
-  c = common.set_tiny_model(get_default_config())
+  """The dual-stream ESM model at its smallest (one level, 8 channels, no attention): what these
+  tests check does not depend on the model's size, and compilation is most of their time."""
+  c = common.set_micro_model(get_default_config())
   c.data.image_size = SIZE
   c.train.batch_size = 4
   c.train.warmup_steps = 0
@@ -92,3 +94,45 @@ def test_batch_that_does_not_divide_over_devices_is_refused():
   from esm.errors import UserError
   with pytest.raises(UserError, match='multiple of'):
     parallel.check_batch_size(jax.device_count() + 1 if jax.device_count() > 1 else 0)
+
+
+# bf16 keeps 8 significant bits, so one rounding moves a value by up to 2^-8 ~ 0.004 of itself.
+# The loss is a mean over 4 x 16 x 16 x 3 pixel terms, in which independent rounding errors mostly
+# cancel (measured: see the printed line). The bound, 0.01, is what a systematic error of ~2
+# roundings on the O(1) loss terms would give: a precision bug, not rounding noise.
+BF16_LOSS_TOLERANCE = 0.01
+BF16_STEPS = 20
+
+
+def _float_dtypes(tree):
+  return {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+
+
+def test_bfloat16_training_tracks_float32_with_float32_state():
+  """model.dtype='bfloat16' for 20 steps from the float32 run's initial state, on its data and
+  noise: the losses stay close, and parameters, EMA and Adam state stay float32."""
+  images = jax.random.uniform(jax.random.key(7), (BF16_STEPS, 4, SIZE, SIZE, 3), minval=-1,
+                              maxval=1)
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = tiny_config()
+    config.model.dtype = dtype
+    _, model, _, loss_fn, tx = train_lib.build(config, SIZE)
+    state = train_lib.init_state(config, model, tx, SIZE)  # parameters do not depend on dtype
+    step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, 0.9))
+    sums = []
+    for x in images:
+      state = step(state, x, jax.random.key(3))
+      sums.append(float(state.metric_sums['loss']))
+    losses[dtype] = np.diff([0.0] + sums)  # the sums accumulate one loss per step
+    for name in ('params', 'ema_params', 'opt_state'):
+      assert _float_dtypes(getattr(state, name)) == {jnp.dtype(jnp.float32)}, (dtype, name)
+  diff = np.abs(losses['bfloat16'] - losses['float32'])
+  assert np.isfinite(losses['bfloat16']).all(), losses['bfloat16']
+  # Same start, data and noise: identical losses would mean the dtype switch did nothing.
+  assert diff.max() > 0, 'bf16 losses identical to float32: bfloat16 compute is not used'
+  assert diff.max() < BF16_LOSS_TOLERANCE, (
+      f'bf16 loss differs from float32 by up to {diff.max():.4g} (mean {diff.mean():.4g}, step '
+      f'{int(diff.argmax()) + 1}); float32 losses {np.round(losses["float32"], 4).tolist()}')
+  print(f'bf16 vs float32 over {BF16_STEPS} steps: max |loss diff| {diff.max():.4g}, '
+        f'mean {diff.mean():.4g}')
