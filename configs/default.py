@@ -55,7 +55,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   m.resamp_with_conv = True  # 3x3 conv after nearest upsampling / strided conv downsampling
   m.num_groups = 32  # GroupNorm groups (capped by the channel count)
   m.var_param = 'scaled'  # stream 2 output: 'scaled' σ²=(1-ᾱ_i)exp(v), 'direct' σ²=exp(v)
-  m.log_var_bound = 12.0  # v -> bound·tanh(v/bound): |v| < bound (at most 80), so σ² is finite
+  m.log_var_bound = 12.0  # v -> bound·tanh(v/bound): |v| < bound (at most 60), so σ² is finite
   m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
 
   # --- esm/losses.py -----------------------------------------------------------------------------

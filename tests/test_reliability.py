@@ -34,6 +34,7 @@ from configs import demo
 from esm import checkpoint as ckpt_lib
 from esm import run
 from esm import train as train_lib
+from esm import validate
 from esm.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,9 +345,11 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
 def test_log_variance_is_bounded_by_construction():
   from esm.models import dual_stream  # pylint: disable=g-import-not-at-top
   raw = jnp.array([-jnp.inf, -1e30, -50.0, 0.0, 50.0, 1e30, jnp.inf]).reshape(7, 1, 1, 1)
-  for bound in (12.0, 80.0):
+  max_bound = validate.MAX_LOG_VAR_BOUND
+  # 1 - 1e-7: 1-ᾱ near the smallest a float32 ᾱ below 1 gives, the most negative log(1-ᾱ).
+  for bound, alpha_bar in ((12.0, 0.5), (max_bound, 0.5), (max_bound, 1.0 - 1e-7)):
     for param in ('scaled', 'direct'):
-      log_var = dual_stream.variance_from_raw(raw, jnp.full((7,), 0.5), param, bound)
+      log_var = dual_stream.variance_from_raw(raw, jnp.full((7,), alpha_bar), param, bound)
       assert bool(jnp.all(jnp.isfinite(log_var)))
       assert bool(jnp.all(jnp.isfinite(jnp.exp(log_var)))) and bool(jnp.all(jnp.exp(log_var) > 0))
       assert bool(jnp.all(jnp.isfinite(jnp.exp(-log_var))))
@@ -562,7 +565,7 @@ BAD_CONFIGS = [
      'config.detect.weights: expected 4'),
     ('unknown sampling method', {'sampling.method': 'ddim'}, 'eval', 'sampling.method'),
     ('log-variance bound too large', {'model.log_var_bound': 100.0}, 'train',
-     'model.log_var_bound: expected 0 < bound <= 80'),
+     'model.log_var_bound: expected 0 < bound <= 60'),
     ('learning rate inf in float32', {'train.lr': 1e39}, 'train', 'train.lr: expected a positive'),
     ('fault injection count < 1', {'train.inject_nonfinite_count': 0}, 'train',
      'train.inject_nonfinite_count: expected a positive integer'),
