@@ -89,8 +89,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   sa.method = 'esm'  # 'sgm', 'esm' or 'esm_sigma' (esm chosen on bottle's dev set, docs/method.md)
   sa.t_d = 100  # partial-diffusion depth T_d (per category, paper tables 6-8)
   sa.t_d_by_category = {}  # per-category T_d of a dataset config, used when data.category='all'
-  sa.min_var = 0.01  # σ²_min: lower clamp of the learned variance in the sampler (section 4.2)
-  sa.max_var = 0.02  # σ²_max: upper clamp of b_i/s_i in ESM^σ (β_max of the schedule)
+  # σ²_min of section 4.2 has two roles, equal at T = 1000 but not under another schedule:
+  sa.esm_min_var = 0.01  # ESM: lower clamp of the marginal σ²_θ (a 1-ᾱ_i-like scale; not scaled with β)
+  sa.min_var = 0.01  # ESM^σ: lower clip of the per-step b_i/s_i (a β_i-like scale, with max_var)
+  sa.max_var = 0.02  # σ²_max: upper clip of b_i/s_i in ESM^σ (β_max of the schedule)
   sa.sigma_time = 'literal'  # ESM^σ time label: 'literal' (i) or 'matched' (ᾱ of Π(1-b_j))
   sa.var_source = 't_d'  # σ²_0 / σ²_in from: 'i1' network at i=1, 't_d' at T_d, 'mean' trajectory
   sa.snapshot_steps = (200, 150, 100, 80, 50, 20, 0)  # x_i kept for the trajectory figure

@@ -6,8 +6,8 @@ DESIGN.md "Equations in discrete form":
 
 * sgm / esm: start at x_{T_d} = √ᾱ_{T_d} x_0 + √(1-ᾱ_{T_d}) z, then for i = T_d..1
   x_{i-1} = x_i + β_i (x_i/2 + score_i); sgm uses the DSM score (eq. 4), esm the ESM score (eq. 3)
-  with σ²_θ clamped below at σ²_min. NFE = T_d.
-* esm_sigma: forward b_i = clip(σ²_θ(x_i), σ²_min, σ²_max), x_{i+1} = √(1-b_i) x_i + √b_i z_i for
+  with σ²_θ clamped below at esm_min_var (σ²_min of section 4.2). NFE = T_d.
+* esm_sigma: forward b_i = clip(σ²_θ(x_i), min_var, max_var) (σ²_min, σ²_max), x_{i+1} = √(1-b_i) x_i + √b_i z_i for
   i = 0..T_d-1; reverse x_{i-1} = x_i + s_i x_i/2 - √(1-ᾱ) ε_θ(x_i) with s_i = clip(σ²_θ(x_i)).
   NFE = 2 T_d. The time label is 'literal' (i; label 1 at i = 0, where the network is undefined) or
   'matched' (the label whose ᾱ is nearest the pixel mean of Π_{j<i}(1-b_j)); the reverse pass reuses
@@ -41,6 +41,7 @@ VAR_FLOOR = 1e-12
 class SamplingConfig:
   method: str = 'esm'
   t_d: int = 100
+  esm_min_var: float = 0.01
   min_var: float = 0.01
   max_var: float = 0.02
   sigma_time: str = 'literal'
@@ -58,6 +59,8 @@ class SamplingConfig:
     if not 0.0 <= self.min_var <= self.max_var < 1.0:
       raise UserError(f'sampling.min_var/max_var: expected 0 <= min_var <= max_var < 1, got '
                       f'{self.min_var} and {self.max_var}')
+    if not 0.0 <= self.esm_min_var < 1.0:
+      raise UserError(f'sampling.esm_min_var: expected 0 <= esm_min_var < 1, got {self.esm_min_var}')
     if any(s < 0 for s in self.snapshot_steps):
       raise UserError(f'sampling.snapshot_steps: expected steps >= 0, got {self.snapshot_steps}')
     if self.batch_size < 1:
@@ -66,7 +69,8 @@ class SamplingConfig:
   @classmethod
   def from_config(cls, cfg) -> 'SamplingConfig':
     """From config.sampling (an ml_collections ConfigDict)."""
-    return cls(method=cfg.method, t_d=int(cfg.t_d), min_var=float(cfg.min_var),
+    return cls(method=cfg.method, t_d=int(cfg.t_d), esm_min_var=float(cfg.esm_min_var),
+               min_var=float(cfg.min_var),
                max_var=float(cfg.max_var), sigma_time=cfg.sigma_time, var_source=cfg.var_source,
                snapshot_steps=tuple(int(s) for s in cfg.snapshot_steps),
                batch_size=int(cfg.batch_size))
@@ -245,7 +249,7 @@ def _sgm_or_esm(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstruct
     else:
       eps, var = call(x, labels)
     if is_esm:
-      var_used = jnp.maximum(var, cfg.min_var)
+      var_used = jnp.maximum(var, cfg.esm_min_var)
       x_next = esm_step(x, eps, var_used, beta, ab)
       vr = _range(var_used)
     else:

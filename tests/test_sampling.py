@@ -127,7 +127,7 @@ def test_esm_step_equals_sgm_step_when_var_is_one_minus_alpha_bar():
 def test_esm_reconstruction_equals_sgm_when_var_is_one_minus_alpha_bar():
   # vp_denoiser told the wrong clean images: σ² ≡ 1-ᾱ_i, and ε that does not recover the input.
   sgm, _ = run(vp_denoiser, WRONG, X0, cfg(method='sgm', min_var=0.0), 20)
-  esm, _ = run(vp_denoiser, WRONG, X0, cfg(method='esm', min_var=0.0), 20)
+  esm, _ = run(vp_denoiser, WRONG, X0, cfg(method='esm', esm_min_var=0.0), 20)
   np.testing.assert_allclose(esm.x0_hat, sgm.x0_hat, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(esm.snapshots, sgm.snapshots, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(esm.var_range, sgm.var_range, rtol=1e-5)
@@ -137,7 +137,7 @@ def test_esm_reconstruction_equals_sgm_when_var_is_one_minus_alpha_bar():
 @pytest.mark.parametrize('method', ['sgm', 'esm'])
 def test_perfect_denoiser_reproduces_input_sgm_esm(method):
   t_d = 20
-  rec, _ = run(vp_denoiser, {'x0': X0}, X0, cfg(method=method, min_var=0.0), t_d)
+  rec, _ = run(vp_denoiser, {'x0': X0}, X0, cfg(method=method, esm_min_var=0.0), t_d)
   np.testing.assert_allclose(rec.x0_hat, X0, atol=2e-5)
   # The start really is x_{T_d} ~ q(x_{T_d} | x_0): noise of std √(1-ᾱ_{T_d}) around √ᾱ x_0.
   assert list(rec.snapshot_steps) == [20, 0]
@@ -148,7 +148,8 @@ def test_perfect_denoiser_reproduces_input_sgm_esm(method):
 
 
 def test_esm_clamps_learned_variance_but_not_var0():
-  rec, _ = run(vp_denoiser, {'x0': X0}, X0, cfg(method='esm', min_var=0.01), 20)
+  # ESM^σ's per-step bound min_var differs on purpose: ESM's clamp is esm_min_var alone.
+  rec, _ = run(vp_denoiser, {'x0': X0}, X0, cfg(method='esm', esm_min_var=0.01, min_var=0.015), 20)
   want = np.maximum(1.0 - np.asarray(SDE.alpha_bar)[np.arange(20, 0, -1)], 0.01)
   np.testing.assert_allclose(rec.var_range, np.broadcast_to(want[:, None, None], (20, 2, 2)), rtol=1e-5)
   # With σ² held at 0.01 > 1-ᾱ_i the score is too weak and noise is left: the clamp is in effect.
@@ -275,7 +276,7 @@ def test_one_scan_and_trace_size_flat_in_t_d(method):
 
 @pytest.mark.parametrize('net,config,t_d,extra', [
     (vp_denoiser, cfg(method='sgm', min_var=0.0), 20, 0),
-    (vp_denoiser, cfg(method='esm', min_var=0.01), 20, 2),
+    (vp_denoiser, cfg(method='esm', esm_min_var=0.01), 20, 2),
     (GENERIC, cfg(method='esm', var_source='mean', snapshot_steps=tuple(range(T_D + 1))), T_D, T_D),
     (GENERIC, cfg(method='esm_sigma', var_source='i1'), T_D, 2),
     (CONST_VAR, cfg(method='esm_sigma', var_source='mean'), T_D, 0)])
@@ -311,13 +312,15 @@ def test_jitted_function_is_cached():
 
 def test_config_from_default():
   c = sampling.SamplingConfig.from_config(get_default_config().sampling)
-  assert (c.method, c.t_d, c.min_var, c.max_var, c.var_source) == ('esm', 100, 0.01, 0.02, 't_d')
+  assert (c.method, c.t_d, c.esm_min_var, c.min_var, c.max_var, c.var_source) == (
+      'esm', 100, 0.01, 0.01, 0.02, 't_d')
 
 
 @pytest.mark.parametrize('bad,field', [({'method': 'ddim'}, 'sampling.method'),
                                        ({'sigma_time': 'x'}, 'sampling.sigma_time'),
                                        ({'var_source': 'x'}, 'sampling.var_source'),
                                        ({'min_var': 0.1}, 'sampling.min_var'),
+                                       ({'esm_min_var': 1.0}, 'sampling.esm_min_var'),
                                        ({'snapshot_steps': (-1,)}, 'sampling.snapshot_steps')])
 def test_bad_config_fields(bad, field):
   with pytest.raises(UserError, match=field):

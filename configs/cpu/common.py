@@ -5,8 +5,8 @@ Everything not listed here is the paper's setting. What changes, and why:
   the paper-scale model runs at well under 1 image/s on 2 cores, and this one at 64² at 6 img/s.
 - T = 250 instead of 1000, with β_1, β_T scaled by 4 so that ᾱ follows the same curve
   (Σβ over the first T_d/4 steps equals Σβ over the first T_d steps at T = 1000). T_d from the
-  paper's tables is scaled by 250/1000 accordingly; σ²_max = β_T of the scaled schedule and σ²_min
-  is scaled with it.
+  paper's tables is scaled by 250/1000 accordingly; ESM^σ's per-step bounds σ²_min, σ²_max scale
+  with β (σ²_max = β_T), ESM's clamp on the marginal σ²_θ does not.
 - 400 steps at batch 16 (34 epochs of bottle) with a large learning rate, as the demo: a budget of
   minutes, not the paper's 1000 epochs.
 N_a and the blur σ are scaled with the image area and side by esm/detectors.py; DINO runs at 224².
@@ -33,8 +33,8 @@ def cpu_config(dataset: str, category: str, paper_t_d: int):
 
   c.sampling.t_d = max(1, round(paper_t_d / T_SCALE))
   c.sampling.max_var = c.sde.beta_max  # σ²_max = β_T (section 4.2)
-  # σ²_min keeps its ratio to β_T (0.01 of 0.02 at T = 1000): right for ESM^σ's per-step b_i, but
-  # too high for ESM's clamp on σ²_θ, which should stay 0.01 (docs/benchmarks.md, "A flaw").
+  # ESM^σ's per-step bounds are β-like and scale with β; ESM's clamp on the marginal σ²_θ
+  # (sampling.esm_min_var) is 1-ᾱ-like, and ᾱ follows the same curve, so it stays.
   c.sampling.min_var *= T_SCALE
   c.sampling.snapshot_steps = (50, 40, 25, 20, 10, 5, 0)
   c.sampling.batch_size = 16
