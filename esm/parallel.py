@@ -22,12 +22,13 @@ def initialize(parallel_cfg) -> None:
   num_processes > 1; a plain single process needs no initialisation.
   """
   global _initialized
-  if _initialized:
-    return
   num_processes, process_id = int(parallel_cfg.num_processes), int(parallel_cfg.process_id)
+  # Checked on every call: an earlier run in the same Python process must not hide a bad config.
   if parallel_cfg.coordinator and not 0 <= process_id < num_processes:
     raise UserError(f'parallel.process_id={process_id}: expected 0 <= process_id < '
                     f'parallel.num_processes={num_processes}')
+  if _initialized:
+    return
   if parallel_cfg.coordinator:
     logging.info('jax.distributed.initialize(coordinator=%s, num_processes=%d, process_id=%d)',
                  parallel_cfg.coordinator, parallel_cfg.num_processes, parallel_cfg.process_id)
