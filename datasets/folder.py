@@ -230,15 +230,23 @@ def list_visa_layout(root: str, category: str) -> Listing:
   return listing
 
 
+# What PIL raises for a file that is not a readable image.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _unreadable_image(path: str, e: Exception) -> UserError:
+  reason = (str(e).splitlines() or [type(e).__name__])[0]
+  return UserError(f'{path}: corrupt, truncated or unreadable image ({reason}); expected a '
+                   'readable PNG/JPEG/BMP/TIFF file')
+
+
 def _open(path: str) -> Image.Image:
   try:
     im = Image.open(path)
     im.load()
     return im
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    reason = (str(e).splitlines() or [type(e).__name__])[0]
-    raise UserError(f'{path}: corrupt, truncated or unreadable image ({reason}); expected a '
-                    'readable PNG/JPEG/BMP/TIFF file') from None
+  except _IMAGE_ERRORS as e:
+    raise _unreadable_image(path, e) from None
 
 
 def _to_uint8(im: Image.Image) -> np.ndarray:
@@ -268,10 +276,8 @@ def check_image_file(path: str) -> None:
   try:
     with Image.open(path) as im:
       im.verify()
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    reason = (str(e).splitlines() or [type(e).__name__])[0]
-    raise UserError(f'{path}: corrupt, truncated or unreadable image ({reason}); expected a '
-                    'readable PNG/JPEG/BMP/TIFF file') from None
+  except _IMAGE_ERRORS as e:
+    raise _unreadable_image(path, e) from None
 
 
 def read_image(path: str) -> np.ndarray:

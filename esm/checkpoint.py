@@ -5,8 +5,9 @@ complete, so a kill mid-save leaves no half checkpoint that looks finished. The 
 owns the folder: on start it removes the temporary folders a killed run left behind (they would
 otherwise fill the disk), and when the newest finished checkpoint fails to restore (truncated or
 corrupted on disk, or non-finite) it falls back to the previous one and moves the unreadable ones
-aside to `<step>.corrupt-<n>` with a warning. Nothing is ever deleted by this module, and nothing is
-moved unless an older checkpoint did restore: when none restores, the folder is left as it is and
+aside to `<step>.corrupt-<n>` with a warning. Apart from those temporary folders and orbax's rotation
+to the newest `keep` steps, nothing is deleted, and nothing is moved unless an older checkpoint did
+restore: when none restores, the folder is left as it is and
 the run stops with an error, so the only good checkpoint cannot be lost to a misjudged failure.
 Readers (evaluation) skip unreadable checkpoints and change nothing on disk.
 """
@@ -92,9 +93,7 @@ class Checkpointer:
         failed.append((step, _first_line(e)))
         logging.warning('checkpoint %s is unreadable (%s); trying the previous one', path,
                         failed[-1][1])
-        # A failed restore can leave the manager's cached view of the items wrong for the rest.
-        self._manager.close()
-        self._manager = self._new_manager()
+        self._reopen()  # a failed restore can leave the manager's cached view of the items wrong
         continue
       if failed:
         logging.warning('falling back to checkpoint %s: the newer ones are unreadable', path)
@@ -120,6 +119,8 @@ class Checkpointer:
         os.rename(path, f'{path}.corrupt-{n}')
         logging.warning('moved the unreadable checkpoint %s to %s', path, f'{path}.corrupt-{n}')
     parallel.barrier('checkpoint: moved aside')  # no process lists the old folders again
-    # The manager caches its step list; a fresh one sees the folder without the moved steps.
+    self._reopen()  # the manager caches its step list; a fresh one sees the moved steps gone
+
+  def _reopen(self) -> None:
     self._manager.close()
     self._manager = self._new_manager()

@@ -41,6 +41,16 @@ def _write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def _write_csv(path: str, header, rows) -> None:
+  """Written to a temporary file and renamed, so a reader never sees half a table."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+  os.replace(tmp, path)
+
+
 def _mean(values) -> float:
   values = [v for v in values if v is not None and not math.isnan(v)]
   return float(np.mean(values)) if values else float('nan')
@@ -90,13 +100,9 @@ def write_tables(results: List[Dict[str, Any]], report_dir: str) -> None:
   os.makedirs(report_dir, exist_ok=True)
   _write_text(os.path.join(report_dir, 'results.json'),
               json.dumps({r['category']: _json_safe(r) for r in results}, indent=2))
-  tmp = os.path.join(report_dir, 'results.csv.tmp')
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(COLUMNS)
-    for r in results:
-      writer.writerow(['' if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in COLUMNS])
-  os.replace(tmp, os.path.join(report_dir, 'results.csv'))
+  _write_csv(os.path.join(report_dir, 'results.csv'), COLUMNS,
+             [['' if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in COLUMNS]
+              for r in results])
   text = markdown(results)
   _write_text(os.path.join(report_dir, 'report.md'), text)
   logging.info('report written to %s\n%s', report_dir, results_table(results))
@@ -149,13 +155,9 @@ def write_category(result, report_dir, records, out, pixel_maps, scores) -> None
 
 def write_image_scores(path: str, records, labels, scores) -> None:
   """One row per test image, in example order: filename, defect type, label, image score."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['filename', 'defect_type', 'label', 'score'])
-    for r, label, score in zip(records, labels, scores):
-      writer.writerow([r['filename'], r['defect_type'], int(label), f'{float(score):.8g}'])
-  os.replace(tmp, path)
+  _write_csv(path, ['filename', 'defect_type', 'label', 'score'],
+             [[r['filename'], r['defect_type'], int(label), f'{float(score):.8g}']
+              for r, label, score in zip(records, labels, scores)])
 
 
 def _trajectory_figure(traj: Dict[str, np.ndarray], path: str, scale: int) -> None:
@@ -175,16 +177,12 @@ def write_predictions(out_dir: str, records, pixel_maps, scores, threshold: floa
   """predict mode: a heatmap PNG per image and scores.csv (score, decision)."""
   os.makedirs(os.path.join(out_dir, 'heatmaps'), exist_ok=True)
   lo, hi = float(np.percentile(pixel_maps, 1)), float(np.percentile(pixel_maps, 99.9))
-  tmp = os.path.join(out_dir, 'scores.csv.tmp')
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['filename', 'score', 'threshold', 'decision'])
-    for k, r in enumerate(records):
-      name = os.path.splitext(r['filename'])[0].replace(os.sep, '__')
-      plotting.panel_row([plotting.heatmap(pixel_maps[k], lo, hi)], [f'{scores[k]:.2f}']).save(
-          os.path.join(out_dir, 'heatmaps', f'{name}.png'))
-      writer.writerow([r['filename'], f'{scores[k]:.6g}', f'{threshold:.6g}',
-                       'defect' if scores[k] > threshold else 'good'])
-  os.replace(tmp, os.path.join(out_dir, 'scores.csv'))
+  for k, r in enumerate(records):
+    name = os.path.splitext(r['filename'])[0].replace(os.sep, '__')
+    plotting.panel_row([plotting.heatmap(pixel_maps[k], lo, hi)], [f'{scores[k]:.2f}']).save(
+        os.path.join(out_dir, 'heatmaps', f'{name}.png'))
+  _write_csv(os.path.join(out_dir, 'scores.csv'), ['filename', 'score', 'threshold', 'decision'],
+             [[r['filename'], f'{scores[k]:.6g}', f'{threshold:.6g}',
+               'defect' if scores[k] > threshold else 'good'] for k, r in enumerate(records)])
   logging.info('predict: %d images scored, threshold %.4g (percentile %.1f of held-out good '
                'scores); results in %s', len(records), threshold, percentile, out_dir)

@@ -143,59 +143,53 @@ def _train_and_checkpoint(config, workdir: str, train_iter_fn: Callable,
     logging.info('resuming from step %d of %d (%s)', start, tc.num_steps, checkpointer.directory)
   state = jax.device_put(state, parallel.replicated(mesh))
   writer = MetricWriter(workdir)
-  writer.truncate_after(start)
-
-  step_fn = jax.jit(
-      get_train_step_fn(loss_fn, tx, tc.ema_rate, tc.inject_nonfinite_step,
-                        tc.inject_nonfinite_count),
-      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
-      out_shardings=parallel.replicated(mesh), donate_argnums=(0,))
-  reset_fn = jax.jit(reset_metrics, donate_argnums=(0,))
-  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-
-  if start >= tc.num_steps:
-    checkpointer.close()
+  try:
+    writer.truncate_after(start)
+    step_fn = jax.jit(
+        get_train_step_fn(loss_fn, tx, tc.ema_rate, tc.inject_nonfinite_step,
+                          tc.inject_nonfinite_count),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
+        out_shardings=parallel.replicated(mesh), donate_argnums=(0,))
+    reset_fn = jax.jit(reset_metrics, donate_argnums=(0,))
+    base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    if start >= tc.num_steps:
+      return state
+    batches = train_iter_fn(start)
+    t_log, step_log = time.time(), start
+    for step in range(start, tc.num_steps):
+      images = parallel.shard_batch(mesh, next(batches)['image'])
+      state = step_fn(state, images, base_rng)
+      done = step + 1
+      bad = int(state.bad_steps)  # one scalar per step: stop on the step that reaches the limit
+      if bad >= tc.max_bad_steps:
+        raise UserError(f'training stopped at step {done}: {bad} consecutive steps had a '
+                        f'non-finite loss or gradient (train.max_bad_steps={tc.max_bad_steps})')
+      if done % tc.log_every == 0 or done == tc.num_steps:
+        sums, count = jax.device_get((state.metric_sums, state.metric_count))
+        # Means over the finite steps only; none when every step since the last line was skipped.
+        scalars = {k: float(v) / int(count) for k, v in sums.items()} if int(count) else {}
+        scalars['skipped_steps'] = int(state.skipped_steps)
+        writer.write(done, scalars)
+        now = time.time()
+        rate = (done - step_log) * tc.batch_size / max(now - t_log, 1e-9)
+        eta = (tc.num_steps - done) * tc.batch_size / max(rate, 1e-9)
+        writer.write_throughput(done, rate, now - t_log)
+        logging.info('step %d/%d  %.1f img/s  ETA %s  %s', done, tc.num_steps, rate,
+                     _format_eta(eta), '  '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
+        t_log, step_log = now, done
+        state = reset_fn(state)
+      preempted = parallel.any_process(preemption.requested)  # the save is collective
+      if done % tc.ckpt_every == 0 or done == tc.num_steps or preempted:
+        checkpointer.save(done, state, force=True)
+      if preempted:
+        checkpointer.wait()
+        logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', done)
+        return None
     return state
-  batches = train_iter_fn(start)
-  t_log, step_log = time.time(), start
-  for step in range(start, tc.num_steps):
-    images = parallel.shard_batch(mesh, next(batches)['image'])
-    state = step_fn(state, images, base_rng)
-    done = step + 1
-    bad = int(state.bad_steps)  # one scalar per step: stop on the step that reaches the limit
-    if bad >= tc.max_bad_steps:
-      checkpointer.wait()
-      checkpointer.close()
-      writer.close()
-      raise UserError(f'training stopped at step {done}: {bad} consecutive steps had a non-finite '
-                      f'loss or gradient (train.max_bad_steps={tc.max_bad_steps})')
-    if done % tc.log_every == 0 or done == tc.num_steps:
-      sums, count = jax.device_get((state.metric_sums, state.metric_count))
-      # Means over the finite steps only; none when every step since the last line was skipped.
-      scalars = {k: float(v) / int(count) for k, v in sums.items()} if int(count) else {}
-      scalars['skipped_steps'] = int(state.skipped_steps)
-      writer.write(done, scalars)
-      now = time.time()
-      rate = (done - step_log) * tc.batch_size / max(now - t_log, 1e-9)
-      eta = (tc.num_steps - done) * tc.batch_size / max(rate, 1e-9)
-      writer.write_throughput(done, rate, now - t_log)
-      logging.info('step %d/%d  %.1f img/s  ETA %s  %s', done, tc.num_steps, rate, _format_eta(eta),
-                   '  '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
-      t_log, step_log = now, done
-      state = reset_fn(state)
-    preempted = parallel.any_process(preemption.requested)  # the save is collective
-    if done % tc.ckpt_every == 0 or done == tc.num_steps or preempted:
-      checkpointer.save(done, state, force=True)
-    if preempted:
-      checkpointer.wait()
-      logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', done)
-      checkpointer.close()
-      writer.close()
-      return None
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  return state
+  finally:  # also on the max_bad_steps error: finish a pending save, then release the files
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
 
 
 def save_config(config, workdir: str) -> None:

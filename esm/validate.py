@@ -2,6 +2,8 @@
 
 from typing import Optional
 
+import numpy as np
+
 from esm.errors import UserError
 
 MODES = ('train', 'eval', 'train_eval', 'predict')
@@ -13,7 +15,7 @@ MODEL_FIELDS_THAT_MAY_CHANGE = ('dropout', 'dtype')
 # bfloat16 overflow past exp(88.7); 60 leaves 28 nats for log(1-ᾱ_i), which is >= -16.7 wherever
 # 1-ᾱ_i is a positive float32.
 MAX_LOG_VAR_BOUND = 60.0
-FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _expect(ok: bool, message: str) -> None:
