@@ -14,10 +14,11 @@ from absl import logging
 from ml_collections import config_flags
 
 from esm.errors import UserError
+from esm.validate import MODES
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file, e.g. configs/mvtec.py:bottle.')
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and reports.')
-flags.DEFINE_string('mode', 'train_eval', 'train, eval, train_eval or predict.')
+flags.DEFINE_enum('mode', 'train_eval', MODES, 'What to run.')
 flags.DEFINE_string('input', None, 'predict: folder of images to score.')
 flags.DEFINE_bool('traceback', False, 'Show the full traceback of input errors.')
 FLAGS = flags.FLAGS

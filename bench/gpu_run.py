@@ -29,6 +29,7 @@ from configs import mvtec
 from esm import evaluate as evaluate_lib
 from esm import run as run_lib
 from esm import train as train_lib
+from esm.models import utils as mutils
 from esm import validate
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -75,10 +76,10 @@ def dry_run_config(workdir: str):
 def train_step_flops(config) -> float:
   """FLOPs of one train step, from XLA's cost analysis of the lowered step (no compilation)."""
   size = config.data.image_size
-  _, model, _, loss_fn, tx = train_lib.build(config, size)
-  state = jax.eval_shape(lambda: train_lib.init_state(config, model, tx, size))
+  built = mutils.build(config, size)
+  state = mutils.abstract_state(config, built, size)
   images = jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), np.float32)
-  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, config.train.ema_rate))
+  step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, config.train.ema_rate))
   traced = step.trace(state, images, jax.random.key(0))
   # The GPU backend has no cost model before compilation; XLA's CPU one counts the same HLO.
   cost = traced.lower(lowering_platforms=('cpu',)).cost_analysis()
@@ -132,25 +133,8 @@ def main():
   print(f'# trained {config.train.num_steps} steps in {train_wall:.0f} s: {img_s:.1f} img/s',
         flush=True)
 
-  rows = []
   # The dry run skips the matched labelling: the same code path, one compilation less in CI.
-  for name, method, sigma_time in EVALS[:2] if args.dry_run else EVALS:
-    elapsed = time.time() - start
-    # Budget the next evaluation by the last one: its compilation, plus sampling scaled by NFE.
-    need = 0.0
-    if rows:
-      last = rows[-1]
-      sampling_s = (last['wall_seconds'] - last['compile_seconds']) * 2 * config.sampling.t_d / last['nfe']
-      need = 1.2 * (last['compile_seconds'] + (sampling_s if method == 'esm_sigma' else sampling_s / 2))
-    if elapsed + need > args.budget_s:
-      print(f'# skipped {name}: {elapsed:.0f} s used, about {need:.0f} s needed, budget '
-            f'{args.budget_s:.0f} s', flush=True)
-      continue
-    cfg = run_lib.category_config(config, config.data.category)
-    cfg.sampling.method, cfg.sampling.sigma_time = method, sigma_time
-    t = time.time()
-    result = evaluate_lib.evaluate(cfg, wd, report_dir=os.path.join(wd, f'report_{method}_{sigma_time}'))
-    rows.append(dict(result, name=name, wall_seconds=time.time() - t))
+  rows = run_evals(config, wd, EVALS[:2] if args.dry_run else EVALS, start, args.budget_s)
 
   flops = train_step_flops(config)
   peak = H200_BF16_PEAK if platform == 'gpu' else float('nan')
@@ -165,10 +149,35 @@ def main():
              'total_wall_s': time.time() - start, 'evals': rows}
   with open(os.path.join(args.out, 'gpu_results.json'), 'w') as f:
     json.dump(summary, f, indent=1, default=float)
+  print_table(config, rows, img_s, mfu, time.time() - start)
 
+
+def run_evals(config, wd: str, evals, start: float, budget_s: float) -> list:
+  """Evaluates the trained model with each sampler in turn while the wall-clock budget allows."""
+  rows = []
+  for name, method, sigma_time in evals:
+    elapsed = time.time() - start
+    # Budget the next evaluation by the last one: its compilation, plus sampling scaled by NFE.
+    need = 0.0
+    if rows:
+      last = rows[-1]
+      sampling_s = (last['wall_seconds'] - last['compile_seconds']) * 2 * config.sampling.t_d / last['nfe']
+      need = 1.2 * (last['compile_seconds'] + (sampling_s if method == 'esm_sigma' else sampling_s / 2))
+    if elapsed + need > budget_s:
+      print(f'# skipped {name}: {elapsed:.0f} s used, about {need:.0f} s needed, budget '
+            f'{budget_s:.0f} s', flush=True)
+      continue
+    cfg = run_lib.category_config(config, config.data.category)
+    cfg.sampling.method, cfg.sampling.sigma_time = method, sigma_time
+    t = time.time()
+    result = evaluate_lib.evaluate(cfg, wd, report_dir=os.path.join(wd, f'report_{method}_{sigma_time}'))
+    rows.append(dict(result, name=name, wall_seconds=time.time() - t))
+  return rows
+
+
+def print_table(config, rows, img_s: float, mfu: float, total_s: float) -> None:
   print(f'\n# {config.data.category} {config.data.image_size}², {config.train.num_steps} steps x batch '
-        f'{config.train.batch_size}, {config.model.dtype}, S_U+S_KL+S_RE; total '
-        f'{time.time() - start:.0f} s')
+        f'{config.train.batch_size}, {config.model.dtype}, S_U+S_KL+S_RE; total {total_s:.0f} s')
   print('| method | T_d | NFE | image AUROC | pixel AUROC | AUPRO | train img/s | sampling s/image | '
         'MFU (train) |')
   print('|---|---|---|---|---|---|---|---|---|')

@@ -29,8 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from esm import sampling  # pylint: disable=wrong-import-position
 from esm.models import dual_stream  # pylint: disable=wrong-import-position
+from esm.models import utils as mutils  # pylint: disable=wrong-import-position
 from esm.models.unet import UNetConfig  # pylint: disable=wrong-import-position
-from esm.sde import SDEConfig, VPSchedule  # pylint: disable=wrong-import-position
+from esm.sde import SDEConfig, VPSDE  # pylint: disable=wrong-import-position
 
 CPU_UNET = UNetConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0,
                       num_groups=8)
@@ -48,7 +49,7 @@ def build(dual, sde, image_size):
   """net_fn, random parameters, parameter count. Shapes come from eval_shape and values from numpy,
   because compiling the U-Net's init costs more CPU time than the whole benchmark."""
   model = dual_stream.ScoreNet(dual_stream.ModelConfig(unet=CPU_UNET, dual=dual))
-  shapes = jax.eval_shape(lambda: dual_stream.init_params(model, jax.random.key(0), image_size))
+  shapes = jax.eval_shape(lambda: mutils.init_params(model, jax.random.key(0), image_size))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.05, s.shape), s.dtype), shapes)
   n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -65,7 +66,7 @@ def main():
   ap.add_argument('--repeats', type=int, default=5)
   args = ap.parse_args()
 
-  sde = VPSchedule(SDEConfig())
+  sde = VPSDE(SDEConfig())
   x0 = jax.random.uniform(jax.random.key(1), (args.batch, args.image_size, args.image_size, 3),
                           minval=-1.0, maxval=1.0)
   keys = sampling.image_keys(0, np.arange(args.batch))
@@ -110,6 +111,10 @@ def main():
   for method in methods:
     measure(method, args.t_d)
 
+  print_table(args, rows, methods)
+
+
+def print_table(args, rows, methods) -> None:
   print(f'reconstruct on {jax.devices()[0].platform}, {args.batch}x{args.image_size}x{args.image_size}x3, '
         f'U-Net ch={CPU_UNET.ch} ch_mult={CPU_UNET.ch_mult} res_blocks={CPU_UNET.num_res_blocks} '
         f'attn={CPU_UNET.attn_resolutions}; times: min of {args.repeats} at T_d={args.overhead_t_d}, '

@@ -33,6 +33,7 @@ def worker(args) -> None:
   from configs.default import get_default_config  # pylint: disable=g-import-not-at-top
   from esm import parallel  # pylint: disable=g-import-not-at-top
   from esm import train as train_lib  # pylint: disable=g-import-not-at-top
+  from esm.models import utils as mutils  # pylint: disable=g-import-not-at-top
 
   config = get_default_config()
   if args.model == 'tiny':
@@ -41,12 +42,12 @@ def worker(args) -> None:
   config.parallel.coordinator = args.coordinator
   config.parallel.num_processes = args.num_processes
   config.parallel.process_id = args.process_id
-  parallel.initialize(config.parallel)
+  parallel.initialise(config.parallel)
   size, global_batch = args.image_size, args.per_device_batch * jax.device_count()
   mesh = parallel.make_mesh()
-  _, model, _, loss_fn, tx = train_lib.build(config, size)
-  state = jax.device_put(train_lib.init_state(config, model, tx, size), parallel.replicated(mesh))
-  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, 0.999),
+  built = mutils.build(config, size)
+  state = jax.device_put(mutils.init_state(config, built, size), parallel.replicated(mesh))
+  step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, 0.999),
                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
                  out_shardings=parallel.replicated(mesh), donate_argnums=(0,))
   local = np.random.default_rng(jax.process_index()).uniform(

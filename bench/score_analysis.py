@@ -20,15 +20,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.default import get_default_config  # pylint: disable=wrong-import-position
+from esm import files  # pylint: disable=wrong-import-position
 from esm.analysis import plot, study  # pylint: disable=wrong-import-position
 from esm.sde import get_sde  # pylint: disable=wrong-import-position
 
-
-def _write(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def main() -> None:
@@ -55,10 +50,10 @@ def main() -> None:
   figure = os.path.join(args.out_dir, 'score_analysis.png')
   plot.study_figure(result['rows'], figure, cfg.powers)
   command = 'python3 bench/score_analysis.py ' + ' '.join(sys.argv[1:])
-  _write(os.path.join(args.out_dir, 'score_analysis.md'),
+  files.write_text(os.path.join(args.out_dir, 'score_analysis.md'),
          f'Command: `{command.strip()}`; wall {wall:.0f} s, process CPU {cpu:.0f} s.\n\n'
          f'{table}\n')
-  _write(os.path.join(args.out_dir, 'score_analysis.json'),
+  files.write_text(os.path.join(args.out_dir, 'score_analysis.json'),
          json.dumps({'config': dataclasses.asdict(cfg), 'wall_s': wall, 'cpu_s': cpu, **result},
                     indent=1, default=str))
   losses = ', '.join(f'd={d} {k}: {v["final_loss"]:.4f}' for d, per in result['train'].items()

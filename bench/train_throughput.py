@@ -22,6 +22,7 @@ from configs import common  # pylint: disable=wrong-import-position
 from configs import demo  # pylint: disable=wrong-import-position
 from configs.default import get_default_config  # pylint: disable=wrong-import-position
 from esm import train as train_lib  # pylint: disable=wrong-import-position
+from esm.models import utils as mutils  # pylint: disable=wrong-import-position
 
 
 def _flops(compiled) -> float:
@@ -55,9 +56,9 @@ def conv_reference(steps: int):
 
 def train_step_case(name: str, config, steps: int):
   size, batch = config.data.image_size, config.train.batch_size
-  _, model, _, loss_fn, tx = train_lib.build(config, size)
-  state = train_lib.init_state(config, model, tx, size)
-  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, config.train.ema_rate))
+  built = mutils.build(config, size)
+  state = mutils.init_state(config, built, size)
+  step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, config.train.ema_rate))
   images = jax.random.uniform(jax.random.key(2), (batch, size, size, 3), minval=-1, maxval=1)
   rng = jax.random.key(3)
   t = time.perf_counter()
@@ -84,9 +85,9 @@ def main():
   args = parser.parse_args()
 
   cpu = common.set_cpu_model(get_default_config())
-  cpu.data.image_size, cpu.train.batch_size = 64, 16
+  cpu.data.image_size, cpu.train.batch_size = 48, 16
   cases = [('demo (tiny, 32², dual)', demo.get_config()),
-           ('cpu-scale (64², dual)', cpu)]
+           ('cpu-scale (48², dual)', cpu)]
   conv_flops, conv_s = conv_reference(args.steps)
   conv_rate = conv_flops / conv_s
   rows = [train_step_case(name, cfg, args.steps) for name, cfg in cases]

@@ -21,7 +21,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # --- datasets/ ---------------------------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
-  d.dataset = 'synthetic'  # one of mvtec_ad, visa, mpdd, folder, synthetic
+  d.dataset = 'synthetic'  # one of mvtec_ad, visa, mpdd, folder, synthetic (datasets/pipeline.py)
   d.root = ''  # folder holding the category folders; '' means the synthetic cache for 'synthetic'
   d.category = 'object'  # category folder name; 'all' runs every category of the dataset in turn
   d.image_size = 256  # images are resized (antialiased) to image_size x image_size
@@ -86,17 +86,16 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # --- esm/sampling.py ---------------------------------------------------------------------------
   c.sampling = sa = ml_collections.ConfigDict()
-  sa.method = 'esm'  # 'sgm', 'esm' or 'esm_sigma' (esm chosen on bottle's dev set, docs/method.md)
+  sa.method = 'esm'  # a name in esm/sampling.py SAMPLERS: 'sgm', 'esm' or 'esm_sigma' (docs/method.md)
   sa.t_d = 100  # partial-diffusion depth T_d (per category, paper tables 6-8)
   sa.t_d_by_category = {}  # per-category T_d of a dataset config, used when data.category='all'
   # σ²_min of section 4.2 has two roles, equal at T = 1000 but not under another schedule:
   sa.esm_min_var = 0.01  # ESM: lower clamp of the marginal σ²_θ (a 1-ᾱ_i-like scale; not scaled with β)
-  sa.min_var = 0.01  # ESM^σ: lower clip of the per-step b_i/s_i (a β_i-like scale, with max_var)
-  sa.max_var = 0.02  # σ²_max: upper clip of b_i/s_i in ESM^σ (β_max of the schedule)
+  sa.sigma_min_var = 0.01  # ESM^σ: lower clip of the per-step b_i/s_i (a β_i-like scale)
+  sa.sigma_max_var = 0.02  # σ²_max: upper clip of b_i/s_i in ESM^σ (β_max of the schedule)
   sa.sigma_time = 'literal'  # ESM^σ time label: 'literal' (i) or 'matched' (ᾱ of Π(1-b_j))
   sa.var_source = 't_d'  # σ²_0 / σ²_in from: 'i1' network at i=1, 't_d' at T_d, 'mean' trajectory
   sa.snapshot_steps = (200, 150, 100, 80, 50, 20, 0)  # x_i kept for the trajectory figure
-  sa.batch_size = 8  # global eval batch (padded; split over devices)
 
   # --- esm/detectors.py --------------------------------------------------------------------------
   c.detect = de = ml_collections.ConfigDict()
@@ -114,9 +113,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   f.layers = (2, 5, 8, 11)  # transformer blocks whose patch tokens feed S_Cos
   f.image_size = 224  # ViT input side (multiple of the patch size)
   f.cache_dir = os.path.join(default_cache_dir(), 'weights')  # converted-weights cache
+  f.norm = True  # apply the ViT's final LayerNorm to the tapped patch tokens
 
   # --- esm/evaluate.py / report.py ---------------------------------------------------------------
   c.eval = e = ml_collections.ConfigDict()
+  e.batch_size = 8  # global batch of evaluation and predict (padded; split over devices)
   e.figures_per_type = 2  # example figures per defect type
   return c
 

@@ -22,7 +22,7 @@ def get_config(arg=None):
   # then; the library defaults (t_d, absolute) were later chosen on real images (docs/method.md).
   c.sampling.var_source = 'i1'
   c.detect.re_kind = 'squared'
-  c.sampling.batch_size = 16
+  c.eval.batch_size = 16
   c.train.num_steps = 600
   c.train.batch_size = 16
   c.train.lr = 2e-3  # a tiny model on a few minutes' budget: far above the paper's 2e-5

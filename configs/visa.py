@@ -1,24 +1,13 @@
 """VisA: `--config=configs/visa.py:<category>`; no category (or 'all') runs every category.
 
-T_D holds the per-category partial-diffusion depth T_d of the paper's appendix table 7.
+T_D is the per-category partial-diffusion depth T_d of the paper's appendix table 7
+(datasets/catalog.py).
 """
 
 from configs.common import dataset_config
+from datasets import catalog
 
-T_D = {
-    'candle': 3,
-    'capsules': 50,
-    'cashew': 50,
-    'chewinggum': 10,
-    'fryum': 50,
-    'macaroni1': 50,
-    'macaroni2': 50,
-    'pcb1': 50,
-    'pcb2': 50,
-    'pcb3': 50,
-    'pcb4': 50,
-    'pipe_fryum': 50,
-}
+T_D = catalog.PAPER_T_D['visa']
 
 
 def get_config(arg=None):

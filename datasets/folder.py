@@ -17,7 +17,7 @@ import csv
 import dataclasses
 import hashlib
 import os
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image
@@ -310,19 +310,3 @@ def read_mask(path: str, image_shape: tuple[int, int], image_path: str) -> np.nd
     raise UserError(f'{path}: mask is {a.shape[1]}x{a.shape[0]} but its image {image_path} is '
                     f'{image_shape[1]}x{image_shape[0]}; expected the same size')
   return binarize_mask(a)
-
-
-def load_example(entry: Entry) -> dict[str, Any]:
-  """Decodes one entry into an example dict (see the module docstring)."""
-  image = read_image(entry.image_path)
-  if entry.mask_path:
-    mask = read_mask(entry.mask_path, image.shape[:2], entry.image_path)
-  else:
-    mask = np.zeros(image.shape[:2], np.uint8)
-  return {'image': image, 'mask': mask, 'label': entry.label, 'defect_type': entry.defect_type,
-          'filename': entry.filename}
-
-
-def iter_examples(listing: Listing, split: str) -> Iterable[dict[str, Any]]:
-  for entry in listing.split(split):
-    yield load_example(entry)

@@ -5,10 +5,10 @@ ground_truth/<type>/<stem>_mask.png}. Prepared data are array_record (see datase
 """
 
 from datasets import builder
+from datasets import catalog
 from datasets import folder
 
-CATEGORIES = ('bracket_black', 'bracket_brown', 'bracket_white', 'connector', 'metal_plate',
-              'tubes')
+CATEGORIES = catalog.categories('mpdd')
 
 
 class Mpdd(builder.CategoryBuilder):

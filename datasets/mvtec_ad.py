@@ -5,10 +5,10 @@ as the official archive extracts. Prepared data are array_record (see datasets/b
 """
 
 from datasets import builder
+from datasets import catalog
 from datasets import folder
 
-CATEGORIES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather', 'metal_nut',
-              'pill', 'screw', 'tile', 'toothbrush', 'transistor', 'wood', 'zipper')
+CATEGORIES = catalog.categories('mvtec_ad')
 
 class MvtecAd(builder.CategoryBuilder):
   """MVTec Anomaly Detection (Bergmann et al., CVPR 2019), 15 categories."""

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from configs.default import default_cache_dir
 from datasets import builder as builder_lib
+from datasets import catalog
 from datasets import folder
 from datasets import mpdd
 from datasets import mvtec_ad
@@ -35,10 +36,7 @@ from datasets import synthetic
 from datasets import visa
 from esm.errors import UserError
 
-_BUILDERS = {'mvtec_ad': (mvtec_ad.MvtecAd, mvtec_ad.CATEGORIES),
-             'visa': (visa.Visa, visa.CATEGORIES),
-             'mpdd': (mpdd.Mpdd, mpdd.CATEGORIES)}
-DATASETS = ('mvtec_ad', 'visa', 'mpdd', 'folder', 'synthetic')
+_BUILDERS = {'mvtec_ad': mvtec_ad.MvtecAd, 'visa': visa.Visa, 'mpdd': mpdd.Mpdd}
 _FOREVER = 2**62  # length of the (lazily indexed) train stream
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 _RAW = {'image': tfds.decode.SkipDecoding(), 'mask': tfds.decode.SkipDecoding()}
@@ -46,39 +44,27 @@ _RAW = {'image': tfds.decode.SkipDecoding(), 'mask': tfds.decode.SkipDecoding()}
 
 def category_names(dataset: str, root: str = '') -> list[str]:
   """Categories of a dataset; for 'folder', the sub-folders of `root` that hold train/good."""
-  if dataset in _BUILDERS:
-    return list(_BUILDERS[dataset][1])
-  if dataset == 'synthetic':
-    return list(synthetic.CATEGORIES)
-  if dataset == 'folder':
-    if not root or not os.path.isdir(root):
-      raise UserError(f'data.root={root!r}: expected the folder holding your category folders')
-    return sorted(d for d in os.listdir(root)
-                  if os.path.isdir(os.path.join(root, d, 'train', folder.GOOD)))
-  raise UserError(f'data.dataset={dataset!r}: unknown dataset; expected one of '
-                  f'{", ".join(DATASETS)}')
-
-
-def _check_category(dataset: str, category: str, valid: tuple[str, ...]) -> None:
-  if category not in valid:
-    raise UserError(f'data.category={category!r}: unknown {dataset} category; expected one of '
-                    f'{", ".join(valid)}' + (" ('all' is expanded by the caller)"
-                                             if category == 'all' else ''))
+  if dataset != 'folder':
+    catalog.DataConfig(dataset, 'all', catalog.MIN_IMAGE_SIZE, 0.0)  # checks the dataset
+    return list(catalog.known_categories(dataset))
+  if not root or not os.path.isdir(root):
+    raise UserError(f'data.root={root!r}: expected the folder holding your category folders')
+  return sorted(d for d in os.listdir(root)
+                if os.path.isdir(os.path.join(root, d, 'train', folder.GOOD)))
 
 
 def prepare_dataset(data_cfg) -> builder_lib.CategoryBuilder:
   """Prepares (once) and returns the TFDS builder that data_cfg names."""
   dataset, category = data_cfg.dataset, data_cfg.category
-  if dataset not in DATASETS:
-    raise UserError(f'data.dataset={dataset!r}: unknown dataset; expected one of '
-                    f'{", ".join(DATASETS)}')
+  catalog.DataConfig.from_config(data_cfg)
+  if category == 'all':
+    raise UserError("data.category='all' names every category; prepare them one at a time")
   tfds_dir = data_cfg.tfds_dir or os.path.join(default_cache_dir(), 'tfds')
   if dataset == 'synthetic':
-    _check_category(dataset, category, synthetic.CATEGORIES)
     root = synthetic.ensure_synthetic(
         data_cfg.root or os.path.join(default_cache_dir(), 'synthetic'),
         size=data_cfg.synthetic_size, num_train=data_cfg.synthetic_num_train,
-        num_test=data_cfg.synthetic_num_test, seed=data_cfg.get('synthetic_seed', 0))
+        num_test=data_cfg.synthetic_num_test, seed=data_cfg.synthetic_seed)
     return builder_lib.prepare(builder_lib.AnomalyFolder, root, category, tfds_dir,
                                config=builder_lib.folder_config(root, category))
   if not data_cfg.root:
@@ -87,15 +73,12 @@ def prepare_dataset(data_cfg) -> builder_lib.CategoryBuilder:
   if dataset == 'folder':
     return builder_lib.prepare(builder_lib.AnomalyFolder, data_cfg.root, category, tfds_dir,
                                config=builder_lib.folder_config(data_cfg.root, category))
-  cls, valid = _BUILDERS[dataset]
-  _check_category(dataset, category, valid)
+  cls = _BUILDERS[dataset]
   return builder_lib.prepare(cls, data_cfg.root, category, tfds_dir)
 
 
 def split_train_val(num: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Sorted (train, val) indices of train/good; val is round(fraction * num), at least 1 if > 0."""
-  if not 0.0 <= val_fraction < 1.0:
-    raise UserError(f'data.val_fraction={val_fraction}: expected a fraction in [0, 1)')
   num_val = min(num - 1, max(1, round(val_fraction * num))) if val_fraction > 0 else 0
   perm = np.random.default_rng([abs(seed), 0x5A1]).permutation(num)
   return np.sort(perm[num_val:]), np.sort(perm[:num_val])
@@ -104,7 +87,7 @@ def split_train_val(num: int, val_fraction: float, seed: int) -> tuple[np.ndarra
 def num_train_examples(data_cfg) -> int:
   """Images the train stream cycles through: train/good minus the held-out val slice."""
   num = prepare_dataset(data_cfg).info.splits['train'].num_examples
-  return len(split_train_val(num, data_cfg.val_fraction, data_cfg.get('val_seed', 0))[0])
+  return len(split_train_val(num, data_cfg.val_fraction, data_cfg.val_seed)[0])
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -207,11 +190,11 @@ def get_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
   local_batch = _local_batch(global_batch_size)
   built = prepare_dataset(data_cfg)
   source = built.as_data_source(split='train', decoders=_RAW)
-  train_idx, _ = split_train_val(len(source), data_cfg.val_fraction, data_cfg.get('val_seed', 0))
+  train_idx, _ = split_train_val(len(source), data_cfg.val_fraction, data_cfg.val_seed)
   sample = _TrainSample(
       source, train_idx, seed=seed, global_batch=global_batch_size, local_batch=local_batch,
       process_index=jax.process_index(), size=data_cfg.image_size, hflip=data_cfg.hflip,
-      vflip=data_cfg.vflip, cache_bytes=int(data_cfg.get('cache_mb', 1024)) << 20)
+      vflip=data_cfg.vflip, cache_bytes=int(data_cfg.cache_mb) << 20)
   logging.info('train stream: %d images (%d held out for val), local batch %d, from step %d',
                len(train_idx), len(source) - len(train_idx), local_batch, start_step)
   ds = grain.MapDataset.range(start_step * local_batch, _FOREVER).map(sample)
@@ -271,7 +254,7 @@ def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> EvalData:
   built = prepare_dataset(data_cfg)
   source = built.as_data_source(split='train' if split == 'val' else 'test', decoders=_RAW)
   if split == 'val':
-    _, indices = split_train_val(len(source), data_cfg.val_fraction, data_cfg.get('val_seed', 0))
+    _, indices = split_train_val(len(source), data_cfg.val_fraction, data_cfg.val_seed)
   else:
     indices = np.arange(len(source))
   if not len(indices):

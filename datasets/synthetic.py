@@ -23,9 +23,10 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from datasets import catalog
 from esm.errors import UserError
 
-CATEGORIES = ('texture', 'object')
+CATEGORIES = catalog.SYNTHETIC_CATEGORIES
 DEFECT_TYPES = {'texture': ('scratch', 'hole', 'stain'),
                 'object': ('scratch', 'missing', 'extra', 'stain')}
 GENERATOR_VERSION = 1  # bump when the images change, so stale caches are not reused

@@ -6,10 +6,10 @@ mask). Defect images have defect_type 'anomaly' (the split file carries no finer
 """
 
 from datasets import builder
+from datasets import catalog
 from datasets import folder
 
-CATEGORIES = ('candle', 'capsules', 'cashew', 'chewinggum', 'fryum', 'macaroni1', 'macaroni2',
-              'pcb1', 'pcb2', 'pcb3', 'pcb4', 'pipe_fryum')
+CATEGORIES = catalog.categories('visa')
 
 
 class Visa(builder.CategoryBuilder):

@@ -5,19 +5,20 @@ Four raw detectors, each a per-pixel map averaged over channels (inputs NHWC in 
   S_U   = (x_0 - x̂_0)² / σ²_0                                              s_u
   S_KL  = ½[log(σ²_0/σ²_in) + (σ²_in + (x_0-x̂_0)²)/σ²_0 - 1]               s_kl
   S_Cos = mean over feature layers of 1 - cos(F_l(x_0), F_l(x̂_0)), upsampled  s_cos
-Then: normalise each map with mean/std of held-out train/good maps (NormAccumulator, normalize),
+Then: normalise each map with mean/std of held-out train/good maps (NormAccumulator, normalise),
 combine with eq. 14 (combine), blur (gaussian_blur) and take the image score of eq. 15
 (image_score). get_score_fn packages the last three; iter_ablation scores every detector subset.
 
-An SGM (DSM) model predicts no variance, so S_U and S_KL do not exist for it: select_detectors
-says so instead of failing.
+Each detector is registered in DETECTORS (`register_detector`) with what it needs: S_U and S_KL a
+predicted variance (none for an SGM model), S_Cos a feature extractor. select_detectors says which
+are unavailable and why instead of failing.
 """
 
 import dataclasses
 import functools
 import itertools
 import math
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 from absl import logging
 import jax
@@ -27,15 +28,11 @@ import numpy as np
 
 from esm.errors import UserError
 
-DETECTOR_NAMES = ('cos', 'u', 'kl', 're')  # the order of the eq. 14 weights (u, v, w, r)
 REFERENCE_SIDE = 256  # blur_sigma and top_n are given at 256 x 256
 RE_KINDS = ('squared', 'absolute')
-UNAVAILABLE_REASONS = {
-    'cos': 'unavailable without a feature extractor (features.model is none)',
-    'u': 'unavailable for an SGM model (no predicted variance)',
-    'kl': 'unavailable for an SGM model (no predicted variance)',
-    're': 'unavailable (no reconstruction)',
-}
+NO_FEATURES = 'unavailable without a feature extractor (features.model is none)'
+NO_VARIANCE = ('unavailable without a predicted variance (an SGM model, or a sampler that does '
+               'not read σ²_θ such as sampling.method=sgm)')
 
 FeatureFn = Callable[[jax.Array], Sequence[jax.Array]]  # images [-1,1] NHWC -> list of [B,h,w,C]
 ImageSize = Union[int, tuple[int, int]]
@@ -53,22 +50,22 @@ class DetectConfig:
   @classmethod
   def from_config(cls, detect: ml_collections.ConfigDict) -> 'DetectConfig':
     """Reads and checks config.detect; bad values raise UserError naming the field."""
-    weights = tuple(detect.get('weights', cls.weights))
+    weights = tuple(detect.weights)
     if len(weights) != 4 or not all(math.isfinite(float(x)) for x in weights):
-      raise UserError(f'config.detect.weights: expected 4 finite numbers (u, v, w, r), '
+      raise UserError(f'detect.weights: expected 4 finite numbers (u, v, w, r), '
                       f'got {weights!r}')
-    blur_sigma = float(detect.get('blur_sigma', cls.blur_sigma))
+    blur_sigma = float(detect.blur_sigma)
     if not blur_sigma >= 0.0:
-      raise UserError(f'config.detect.blur_sigma: expected a number >= 0, got {blur_sigma!r}')
-    top_n = detect.get('top_n', cls.top_n)
+      raise UserError(f'detect.blur_sigma: expected a number >= 0, got {blur_sigma!r}')
+    top_n = detect.top_n
     if int(top_n) != top_n or top_n < 1:
-      raise UserError(f'config.detect.top_n: expected an integer >= 1, got {top_n!r}')
-    re_kind = detect.get('re_kind', cls.re_kind)
+      raise UserError(f'detect.top_n: expected an integer >= 1, got {top_n!r}')
+    re_kind = detect.re_kind
     if re_kind not in RE_KINDS:
-      raise UserError(f'config.detect.re_kind: expected one of {RE_KINDS}, got {re_kind!r}')
-    var_floor = float(detect.get('var_floor', cls.var_floor))
+      raise UserError(f'detect.re_kind: expected one of {RE_KINDS}, got {re_kind!r}')
+    var_floor = float(detect.var_floor)
     if not var_floor > 0.0:
-      raise UserError(f'config.detect.var_floor: expected a number > 0, got {var_floor!r}')
+      raise UserError(f'detect.var_floor: expected a number > 0, got {var_floor!r}')
     return cls(tuple(float(x) for x in weights), blur_sigma, int(top_n), re_kind, var_floor)
 
   def weights_by_name(self) -> dict[str, float]:
@@ -127,31 +124,69 @@ def s_cos(feats_in: Sequence[jax.Array], feats_rec: Sequence[jax.Array],
   return jnp.mean(jnp.stack(maps), axis=0)
 
 
+class MapInputs(NamedTuple):
+  """What the detectors read; var0/var_in are None without a predicted variance."""
+  x0: jax.Array  # [B,H,W,C] float32 input
+  x0_hat: jax.Array  # [B,H,W,C] float32 reconstruction
+  var0: Optional[jax.Array]
+  var_in: Optional[jax.Array]
+  feature_fn: Optional[FeatureFn]
+  re_kind: str
+  var_floor: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Detector:
+  """A registered detector: its eq. 14 weight slot is its position in DETECTORS."""
+  name: str
+  label: str  # as the paper writes it
+  map_fn: Callable[[MapInputs], jax.Array]  # -> raw map [B,H,W]
+  needs_variance: bool  # σ²_0 (and σ²_in) from a sampler that reads the variance stream
+  needs_features: bool  # a feature extractor (config.features)
+
+  def unavailable_reason(self, variance: bool, features: bool) -> Optional[str]:
+    if self.needs_variance and not variance:
+      return NO_VARIANCE
+    if self.needs_features and not features:
+      return NO_FEATURES
+    return None
+
+
+DETECTORS: dict[str, Detector] = {}  # in the order of the eq. 14 weights (u, v, w, r)
+
+
+def register_detector(name: str, label: str, *, needs_variance: bool = False,
+                      needs_features: bool = False):
+  """Decorator: registers map_fn(MapInputs) -> [B,H,W] as the next detector."""
+  def register(map_fn):
+    DETECTORS[name] = Detector(name, label, map_fn, needs_variance, needs_features)
+    return map_fn
+  return register
+
+
+register_detector('cos', 'S_Cos', needs_features=True)(
+    lambda a: s_cos(a.feature_fn(a.x0), a.feature_fn(a.x0_hat), a.x0.shape[1:3]))
+register_detector('u', 'S_U', needs_variance=True)(
+    lambda a: s_u(a.x0, a.x0_hat, a.var0, a.var_floor))
+register_detector('kl', 'S_KL', needs_variance=True)(
+    lambda a: s_kl(a.x0, a.x0_hat, a.var0, a.var_in, a.var_floor))
+register_detector('re', 'S_RE')(lambda a: s_re(a.x0, a.x0_hat, a.re_kind))
+DETECTOR_NAMES = tuple(DETECTORS)
+
+
 def compute_maps(x0: jax.Array, x0_hat: jax.Array, var0: Optional[jax.Array] = None,
                  var_in: Optional[jax.Array] = None, feature_fn: Optional[FeatureFn] = None, *,
                  re_kind: str = 'squared', var_floor: float = 1e-8) -> dict[str, jax.Array]:
-  """Every raw map the inputs allow, name -> float32 [B,H,W], names from DETECTOR_NAMES.
+  """Every raw map the inputs allow, name -> float32 [B,H,W], in DETECTORS order.
 
-  'u' needs var0 and 'kl' needs var0 and var_in (both None for an SGM model); 'cos' needs a
+  The variance detectors need var0 and var_in (both None for an SGM model); 'cos' needs a
   feature_fn. Arrays are NHWC float32, images in [-1, 1].
   """
-  x0 = x0.astype(jnp.float32)
-  x0_hat = x0_hat.astype(jnp.float32)
-  maps = {}
-  if feature_fn is not None:
-    maps['cos'] = s_cos(feature_fn(x0), feature_fn(x0_hat), x0.shape[1:3])
-  if var0 is not None:
-    maps['u'] = s_u(x0, x0_hat, var0, var_floor)
-    if var_in is not None:
-      maps['kl'] = s_kl(x0, x0_hat, var0, var_in, var_floor)
-  maps['re'] = s_re(x0, x0_hat, re_kind)
-  return maps
-
-
-def get_maps_fn(cfg: DetectConfig, feature_fn: Optional[FeatureFn] = None) -> Callable:
-  """Jitted (x0, x0_hat, var0 | None, var_in | None) -> compute_maps(...) with cfg's settings."""
-  return jax.jit(functools.partial(compute_maps, feature_fn=feature_fn, re_kind=cfg.re_kind,
-                                   var_floor=cfg.var_floor))
+  inputs = MapInputs(x0.astype(jnp.float32), x0_hat.astype(jnp.float32), var0, var_in, feature_fn,
+                     re_kind, var_floor)
+  has_variance = var0 is not None and var_in is not None
+  return {name: d.map_fn(inputs) for name, d in DETECTORS.items()
+          if d.unavailable_reason(has_variance, feature_fn is not None) is None}
 
 
 # --- which detectors are used ---------------------------------------------------------------------
@@ -164,20 +199,24 @@ class DetectorSelection:
   disabled: tuple[str, ...]
 
 
-def select_detectors(weights: Union[Mapping[str, float], Sequence[float]],
-                     available) -> DetectorSelection:
-  """Splits the detectors into used / unavailable (with the reason) / disabled (weight 0)."""
+def select_detectors(weights: Union[Mapping[str, float], Sequence[float]], *, variance: bool,
+                     features: bool) -> DetectorSelection:
+  """Splits the detectors into used / unavailable (with the reason) / disabled (weight 0), given
+  whether a predicted variance and a feature extractor exist. None used is a UserError."""
   if not isinstance(weights, Mapping):
     weights = dict(zip(DETECTOR_NAMES, weights))
-  available = set(available)
   used, unavailable, disabled = [], {}, []
-  for name in DETECTOR_NAMES:
+  for name, d in DETECTORS.items():
+    reason = d.unavailable_reason(variance, features)
     if weights.get(name, 0.0) == 0.0:
       disabled.append(name)
-    elif name not in available:
-      unavailable[name] = UNAVAILABLE_REASONS[name]
+    elif reason is not None:
+      unavailable[name] = reason
     else:
       used.append(name)
+  if not used:
+    raise UserError(f'detect.weights={tuple(weights.values())}: no available detector has a nonzero '
+                    f'weight (unavailable: {unavailable})')
   return DetectorSelection(tuple(used), unavailable, tuple(disabled))
 
 
@@ -236,7 +275,7 @@ class NormAccumulator:
     return NormStats(dict(self._mean), std, dict(self._count))
 
 
-def fit_normalizer(maps_on_val: Mapping[str, jax.Array]) -> NormStats:
+def fit_normaliser(maps_on_val: Mapping[str, jax.Array]) -> NormStats:
   """Mean and std per detector over all pixels of val maps name -> [N,H,W]."""
   acc = NormAccumulator()
   acc.update(maps_on_val)
@@ -253,7 +292,7 @@ def _scale(stats: NormStats, name: str) -> float:
   return 1.0
 
 
-def normalize(maps: Mapping[str, jax.Array], stats: NormStats) -> dict[str, jax.Array]:
+def normalise(maps: Mapping[str, jax.Array], stats: NormStats) -> dict[str, jax.Array]:
   """(map - mean) / std per detector, with the held-out stats."""
   missing = set(maps) - set(stats.mean)
   if missing:
@@ -307,8 +346,6 @@ def get_score_fn(cfg: DetectConfig, image_size: ImageSize,
   """Jitted normalised maps {name: [B,H,W]} -> (blurred combined map [B,H,W], image score [B])
   over `detectors` with cfg's weights, blur σ and N_a scaled to image_size."""
   detectors = tuple(detectors)
-  if not detectors:
-    raise UserError('config.detect.weights: no available detector has a nonzero weight')
   unknown = set(detectors) - set(DETECTOR_NAMES)
   if unknown:
     raise ValueError(f'unknown detectors {sorted(unknown)}; expected names from {DETECTOR_NAMES}')
@@ -333,7 +370,7 @@ def iter_ablation(cfg: DetectConfig, image_size: ImageSize,
   metrics subset by subset. detectors defaults to the used detectors among maps_norm's keys.
   """
   if detectors is None:
-    detectors = select_detectors(cfg.weights, maps_norm.keys()).used
+    detectors = [k for k in DETECTOR_NAMES if k in maps_norm and cfg.weights_by_name()[k] != 0.0]
   detectors = tuple(detectors)
   core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size))
   weight_of = cfg.weights_by_name()

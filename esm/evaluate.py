@@ -8,7 +8,7 @@ so padding and multi-host sharding never drop or duplicate an example.
 import dataclasses
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import jax
 import numpy as np
@@ -19,10 +19,9 @@ from esm import metrics
 from esm import parallel
 from esm import report
 from esm import sampling
-from esm import train as train_lib
 from esm.checkpoint import Checkpointer
 from esm.errors import UserError
-from esm.models.dual_stream import count_params
+from esm.models import utils as mutils
 
 
 @dataclasses.dataclass
@@ -36,6 +35,43 @@ class SplitOutputs:
   seconds: float  # wall time of the jitted calls, compilation excluded
 
 
+@dataclasses.dataclass
+class AnalysedBatch:
+  """One reconstructed and detected batch, still on the devices except the gathered index."""
+  local: Dict[str, np.ndarray]  # this process's rows of the batch
+  images: jax.Array  # the global input batch, sharded
+  rec: sampling.Reconstruction
+  maps: Dict[str, jax.Array]  # raw detector maps
+  index: np.ndarray  # [global batch] example index of each row (padding rows too)
+  real: np.ndarray  # positions of the rows that are real examples
+
+
+class FigureKeeper:
+  """Keeps, off the devices, the images the report's figures show: the examples in `keep` and the
+  denoising trajectory of one example."""
+
+  def __init__(self, keep, trajectory_index: Optional[int]):
+    self.keep, self.trajectory_index = set(keep), trajectory_index
+    self.kept: Dict[int, Dict[str, np.ndarray]] = {}
+    self.trajectory: Optional[Dict[str, np.ndarray]] = None
+
+  def add(self, b: AnalysedBatch) -> None:
+    wanted = [j for j in b.real if b.index[j] in self.keep or b.index[j] == self.trajectory_index]
+    if not wanted:
+      return
+    rec = b.rec
+    host = parallel.gather({'input': b.images, 'x0_hat': rec.x0_hat,
+                            'var0': rec.var0 if rec.var0 is not None else rec.x0_hat * np.nan,
+                            'snapshots': rec.snapshots, 'var_range': rec.var_range})
+    for j in wanted:
+      if b.index[j] in self.keep:
+        self.kept[int(b.index[j])] = {k: host[k][j] for k in ('input', 'x0_hat', 'var0')}
+      if b.index[j] == self.trajectory_index:
+        self.trajectory = {'snapshots': host['snapshots'][:, j], 'var_range': host['var_range'][:, j],
+                           'steps': np.asarray(rec.steps),
+                           'snapshot_steps': np.asarray(rec.snapshot_steps)}
+
+
 class Scorer:
   """Everything evaluation and prediction share: the model's EMA parameters, the jitted
   reconstruct-and-detect function, the detector selection and the normalisation."""
@@ -44,24 +80,19 @@ class Scorer:
     self.config = config
     self.image_size = config.data.image_size
     self.mesh = parallel.make_mesh()
-    sde, model, net_fn, _, tx = train_lib.build(config, self.image_size)
-    self.num_params = count_params(model, self.image_size)
-    self.params = self._restore_ema(config, workdir, model, tx)
+    built = mutils.build(config, self.image_size)
+    self.num_params = mutils.count_params(built.model, self.image_size)
+    self.params = self._restore_ema(config, workdir, built)
     self.recon = sampling.get_reconstruct_fn(
-        net_fn, sde, sampling.SamplingConfig.from_config(config.sampling))
+        built.net_fn, built.sde, sampling.SamplingConfig.from_config(config.sampling))
     self.detect_cfg = det.DetectConfig.from_config(config.detect)
-    use_cos = self.detect_cfg.weights[0] != 0.0
+    weights = self.detect_cfg.weights_by_name()
     feature_fn = None
-    if use_cos:
+    if any(weights[n] != 0.0 and d.needs_features for n, d in det.DETECTORS.items()):
       from esm.features import get_feature_fn  # pylint: disable=g-import-not-at-top
       feature_fn = get_feature_fn(config.features)
-    available = {'re'} | ({'cos'} if feature_fn is not None else set())
-    if config.loss.kind == 'esm':
-      available |= {'u', 'kl'}
-    self.selection = det.select_detectors(self.detect_cfg.weights, available)
-    if not self.selection.used:
-      raise UserError(f'detect.weights={tuple(self.detect_cfg.weights)}: no available detector has a '
-                      f'nonzero weight (unavailable: {self.selection.unavailable})')
+    self.selection = det.select_detectors(weights, variance=self.recon.sampler.needs_variance,
+                                          features=feature_fn is not None)
     for name, reason in self.selection.unavailable.items():
       logging.warning('detector %s: %s', name, reason)
 
@@ -79,9 +110,9 @@ class Scorer:
     self.compile_seconds = 0.0
     self.stats: Optional[det.NormStats] = None
 
-  def _restore_ema(self, config, workdir, model, tx):
+  def _restore_ema(self, config, workdir, built: mutils.Built):
     checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep)
-    abstract = jax.eval_shape(lambda: train_lib.init_state(config, model, tx, self.image_size))
+    abstract = mutils.abstract_state(config, built, self.image_size)
     state, step = checkpointer.restore_latest(
         parallel.with_sharding(abstract, parallel.replicated(self.mesh)))
     checkpointer.close()
@@ -91,16 +122,10 @@ class Scorer:
     self.checkpoint_step = step
     return jax.device_put(state.ema_params, parallel.replicated(self.mesh))
 
-  def run_split(self, data, *, keep=(), trajectory_index: Optional[int] = None,
-                what: str = 'test') -> SplitOutputs:
-    """Reconstructs and detects every example of `data` (an EvalData)."""
-    n, size = data.num_examples, self.image_size
-    maps = {k: np.zeros((n, size, size), np.float32) for k in self.selection.used}
-    labels = np.zeros((n,), np.int32)
-    masks = np.zeros((n, size, size), np.uint8)
-    kept, trajectory, seconds = {}, None, 0.0
-    keep = set(keep)
-    start, done = time.time(), 0
+  def _analysed_batches(self, data, what: str, timing: Dict[str, float]) -> Iterator[AnalysedBatch]:
+    """Reconstructs and detects `data` batch by batch; timing['seconds'] sums the jitted calls
+    (compilation excluded)."""
+    n, start, done = data.num_examples, time.time(), 0
     for local in data.batches():
       images = parallel.shard_batch(self.mesh, local['image'])
       keys = parallel.shard_batch(self.mesh, jax.random.key_data(
@@ -112,31 +137,32 @@ class Scorer:
       t = time.time()
       rec, batch_maps = self._compiled(self.params, images, keys)
       jax.block_until_ready(batch_maps)
-      seconds += time.time() - t
+      timing['seconds'] += time.time() - t
       index, valid = parallel.gather((local['index'], local['valid']))
-      ok = np.flatnonzero(valid)
-      idx = index[ok]
-      for k in self.selection.used:
-        maps[k][idx] = parallel.gather(batch_maps[k])[ok]
-      labels[idx] = parallel.gather(local['label'])[ok]
-      masks[idx] = parallel.gather(local['mask'])[ok]
-      wanted = [j for j in ok if index[j] in keep or index[j] == trajectory_index]
-      if wanted:
-        host = parallel.gather({'input': images, 'x0_hat': rec.x0_hat,
-                                'var0': rec.var0 if rec.var0 is not None else rec.x0_hat * np.nan,
-                                'snapshots': rec.snapshots, 'var_range': rec.var_range})
-        for j in wanted:
-          if index[j] in keep:
-            kept[int(index[j])] = {k: host[k][j] for k in ('input', 'x0_hat', 'var0')}
-          if index[j] == trajectory_index:
-            trajectory = {'snapshots': host['snapshots'][:, j], 'var_range': host['var_range'][:, j],
-                          'steps': np.asarray(rec.steps),
-                          'snapshot_steps': np.asarray(rec.snapshot_steps)}
-      done += len(ok)
-      elapsed = time.time() - start
+      batch = AnalysedBatch(local, images, rec, batch_maps, index, np.flatnonzero(valid))
+      yield batch
+      done += len(batch.real)
       logging.info('%s: %d/%d images  %.2f s/image  ETA %.0f s', what, done, n,
-                   seconds / max(done, 1), elapsed / done * (n - done))
-    return SplitOutputs(maps, labels, masks, kept, trajectory, seconds)
+                   timing['seconds'] / max(done, 1), (time.time() - start) / done * (n - done))
+
+  def run_split(self, data, *, keep=(), trajectory_index: Optional[int] = None,
+                what: str = 'test') -> SplitOutputs:
+    """Reconstructs and detects every example of `data` (an EvalData): the maps, labels and masks
+    of all, the figure images of `keep` and the trajectory of `trajectory_index`."""
+    n, size = data.num_examples, self.image_size
+    maps = {k: np.zeros((n, size, size), np.float32) for k in self.selection.used}
+    labels = np.zeros((n,), np.int32)
+    masks = np.zeros((n, size, size), np.uint8)
+    figures = FigureKeeper(keep, trajectory_index)
+    timing = {'seconds': 0.0}
+    for b in self._analysed_batches(data, what, timing):
+      idx = b.index[b.real]
+      for k in self.selection.used:
+        maps[k][idx] = parallel.gather(b.maps[k])[b.real]
+      labels[idx] = parallel.gather(b.local['label'])[b.real]
+      masks[idx] = parallel.gather(b.local['mask'])[b.real]
+      figures.add(b)
+    return SplitOutputs(maps, labels, masks, figures.kept, figures.trajectory, timing['seconds'])
 
   def fit_normalisation(self, val_data) -> SplitOutputs:
     """Fits the statistics of each raw map over the reconstructed held-out train/good images;
@@ -145,11 +171,11 @@ class Scorer:
       raise UserError('data.val_fraction: the held-out train/good slice is empty; it is needed to '
                       'normalise the detector maps (raise data.val_fraction)')
     out = self.run_split(val_data, what='val')
-    self.stats = det.fit_normalizer(out.maps)
+    self.stats = det.fit_normaliser(out.maps)
     return out
 
-  def normalize(self, raw_maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    return det.normalize(raw_maps, self.stats)
+  def normalise(self, raw_maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    return det.normalise(raw_maps, self.stats)
 
   def score(self, normed: Dict[str, np.ndarray], batch_size: int = 32):
     """(pixel maps [N,H,W], image scores [N]) of the configured combination (eq. 14, 15) of
@@ -195,13 +221,13 @@ def evaluate_outputs(config, workdir: str) -> Evaluation:
   """Reconstructs and scores the held-out good images and the test split; measures."""
   from datasets import pipeline  # pylint: disable=g-import-not-at-top
   scorer = Scorer(config, workdir)
-  gb = config.sampling.batch_size
+  gb = config.eval.batch_size
   scorer.fit_normalisation(pipeline.get_eval_data(config.data, 'val', global_batch_size=gb))
   test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
   keep = _figure_indices(test.records, config.eval.figures_per_type)
   defective = [k for k, r in enumerate(test.records) if r['label'] == 1]
   out = scorer.run_split(test, keep=keep, trajectory_index=defective[0] if defective else None)
-  normed = scorer.normalize(out.maps)
+  normed = scorer.normalise(out.maps)
   pixel_maps, scores = scorer.score(normed)
 
   image_m = metrics.ranking_metrics(scores, out.labels)
@@ -248,14 +274,14 @@ def predict(config, workdir: str, input_dir: Optional[str]) -> None:
   if not input_dir:
     raise UserError('--input: predict needs a folder of images (--input=FOLDER)')
   data = pipeline.get_predict_data(input_dir, config.data.image_size,
-                                   global_batch_size=config.sampling.batch_size)
+                                   global_batch_size=config.eval.batch_size)
   scorer = Scorer(config, workdir)
-  gb = config.sampling.batch_size
+  gb = config.eval.batch_size
   val_out = scorer.fit_normalisation(pipeline.get_eval_data(config.data, 'val', global_batch_size=gb))
-  _, val_scores = scorer.score(scorer.normalize(val_out.maps))
+  _, val_scores = scorer.score(scorer.normalise(val_out.maps))
   threshold = float(np.percentile(val_scores, config.detect.threshold_percentile))
   out = scorer.run_split(data, what='predict')
-  pixel_maps, scores = scorer.score(scorer.normalize(out.maps))
+  pixel_maps, scores = scorer.score(scorer.normalise(out.maps))
   if jax.process_index() == 0:
     report.write_predictions(os.path.join(workdir, 'predict'), data.records, pixel_maps, scores,
                              threshold, config.detect.threshold_percentile)

@@ -1,24 +1,38 @@
 """The ESM loss (eq. 10) of the dual-stream model and the DSM loss of the SGM baseline.
 
-Both losses take a `net_fn(params, x_i, i, *, train, rng) -> NetOutput(eps, log_var)`; the DSM
-model returns log_var=None. Any network with that signature works: the U-Nets of esm/models and the
-small MLPs of esm/analysis use the same losses.
+Both losses take a `net_fn(params, x_i, i, *, train, rng) -> NetOutput(eps, log_var)`
+(esm/models/dual_stream.py); the DSM model returns log_var=None. Any network with that signature
+works: the U-Nets of esm/models and the small MLPs of esm/analysis use the same losses.
 """
 
-from typing import Callable, NamedTuple, Optional
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from esm.errors import UserError
-from esm.sde import VPSchedule, _per_example
+from esm.sde import VPSDE, per_example
 
 LOSS_KINDS = ('esm', 'dsm')
 
 
-class NetOutput(NamedTuple):
-  eps: jax.Array  # ε_θ(x_i, i), the noise expectation (stream 1)
-  log_var: Optional[jax.Array]  # log σ²_θ(x_i, i) (stream 2); None for a single-stream DSM model
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """config.loss: 'esm' trains the dual-stream model by eq. 10, 'dsm' the single-stream SGM."""
+  kind: str = 'esm'
+
+  def __post_init__(self):
+    if self.kind not in LOSS_KINDS:
+      raise UserError(f'loss.kind: expected one of {LOSS_KINDS}, got {self.kind!r}')
+
+  @property
+  def dual_stream(self) -> bool:
+    return self.kind == 'esm'
+
+  @classmethod
+  def from_config(cls, loss_cfg) -> 'LossConfig':
+    return cls(kind=loss_cfg.kind)
 
 
 def _mean_per_example(x):
@@ -31,7 +45,7 @@ def esm_loss(noise, eps, log_var, alpha_bar):
   Returns (loss, squared-error term, log σ² term), each of shape [B]. σ² enters through its log so
   that 1/σ² never overflows.
   """
-  ab = _per_example(alpha_bar, noise.ndim)
+  ab = per_example(alpha_bar, noise.ndim)
   sq = (1.0 - ab) * jnp.square(noise - eps) * jnp.exp(-log_var)
   sq_term = _mean_per_example(sq)
   log_var_term = _mean_per_example(log_var)
@@ -43,13 +57,12 @@ def dsm_loss(noise, eps):
   return _mean_per_example(jnp.square(noise - eps))
 
 
-def get_loss_fn(net_fn: Callable, sde: VPSchedule, kind: str) -> Callable:
+def get_loss_fn(net_fn: Callable, sde: VPSDE, kind: str) -> Callable:
   """A pure loss_fn(params, x0, rng, train=True) -> (scalar loss, dict of logged terms).
 
   i is drawn uniformly from 1..T per example, ε̄ ~ N(0, I), and x_i from q(x_i | x_0).
   """
-  if kind not in LOSS_KINDS:
-    raise UserError(f'loss.kind: expected one of {LOSS_KINDS}, got {kind!r}')
+  dual_stream = LossConfig(kind).dual_stream
 
   def loss_fn(params, x0, rng, train: bool = True):
     rng_i, rng_noise, rng_net = jax.random.split(rng, 3)
@@ -57,7 +70,7 @@ def get_loss_fn(net_fn: Callable, sde: VPSchedule, kind: str) -> Callable:
     x_i, noise = sde.sample_marginal(rng_noise, x0, i)
     out = net_fn(params, x_i, i, train=train, rng=rng_net)
     eps = out.eps.astype(jnp.float32)
-    if kind == 'esm':
+    if dual_stream:
       loss, sq_term, log_var_term = esm_loss(noise, eps, out.log_var.astype(jnp.float32),
                                              sde.alpha_bar[i])
       terms = {'sq_term': jnp.mean(sq_term), 'log_var_term': jnp.mean(log_var_term)}

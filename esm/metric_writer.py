@@ -11,6 +11,8 @@ from typing import Dict
 import jax
 from absl import logging
 
+from esm import files
+
 
 def _truncate_jsonl(path: str, step: int) -> None:
   with open(path) as f:
@@ -24,12 +26,7 @@ def _truncate_jsonl(path: str, step: int) -> None:
     if record.get('step', 0) <= step:
       kept.append(json.dumps(record) + '\n')
   if kept != lines:  # also when the last line lost its newline: the next append would join it
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(kept)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    files.write_text(path, ''.join(kept), fsync=True)
 
 
 class MetricWriter:

@@ -12,22 +12,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from esm.errors import UserError
 
 DATA_AXIS = 'data'
-_initialized = False
+_initialised = False
 
 
-def initialize(parallel_cfg) -> None:
+def initialise(parallel_cfg) -> None:
   """Joins a multi-process run when config.parallel names a coordinator (idempotent).
 
   With no coordinator, JAX's own auto-detection (TPU pods, SLURM) is used only when requested by
   num_processes > 1; a plain single process needs no initialisation.
   """
-  global _initialized
+  global _initialised
   num_processes, process_id = int(parallel_cfg.num_processes), int(parallel_cfg.process_id)
   # Checked on every call: an earlier run in the same Python process must not hide a bad config.
   if parallel_cfg.coordinator and not 0 <= process_id < num_processes:
     raise UserError(f'parallel.process_id={process_id}: expected 0 <= process_id < '
                     f'parallel.num_processes={num_processes}')
-  if _initialized:
+  if _initialised:
     return
   if parallel_cfg.coordinator:
     logging.info('jax.distributed.initialize(coordinator=%s, num_processes=%d, process_id=%d)',
@@ -40,7 +40,7 @@ def initialize(parallel_cfg) -> None:
     if jax.process_count() != num_processes:
       raise UserError(f'parallel.num_processes={num_processes}, but the cluster has '
                       f'{jax.process_count()} processes')
-  _initialized = True
+  _initialised = True
   if jax.process_count() > 1:
     logging.info('process %d of %d: %d local of %d devices', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
@@ -65,23 +65,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(global_batch: int, what: str = 'train.batch_size') -> None:
-  """Fails before any compute when the global batch does not split over devices and processes."""
-  n = jax.device_count()
-  if global_batch < 1 or global_batch % n:
-    raise UserError(f'{what}: global batch {global_batch} must be a positive multiple of the '
-                    f'{n} devices ({jax.process_count()} process(es))')
-
-
 def with_sharding(abstract_tree, sharding):
   """ShapeDtypeStructs that carry `sharding`: checkpoints then restore onto this run's devices,
   whatever the number of processes and devices that wrote them."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       abstract_tree)
-
-
-def local_batch_size(global_batch: int) -> int:
-  return global_batch // jax.process_count()
 
 
 def shard_batch(mesh: Mesh, local_batch):

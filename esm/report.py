@@ -9,12 +9,13 @@ from typing import Any, Dict, List
 import numpy as np
 from absl import logging
 
+from esm import files
 from esm import metrics
 from esm import plotting
+from esm.detectors import DETECTORS
 
 COLUMNS = ('category', 'image_auroc', 'pixel_auroc', 'aupro', 'pixel_ap', 'image_f1_max', 'nfe',
            'seconds_per_image', 'params', 'method', 't_d')
-DETECTOR_LABELS = {'cos': 'S_Cos', 'u': 'S_U', 'kl': 'S_KL', 're': 'S_RE'}
 
 
 def _pct(value) -> str:
@@ -34,21 +35,12 @@ def _json_safe(obj):
   return obj
 
 
-def _write_text(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _write_csv(path: str, header, rows) -> None:
-  """Written to a temporary file and renamed, so a reader never sees half a table."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(rows)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    with open(tmp, 'w', newline='') as f:
+      writer = csv.writer(f)
+      writer.writerow(header)
+      writer.writerows(rows)
 
 
 def _mean(values) -> float:
@@ -73,7 +65,7 @@ def results_table(results: List[Dict[str, Any]]) -> str:
 def ablation_table(result: Dict[str, Any]) -> str:
   """Every subset of the used detectors, as in paper table 5."""
   used = result['detectors']
-  head = ' | '.join(DETECTOR_LABELS[d] for d in used)
+  head = ' | '.join(DETECTORS[d].label for d in used)
   lines = [f'| {head} | image AUROC | pixel AUROC |', '|' + '---|' * (len(used) + 2)]
   for row in result['ablation']:
     marks = ' | '.join('x' if d in row['detectors'] else '' for d in used)
@@ -91,20 +83,20 @@ def markdown(results: List[Dict[str, Any]]) -> str:
               '', f"image AP {_pct(r['image_ap'])}, image F1-max {_pct(r['image_f1_max'])}, "
               f"pixel AP {_pct(r['pixel_ap'])}", '']
     for name, reason in r['unavailable_detectors'].items():
-      parts.append(f'- {DETECTOR_LABELS[name]}: {reason}')
+      parts.append(f'- {DETECTORS[name].label}: {reason}')
     parts += ['', '### Detector ablation', '', ablation_table(r), '']
   return '\n'.join(parts)
 
 
 def write_tables(results: List[Dict[str, Any]], report_dir: str) -> None:
   os.makedirs(report_dir, exist_ok=True)
-  _write_text(os.path.join(report_dir, 'results.json'),
+  files.write_text(os.path.join(report_dir, 'results.json'),
               json.dumps({r['category']: _json_safe(r) for r in results}, indent=2))
   _write_csv(os.path.join(report_dir, 'results.csv'), COLUMNS,
              [['' if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in COLUMNS]
               for r in results])
   text = markdown(results)
-  _write_text(os.path.join(report_dir, 'report.md'), text)
+  files.write_text(os.path.join(report_dir, 'report.md'), text)
   logging.info('report written to %s\n%s', report_dir, results_table(results))
 
 

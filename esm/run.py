@@ -7,16 +7,19 @@ import os
 import jax
 from absl import logging
 
+from datasets import pipeline
+from esm import evaluate
 from esm import parallel
+from esm import report
 from esm import train as train_lib
 from esm import validate
+from esm import workdir as workdir_lib
 
 
 def categories(config) -> list:
   """The categories a config names: one, or every category of the dataset for 'all'."""
   if config.data.category != 'all':
     return [config.data.category]
-  from datasets import pipeline  # pylint: disable=g-import-not-at-top
   return list(pipeline.category_names(config.data.dataset, config.data.root))
 
 
@@ -33,7 +36,6 @@ def category_config(config, category: str):
 def resolve_num_steps(config) -> None:
   """config.train.num_epochs > 0 sets num_steps from the size of the training split."""
   if config.train.num_epochs > 0:
-    from datasets import pipeline  # pylint: disable=g-import-not-at-top
     n = pipeline.num_train_examples(config.data)
     config.train.num_steps = max(1, math.ceil(config.train.num_epochs * n / config.train.batch_size))
     logging.info('%d epochs of %d images at batch %d = %d steps', config.train.num_epochs, n,
@@ -45,17 +47,15 @@ def prepare_data_on_main_process_first(config) -> None:
   disk no two processes then write the same cache folder (each process reads it afterwards)."""
   if jax.process_count() == 1:
     return
-  from datasets import pipeline  # pylint: disable=g-import-not-at-top
   if parallel.is_main_process():
     pipeline.prepare_dataset(config.data)
   parallel.barrier('dataset prepared')
 
 
 def train(config, workdir: str):
-  from datasets import pipeline  # pylint: disable=g-import-not-at-top
-  validate.check_checkpoint_compatible(train_lib.load_saved_config(workdir), config, workdir)
+  validate.check_checkpoint_compatible(workdir_lib.load_saved_config(workdir), config, workdir)
   resolve_num_steps(config)
-  train_lib.save_config(config, workdir)
+  workdir_lib.save_config(config, workdir)
 
   def train_iter(start_step):
     return pipeline.get_train_iterator(config.data, global_batch_size=config.train.batch_size,
@@ -66,9 +66,8 @@ def train(config, workdir: str):
 
 def run(config, workdir: str, mode: str, input_dir=None) -> None:
   validate.validate_config(config, mode)
-  parallel.initialize(config.parallel)
-  parallel.check_batch_size(config.train.batch_size)
-  parallel.check_batch_size(config.sampling.batch_size, 'sampling.batch_size')
+  parallel.initialise(config.parallel)
+  validate.check_batches_split_over_devices(config)
   cats = categories(config)
   multi = config.data.category == 'all'
   results = []
@@ -82,11 +81,8 @@ def run(config, workdir: str, mode: str, input_dir=None) -> None:
       if train(cfg, wd) is None:
         return  # preempted: the checkpoint is saved, the rerun resumes
     if mode in ('eval', 'train_eval'):
-      from esm import evaluate  # pylint: disable=g-import-not-at-top
       results.append(evaluate.evaluate(cfg, wd))
     if mode == 'predict':
-      from esm import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.predict(cfg, wd, input_dir)
   if multi and results and jax.process_index() == 0:
-    from esm import report  # pylint: disable=g-import-not-at-top
     report.write_combined(results, workdir)

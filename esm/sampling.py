@@ -7,11 +7,14 @@ DESIGN.md "Equations in discrete form":
 * sgm / esm: start at x_{T_d} = √ᾱ_{T_d} x_0 + √(1-ᾱ_{T_d}) z, then for i = T_d..1
   x_{i-1} = x_i + β_i (x_i/2 + score_i); sgm uses the DSM score (eq. 4), esm the ESM score (eq. 3)
   with σ²_θ clamped below at esm_min_var (σ²_min of section 4.2). NFE = T_d.
-* esm_sigma: forward b_i = clip(σ²_θ(x_i), min_var, max_var) (σ²_min, σ²_max), x_{i+1} = √(1-b_i) x_i + √b_i z_i for
-  i = 0..T_d-1; reverse x_{i-1} = x_i + s_i x_i/2 - √(1-ᾱ) ε_θ(x_i) with s_i = clip(σ²_θ(x_i)).
+* esm_sigma: forward b_i = clip(σ²_θ(x_i), sigma_min_var, sigma_max_var) (σ²_min, σ²_max),
+  x_{i+1} = √(1-b_i) x_i + √b_i z_i for i = 0..T_d-1; reverse x_{i-1} = x_i + s_i x_i/2 - √(1-ᾱ) ε_θ(x_i) with s_i = clip(σ²_θ(x_i)).
   NFE = 2 T_d. The time label is 'literal' (i; label 1 at i = 0, where the network is undefined) or
   'matched' (the label whose ᾱ is nearest the pixel mean of Π_{j<i}(1-b_j)); the reverse pass reuses
   the forward pass's label for each state x_i and that label's ᾱ.
+
+Each method is registered in SAMPLERS (`register_sampler`) with its NFE and whether it needs the
+variance stream; validation, evaluation and the report read the registry.
 
 Evaluation should pass the EMA parameters (TrainState.ema_params) as `params`. Per-image noise comes
 from per-image keys (`image_keys`), so a result does not depend on batching or sharding.
@@ -19,7 +22,7 @@ from per-image keys (`image_keys`), so a result does not depend on batching or s
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 from absl import logging
 import jax
@@ -27,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from esm.errors import UserError
-from esm.losses import NetOutput
-from esm.sde import VPSchedule, dsm_score, esm_score
+from esm.models.dual_stream import NetOutput
+from esm.sde import VPSDE, dsm_score, esm_score, per_example
 
-METHODS = ('sgm', 'esm', 'esm_sigma')
 SIGMA_TIMES = ('literal', 'matched')
 VAR_SOURCES = ('i1', 't_d', 'mean')
 # Numerical floor of σ²_0 / σ²_in only; the detectors apply config.detect.var_floor themselves.
@@ -39,41 +41,75 @@ VAR_FLOOR = 1e-12
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
+  """config.sampling, typed; every check of the section is here (T_d's upper bound needs T:
+  check_t_d)."""
   method: str = 'esm'
   t_d: int = 100
   esm_min_var: float = 0.01
-  min_var: float = 0.01
-  max_var: float = 0.02
+  sigma_min_var: float = 0.01
+  sigma_max_var: float = 0.02
   sigma_time: str = 'literal'
   var_source: str = 't_d'
   snapshot_steps: Tuple[int, ...] = (200, 150, 100, 80, 50, 20, 0)
-  batch_size: int = 8
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise UserError(f'sampling.method: expected one of {METHODS}, got {self.method!r}')
+    if self.method not in SAMPLERS:
+      raise UserError(f'sampling.method: expected one of {tuple(SAMPLERS)}, got {self.method!r}')
     if self.sigma_time not in SIGMA_TIMES:
       raise UserError(f'sampling.sigma_time: expected one of {SIGMA_TIMES}, got {self.sigma_time!r}')
     if self.var_source not in VAR_SOURCES:
       raise UserError(f'sampling.var_source: expected one of {VAR_SOURCES}, got {self.var_source!r}')
-    if not 0.0 <= self.min_var <= self.max_var < 1.0:
-      raise UserError(f'sampling.min_var/max_var: expected 0 <= min_var <= max_var < 1, got '
-                      f'{self.min_var} and {self.max_var}')
+    if not 0.0 <= self.sigma_min_var <= self.sigma_max_var < 1.0:
+      raise UserError(f'sampling.sigma_min_var/sigma_max_var: expected 0 <= sigma_min_var <= '
+                      f'sigma_max_var < 1, got {self.sigma_min_var} and {self.sigma_max_var}')
     if not 0.0 <= self.esm_min_var < 1.0:
       raise UserError(f'sampling.esm_min_var: expected 0 <= esm_min_var < 1, got {self.esm_min_var}')
     if any(s < 0 for s in self.snapshot_steps):
       raise UserError(f'sampling.snapshot_steps: expected steps >= 0, got {self.snapshot_steps}')
-    if self.batch_size < 1:
-      raise UserError(f'sampling.batch_size: expected a positive integer, got {self.batch_size}')
 
   @classmethod
   def from_config(cls, cfg) -> 'SamplingConfig':
     """From config.sampling (an ml_collections ConfigDict)."""
     return cls(method=cfg.method, t_d=int(cfg.t_d), esm_min_var=float(cfg.esm_min_var),
-               min_var=float(cfg.min_var),
-               max_var=float(cfg.max_var), sigma_time=cfg.sigma_time, var_source=cfg.var_source,
-               snapshot_steps=tuple(int(s) for s in cfg.snapshot_steps),
-               batch_size=int(cfg.batch_size))
+               sigma_min_var=float(cfg.sigma_min_var), sigma_max_var=float(cfg.sigma_max_var),
+               sigma_time=cfg.sigma_time, var_source=cfg.var_source,
+               snapshot_steps=tuple(int(s) for s in cfg.snapshot_steps))
+
+  @property
+  def sampler(self) -> 'Sampler':
+    return SAMPLERS[self.method]
+
+
+def check_t_d(t_d, num_steps: int, field: str = 'sampling.t_d') -> int:
+  """T_d must be an integer in 1..T (sde.num_steps)."""
+  if isinstance(t_d, bool) or not isinstance(t_d, (int, np.integer)) or not 1 <= t_d <= num_steps:
+    raise UserError(f'{field}: expected an integer in 1..{num_steps} (sde.num_steps), got {t_d!r}')
+  return int(t_d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """A registered reconstruction method (score_sde's register_predictor, for whole samplers)."""
+  name: str
+  run: Callable  # (call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstruction
+  nfe: Callable[[int], int]  # T_d -> network evaluations per image of the sampler itself
+  needs_variance: bool  # reads σ²_θ, so needs a dual-stream model; gives σ²_0, σ²_in (S_U, S_KL)
+  # (var_source, T_d) -> image-forwards per image for σ²_0/σ²_in on top of the NFE
+  extra_net_calls: Callable[[str, int], int]
+
+
+SAMPLERS: Dict[str, Sampler] = {}
+
+
+def register_sampler(name: str, *, nfe: Callable[[int], int], needs_variance: bool,
+                     extra_net_calls: Callable[[str, int], int] = lambda var_source, t_d: 0):
+  """Decorator: registers `run` as sampling.method=name. A new sampler is one function and this."""
+  def register(run: Callable) -> Callable:
+    if name in SAMPLERS:
+      raise ValueError(f'sampler {name!r} is registered twice')
+    SAMPLERS[name] = Sampler(name, run, nfe, needs_variance, extra_net_calls)
+    return run
+  return register
 
 
 class Reconstruction(NamedTuple):
@@ -96,19 +132,14 @@ def image_keys(seed: int, indices) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
 
 
-def nfe(method: str, t_d: int) -> int:
-  """Network evaluations per image of the sampler itself (σ²_0/σ²_in calls not counted)."""
-  return 2 * t_d if method == 'esm_sigma' else t_d
-
-
 def sgm_step(x, eps, beta, alpha_bar):
   """Eq. 5 with the DSM score (eq. 4): x_{i-1} = x_i + β_i (x_i/2 - ε_θ/√(1-ᾱ_i))."""
-  return x + _bcast(beta, x) * (x / 2 + dsm_score(eps, alpha_bar))
+  return x + per_example(beta, x.ndim) * (x / 2 + dsm_score(eps, alpha_bar))
 
 
 def esm_step(x, eps, var, beta, alpha_bar):
   """Eq. 5 with the ESM score (eq. 3): x_{i-1} = x_i + β_i (x_i/2 - √(1-ᾱ_i) ε_θ/σ²); var clamped."""
-  return x + _bcast(beta, x) * (x / 2 + esm_score(eps, var, alpha_bar))
+  return x + per_example(beta, x.ndim) * (x / 2 + esm_score(eps, var, alpha_bar))
 
 
 def esm_sigma_forward_step(x, b, z):
@@ -118,13 +149,7 @@ def esm_sigma_forward_step(x, b, z):
 
 def esm_sigma_reverse_step(x, eps, s, alpha_bar):
   """Eq. 13 discretised: x_{i-1} = x_i + s_i x_i/2 - √(1-ᾱ) ε_θ, σ² in the numerator."""
-  return x + s * x / 2 - jnp.sqrt(1.0 - _bcast(alpha_bar, x)) * eps
-
-
-def _bcast(values, x):
-  """A scalar or [B] value against an NHWC batch."""
-  values = jnp.asarray(values)
-  return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
+  return x + s * x / 2 - jnp.sqrt(1.0 - per_example(alpha_bar, x.ndim)) * eps
 
 
 def _range(var):
@@ -139,32 +164,31 @@ class ReconstructFn:
   `pure` is the same function unjitted, for callers that jit it themselves (e.g. with shardings).
   """
 
-  def __init__(self, pure: Callable, method: str, t_d: int, snapshot_steps: Tuple[int, ...],
-               extra_net_calls: int):
+  def __init__(self, pure: Callable, sampler: Sampler, t_d: int, var_source: str,
+               snapshot_steps: Tuple[int, ...]):
     self.pure = pure
     self.jitted = jax.jit(pure)
-    self.method = method
+    self.sampler = sampler
+    self.method = sampler.name
     self.t_d = t_d
-    self.nfe = nfe(method, t_d)
+    self.nfe = sampler.nfe(t_d)
     self.snapshot_steps = snapshot_steps
     # Image-forwards per image for σ²_0/σ²_in on top of NFE (0 for sgm and esm_sigma 'mean').
-    self.extra_net_calls = extra_net_calls
+    self.extra_net_calls = sampler.extra_net_calls(var_source, t_d)
 
   def __call__(self, params, x0, keys) -> Reconstruction:
     return self.jitted(params, x0, keys)
 
 
-def get_reconstruct_fn(net_fn: Callable, sde: VPSchedule, sampling_cfg: SamplingConfig,
+def get_reconstruct_fn(net_fn: Callable, sde: VPSDE, sampling_cfg: SamplingConfig,
                        t_d: Optional[int] = None) -> ReconstructFn:
   """The reconstruction of sampling_cfg.method at depth t_d (default sampling_cfg.t_d).
 
   net_fn(params, x, i, *, train=False, rng=None) -> NetOutput(eps, log_var) with labels i in 1..T.
   Cached: the same (net_fn, sde, config, t_d) returns the same jitted function.
   """
-  t_d = sampling_cfg.t_d if t_d is None else t_d
-  if isinstance(t_d, bool) or not isinstance(t_d, (int, np.integer)) or not 1 <= t_d <= sde.num_steps:
-    raise UserError(f'sampling.t_d: expected an integer in 1..{sde.num_steps} (sde.num_steps), got {t_d!r}')
-  return _build(net_fn, sde, sampling_cfg, int(t_d))
+  t_d = check_t_d(sampling_cfg.t_d if t_d is None else t_d, sde.num_steps)
+  return _build(net_fn, sde, sampling_cfg, t_d)
 
 
 @functools.lru_cache(maxsize=64)
@@ -173,7 +197,7 @@ def _build(net_fn, sde, cfg: SamplingConfig, t_d: int) -> ReconstructFn:
   # slot_of[i] is the snapshot slot of x_i, or -1.
   slot_of = np.full(t_d + 1, -1, np.int32)
   slot_of[list(snaps)] = np.arange(len(snaps), dtype=np.int32)
-  body = {'sgm': _sgm_or_esm, 'esm': _sgm_or_esm, 'esm_sigma': _esm_sigma}[cfg.method]
+  sampler = cfg.sampler
 
   def reconstruct(params, x0, keys) -> Reconstruction:
     if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
@@ -181,29 +205,27 @@ def _build(net_fn, sde, cfg: SamplingConfig, t_d: int) -> ReconstructFn:
     if x0.ndim != 4 or keys.shape != x0.shape[:1]:
       raise UserError(f'reconstruct: expected x0 [B,H,W,C] and keys [B], got {x0.shape} and {keys.shape}')
     x0 = x0.astype(jnp.float32)
-    call = functools.partial(_call_net, net_fn, params, cfg.method)
+    call = functools.partial(_call_net, net_fn, params, sampler)
     snap_buf = jnp.zeros((len(snaps),) + x0.shape, jnp.float32)
-    rec = body(call, sde, cfg, t_d, x0, keys, jnp.asarray(slot_of), snap_buf)
+    rec = sampler.run(call, sde, cfg, t_d, x0, keys, jnp.asarray(slot_of), snap_buf)
     return rec._replace(snapshot_steps=jnp.asarray(snaps, jnp.int32))
 
-  extra = 0
-  if cfg.method == 'esm' or (cfg.method == 'esm_sigma' and cfg.var_source != 'mean'):
-    extra = t_d if cfg.var_source == 'mean' else 2
+  fn = ReconstructFn(reconstruct, sampler, t_d, cfg.var_source, snaps)
   logging.info('sampling: method=%s T_d=%d NFE=%d (+%d σ² calls per image) snapshots=%s',
-               cfg.method, t_d, nfe(cfg.method, t_d), extra, snaps)
-  return ReconstructFn(reconstruct, cfg.method, t_d, snaps, extra)
+               fn.method, t_d, fn.nfe, fn.extra_net_calls, snaps)
+  return fn
 
 
-def _call_net(net_fn, params, method, x, labels):
-  """(ε, σ² or None) in float32; ESM methods need the second stream."""
+def _call_net(net_fn, params, sampler: Sampler, x, labels):
+  """(ε, σ² or None) in float32; σ² only for samplers that need the second stream."""
   out = net_fn(params, x, labels, train=False, rng=None)
   if not isinstance(out, NetOutput):
     out = NetOutput(*out)
-  if out.log_var is None:
-    if method != 'sgm':
-      raise UserError(f"sampling.method: {method!r} needs a dual-stream model (loss.kind='esm'); the "
-                      'network returned no log σ²')
+  if not sampler.needs_variance:
     return out.eps.astype(jnp.float32), None
+  if out.log_var is None:
+    raise UserError(f"sampling.method: {sampler.name!r} needs a dual-stream model (loss.kind='esm'); "
+                    'the network returned no log σ²')
   return out.eps.astype(jnp.float32), jnp.exp(out.log_var.astype(jnp.float32))
 
 
@@ -228,6 +250,12 @@ def _end_vars(call, x0_hat, x0, labels):
   return var[:x0.shape[0]], var[x0.shape[0]:]
 
 
+def _esm_extra_calls(var_source: str, t_d: int) -> int:
+  return t_d if var_source == 'mean' else 2
+
+
+@register_sampler('esm', nfe=lambda t_d: t_d, needs_variance=True, extra_net_calls=_esm_extra_calls)
+@register_sampler('sgm', nfe=lambda t_d: t_d, needs_variance=False)
 def _sgm_or_esm(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstruction:
   batch = x0.shape[0]
   z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), x0.shape[1:]))(keys)
@@ -274,10 +302,12 @@ def _sgm_or_esm(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstruct
   return Reconstruction(x0_hat, var0, var_in, steps, net_labels, var_range, None, None, buf, None)
 
 
+@register_sampler('esm_sigma', nfe=lambda t_d: 2 * t_d, needs_variance=True,
+                  extra_net_calls=lambda var_source, t_d: 0 if var_source == 'mean' else 2)
 def _esm_sigma(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstruction:
   batch = x0.shape[0]
   matched = cfg.sigma_time == 'matched'
-  clip = lambda v: jnp.clip(v, cfg.min_var, cfg.max_var)
+  clip = lambda v: jnp.clip(v, cfg.sigma_min_var, cfg.sigma_max_var)
 
   def label_of(i, log_acc):
     """Network label of the state x_i: i (at least 1), or matched to the pixel-mean Π(1-b_j)."""

@@ -14,12 +14,21 @@ import numpy as np
 from esm.errors import UserError
 
 
+SCHEDULES = ('linear', 'cosine')
+
+
 @dataclasses.dataclass(frozen=True)
 class SDEConfig:
   schedule: str = 'linear'
   beta_min: float = 1e-4
   beta_max: float = 0.02
   num_steps: int = 1000
+
+  def __post_init__(self):
+    if self.num_steps < 1:
+      raise UserError(f'sde.num_steps: expected a positive number of steps, got {self.num_steps}')
+    if self.schedule not in SCHEDULES:
+      raise UserError(f'sde.schedule: expected one of {SCHEDULES}, got {self.schedule!r}')
 
   @classmethod
   def from_config(cls, cfg) -> 'SDEConfig':
@@ -41,18 +50,14 @@ def cosine_betas(num_steps: int, offset: float = 0.008, max_beta: float = 0.999)
   return np.clip(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.0, max_beta)
 
 
-class VPSchedule:
-  """The discrete variance-preserving diffusion: β_i, α_i = 1-β_i, ᾱ_i = Π_{j≤i} α_j."""
+class VPSDE:
+  """The variance-preserving diffusion in its discrete (DDPM) form: β_i, α_i = 1-β_i, ᾱ_i = Π_{j≤i} α_j."""
 
   def __init__(self, cfg: SDEConfig):
-    if cfg.num_steps < 1:
-      raise UserError(f'sde.num_steps: expected a positive number of steps, got {cfg.num_steps}')
     if cfg.schedule == 'linear':
       betas = linear_betas(cfg.beta_min, cfg.beta_max, cfg.num_steps)
-    elif cfg.schedule == 'cosine':
-      betas = cosine_betas(cfg.num_steps)
     else:
-      raise UserError(f"sde.schedule: expected 'linear' or 'cosine', got {cfg.schedule!r}")
+      betas = cosine_betas(cfg.num_steps)
     self.config = cfg
     self.num_steps = cfg.num_steps
     betas = np.concatenate([[0.0], betas])
@@ -68,7 +73,7 @@ class VPSchedule:
 
   def marginal_prob(self, x0, i):
     """Mean √ᾱ_i x_0 and std √(1-ᾱ_i) of q(x_i | x_0); i is a scalar or a [B] array."""
-    ab = _per_example(self.alpha_bar[i], x0.ndim)
+    ab = per_example(self.alpha_bar[i], x0.ndim)
     return jnp.sqrt(ab) * x0, jnp.sqrt(1.0 - ab)
 
   def sample_marginal(self, rng, x0, i):
@@ -87,7 +92,7 @@ class VPSchedule:
     return jnp.where(nearer_lo, lo, hi) + 1
 
 
-def _per_example(values, ndim):
+def per_example(values, ndim):
   """Broadcast a scalar or [B] schedule value against an NHWC batch."""
   values = jnp.asarray(values)
   return values.reshape(values.shape + (1,) * (ndim - values.ndim)) if values.ndim else values
@@ -95,13 +100,13 @@ def _per_example(values, ndim):
 
 def esm_score(eps, var, alpha_bar):
   """Eq. 3: the explicit score -√(1-ᾱ_i) ε_θ / σ²_θ."""
-  ab = _per_example(alpha_bar, eps.ndim)
+  ab = per_example(alpha_bar, eps.ndim)
   return -jnp.sqrt(1.0 - ab) * eps / var
 
 
 def dsm_score(eps, alpha_bar):
   """Eq. 4: the denoising score -ε_θ / √(1-ᾱ_i)."""
-  ab = _per_example(alpha_bar, eps.ndim)
+  ab = per_example(alpha_bar, eps.ndim)
   return -eps / jnp.sqrt(1.0 - ab)
 
 
@@ -116,6 +121,6 @@ def variance_ode_solution(var0, t):
   return var0 * et / (1.0 - var0 + var0 * et)
 
 
-def get_sde(cfg) -> VPSchedule:
+def get_sde(cfg) -> VPSDE:
   """The schedule from config.sde (an ml_collections ConfigDict) or an SDEConfig."""
-  return VPSchedule(cfg if isinstance(cfg, SDEConfig) else SDEConfig.from_config(cfg))
+  return VPSDE(cfg if isinstance(cfg, SDEConfig) else SDEConfig.from_config(cfg))

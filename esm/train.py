@@ -1,10 +1,12 @@
 """The train-step factory and the training loop."""
 
-import json
+import dataclasses
 import os
 import signal
 import time
 from typing import Callable, Optional
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -14,19 +16,41 @@ from absl import logging
 from esm import parallel
 from esm.checkpoint import Checkpointer
 from esm.errors import UserError
-from esm.losses import get_loss_fn
 from esm.metric_writer import MetricWriter
-from esm.models.dual_stream import ScoreNet, create_model, get_net_fn, init_params
-from esm.sde import get_sde
-from esm.train_state import TrainState, create_train_state, make_optimizer
+from esm.models import utils as mutils
+from esm.train_state import TrainState
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_POSITIVE_INTS = ('num_steps', 'batch_size', 'log_every', 'ckpt_every', 'keep', 'max_bad_steps',
+                  'inject_nonfinite_count')
 
 
-def metric_names(loss_kind: str):
-  return ('loss', 'sq_term', 'log_var_term') if loss_kind == 'esm' else ('loss',)
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The checked fields of config.train (the loop reads the ConfigDict itself)."""
+  lr: float
+  num_steps: int
+  batch_size: int
+  log_every: int
+  ckpt_every: int
+  keep: int
+  max_bad_steps: int
+  inject_nonfinite_count: int
+
+  def __post_init__(self):
+    if not 0 < self.lr < FLOAT32_MAX:
+      raise UserError(f'train.lr: expected a positive float32 value, got {self.lr}')
+    for name in _POSITIVE_INTS:
+      if getattr(self, name) < 1:
+        raise UserError(f'train.{name}: expected a positive integer, got {getattr(self, name)}')
+
+  @classmethod
+  def from_config(cls, train_cfg) -> 'TrainConfig':
+    return cls(lr=float(train_cfg.lr), **{k: int(train_cfg[k]) for k in _POSITIVE_INTS})
 
 
-def get_train_step_fn(loss_fn: Callable, tx: optax.GradientTransformation, ema_rate: float,
-                      inject_nonfinite_step: int = -1, inject_nonfinite_count: int = 1) -> Callable:
+def get_train_step_fn(loss_fn: Callable, ema_rate: float, inject_nonfinite_step: int = -1,
+                      inject_nonfinite_count: int = 1) -> Callable:
   """train_step(state, images, base_rng) -> state, pure and ready for jit over a mesh.
 
   The step's randomness is fold_in(base_rng, step), so a resumed run draws what an uninterrupted
@@ -50,7 +74,7 @@ def get_train_step_fn(loss_fn: Callable, tx: optax.GradientTransformation, ema_r
     # makes XLA:CPU compile this step for minutes.)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm * grad_norm)
-    updated = state.apply_update(grads, tx, ema_rate)
+    updated = state.apply_gradients(grads, ema_rate)
     state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
     sums = {k: state.metric_sums[k] + jnp.where(finite, terms[k], 0.0) for k in state.metric_sums}
     return state.replace(
@@ -61,11 +85,6 @@ def get_train_step_fn(loss_fn: Callable, tx: optax.GradientTransformation, ema_r
         metric_count=state.metric_count + finite.astype(jnp.int32))
 
   return train_step
-
-
-def reset_metrics(state: TrainState) -> TrainState:
-  return state.replace(metric_sums=jax.tree.map(jnp.zeros_like, state.metric_sums),
-                       metric_count=jnp.zeros_like(state.metric_count))
 
 
 class _Preemption:
@@ -91,24 +110,52 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def build(config, image_size: int):
-  """(sde, model, net_fn, loss_fn, tx) for a config: the pieces training and evaluation share."""
-  sde = get_sde(config.sde)
-  model = create_model(config, image_size)
-  net_fn = get_net_fn(model, sde)
-  loss_fn = get_loss_fn(net_fn, sde, config.loss.kind)
-  tx = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.grad_clip)
-  return sde, model, net_fn, loss_fn, tx
-
-
-def init_state(config, model: ScoreNet, tx, image_size: int) -> TrainState:
-  params = init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0), image_size)
-  return create_train_state(params, tx, metric_names(config.loss.kind))
-
-
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def restore_or_init(config, built: mutils.Built, checkpointer: Checkpointer, mesh):
+  """(state, start step): the newest readable checkpoint, or a fresh state at step 0."""
+  image_size = config.data.image_size
+  abstract = mutils.abstract_state(config, built, image_size)
+  state, start = checkpointer.restore_latest(
+      parallel.with_sharding(abstract, parallel.replicated(mesh)))
+  if state is None:
+    state, start = mutils.init_state(config, built, image_size), 0
+    logging.info('training from scratch: %d steps, global batch %d on %d device(s)',
+                 config.train.num_steps, config.train.batch_size, jax.device_count())
+  else:
+    logging.info('resuming from step %d of %d (%s)', start, config.train.num_steps,
+                 checkpointer.directory)
+  return jax.device_put(state, parallel.replicated(mesh)), start
+
+
+class ProgressLog:
+  """Every log_every steps: the mean loss terms to metrics.jsonl and TensorBoard, the speed to
+  throughput.jsonl, and one progress line with the ETA."""
+
+  def __init__(self, writer: MetricWriter, tc, start: int):
+    self.writer, self.tc = writer, tc
+    self.t_log, self.step_log = time.time(), start
+
+  def due(self, done: int) -> bool:
+    return done % self.tc.log_every == 0 or done == self.tc.num_steps
+
+  def write(self, done: int, state: TrainState) -> None:
+    tc = self.tc
+    sums, count = jax.device_get((state.metric_sums, state.metric_count))
+    # Means over the finite steps only; none when every step since the last line was skipped.
+    scalars = {k: float(v) / int(count) for k, v in sums.items()} if int(count) else {}
+    scalars['skipped_steps'] = int(state.skipped_steps)
+    self.writer.write(done, scalars)
+    now = time.time()
+    rate = (done - self.step_log) * tc.batch_size / max(now - self.t_log, 1e-9)
+    eta = (tc.num_steps - done) * tc.batch_size / max(rate, 1e-9)
+    self.writer.write_throughput(done, rate, now - self.t_log)
+    logging.info('step %d/%d  %.1f img/s  ETA %s  %s', done, tc.num_steps, rate,
+                 _format_eta(eta), '  '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
+    self.t_log, self.step_log = now, done
 
 
 def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optional[TrainState]:
@@ -120,90 +167,51 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
   # Installed before the restore and the compilation, so that a notice arriving then still ends
   # with a checkpoint and exit status 0 rather than the default termination.
   with _Preemption() as preemption:
-    return _train_and_checkpoint(config, workdir, train_iter_fn, preemption)
+    tc = config.train
+    mesh = parallel.make_mesh()
+    built = mutils.build(config, config.data.image_size)
+    checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), tc.keep, owner=True)
+    writer = MetricWriter(workdir)
+    try:
+      state, start = restore_or_init(config, built, checkpointer, mesh)
+      writer.truncate_after(start)
+      if start >= tc.num_steps:
+        return state
+      return _train_loop(config, built, state, start, train_iter_fn(start), mesh, checkpointer,
+                         ProgressLog(writer, tc, start), preemption)
+    finally:  # also on the max_bad_steps error: finish a pending save, then release the files
+      checkpointer.wait()
+      checkpointer.close()
+      writer.close()
 
 
-def _train_and_checkpoint(config, workdir: str, train_iter_fn: Callable,
-                          preemption: _Preemption) -> Optional[TrainState]:
+def _train_loop(config, built: mutils.Built, state: TrainState, start: int, batches, mesh,
+                checkpointer: Checkpointer, progress: ProgressLog,
+                preemption: _Preemption) -> Optional[TrainState]:
   tc = config.train
-  image_size = config.data.image_size
-  parallel.check_batch_size(tc.batch_size)
-  mesh = parallel.make_mesh()
-  _, model, _, loss_fn, tx = build(config, image_size)
-
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), tc.keep, owner=True)
-  abstract = jax.eval_shape(lambda: init_state(config, model, tx, image_size))
-  state, start = checkpointer.restore_latest(
-      parallel.with_sharding(abstract, parallel.replicated(mesh)))
-  if state is None:
-    state, start = init_state(config, model, tx, image_size), 0
-    logging.info('training from scratch: %d steps, global batch %d on %d device(s)',
-                 tc.num_steps, tc.batch_size, jax.device_count())
-  else:
-    logging.info('resuming from step %d of %d (%s)', start, tc.num_steps, checkpointer.directory)
-  state = jax.device_put(state, parallel.replicated(mesh))
-  writer = MetricWriter(workdir)
-  try:
-    writer.truncate_after(start)
-    step_fn = jax.jit(
-        get_train_step_fn(loss_fn, tx, tc.ema_rate, tc.inject_nonfinite_step,
-                          tc.inject_nonfinite_count),
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
-        out_shardings=parallel.replicated(mesh), donate_argnums=(0,))
-    reset_fn = jax.jit(reset_metrics, donate_argnums=(0,))
-    base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    if start >= tc.num_steps:
-      return state
-    batches = train_iter_fn(start)
-    t_log, step_log = time.time(), start
-    for step in range(start, tc.num_steps):
-      images = parallel.shard_batch(mesh, next(batches)['image'])
-      state = step_fn(state, images, base_rng)
-      done = step + 1
-      bad = int(state.bad_steps)  # one scalar per step: stop on the step that reaches the limit
-      if bad >= tc.max_bad_steps:
-        raise UserError(f'training stopped at step {done}: {bad} consecutive steps had a '
-                        f'non-finite loss or gradient (train.max_bad_steps={tc.max_bad_steps})')
-      if done % tc.log_every == 0 or done == tc.num_steps:
-        sums, count = jax.device_get((state.metric_sums, state.metric_count))
-        # Means over the finite steps only; none when every step since the last line was skipped.
-        scalars = {k: float(v) / int(count) for k, v in sums.items()} if int(count) else {}
-        scalars['skipped_steps'] = int(state.skipped_steps)
-        writer.write(done, scalars)
-        now = time.time()
-        rate = (done - step_log) * tc.batch_size / max(now - t_log, 1e-9)
-        eta = (tc.num_steps - done) * tc.batch_size / max(rate, 1e-9)
-        writer.write_throughput(done, rate, now - t_log)
-        logging.info('step %d/%d  %.1f img/s  ETA %s  %s', done, tc.num_steps, rate,
-                     _format_eta(eta), '  '.join(f'{k}={v:.4g}' for k, v in scalars.items()))
-        t_log, step_log = now, done
-        state = reset_fn(state)
-      preempted = parallel.any_process(preemption.requested)  # the save is collective
-      if done % tc.ckpt_every == 0 or done == tc.num_steps or preempted:
-        checkpointer.save(done, state, force=True)
-      if preempted:
-        checkpointer.wait()
-        logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', done)
-        return None
-    return state
-  finally:  # also on the max_bad_steps error: finish a pending save, then release the files
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-
-
-def save_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, 'config.json.tmp')
-    with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, 'config.json'))
-
-
-def load_saved_config(workdir: str) -> Optional[dict]:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  step_fn = jax.jit(
+      get_train_step_fn(built.loss_fn, tc.ema_rate, tc.inject_nonfinite_step,
+                        tc.inject_nonfinite_count),
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
+      out_shardings=parallel.replicated(mesh), donate_argnums=(0,))
+  reset_fn = jax.jit(TrainState.reset_metrics, donate_argnums=(0,))
+  base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  for step in range(start, tc.num_steps):
+    images = parallel.shard_batch(mesh, next(batches)['image'])
+    state = step_fn(state, images, base_rng)
+    done = step + 1
+    bad = int(state.bad_steps)  # one scalar per step: stop on the step that reaches the limit
+    if bad >= tc.max_bad_steps:
+      raise UserError(f'training stopped at step {done}: {bad} consecutive steps had a '
+                      f'non-finite loss or gradient (train.max_bad_steps={tc.max_bad_steps})')
+    if progress.due(done):
+      progress.write(done, state)
+      state = reset_fn(state)
+    preempted = parallel.any_process(preemption.requested)  # the save is collective
+    if done % tc.ckpt_every == 0 or done == tc.num_steps or preempted:
+      checkpointer.save(done, state, force=True)
+    if preempted:
+      checkpointer.wait()
+      logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', done)
+      return None
+  return state

@@ -95,7 +95,7 @@ def test_noise_posterior_is_consistent():
     score = gmm_lib.marginal_score(data, x, ab)
     tweedie = jnp.max(jnp.abs(-eps_mean / jnp.sqrt(1 - ab) - score)) / jnp.max(jnp.abs(score))
     total = jnp.mean(eps_var, 0) + jnp.var(eps_mean, 0)
-    cond = gmm_lib.conditional_score(x, x0, ab) * jnp.sqrt(1 - ab)
+    cond = -(x - jnp.sqrt(ab) * x0) / (1.0 - ab) * jnp.sqrt(1 - ab)  # ∇ log q(x_i | x_0) √(1-ᾱ)
     return tweedie, total, jnp.max(jnp.abs(cond + noise))
 
   for step in (10, 300, 900):

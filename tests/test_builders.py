@@ -12,7 +12,7 @@ from conftest import shared_data_dir
 from datasets import builder
 from datasets import mpdd
 from datasets import mvtec_ad
-from datasets import testing
+from tests import data_folders
 from datasets import visa
 from esm.errors import UserError
 
@@ -30,7 +30,7 @@ def test_one_config_per_official_category():
 
 def _prepare_bottle_like(tmp_path):
   root = str(tmp_path / 'src')
-  testing.write_mvtec_category(root, 'bottle', num_train=4, defects=('broken_large',))
+  data_folders.write_mvtec_category(root, 'bottle', num_train=4, defects=('broken_large',))
   return root, builder.prepare(mvtec_ad.MvtecAd, root, 'bottle', str(tmp_path / 'tfds'))
 
 
@@ -49,7 +49,7 @@ def test_prepare_writes_array_record_readable_by_data_source(tmp_path):
 
 def test_data_source_prepares_from_manual_dir(tmp_path):
   root = str(tmp_path / 'src')
-  testing.write_mvtec_category(root, 'tubes', num_train=3)
+  data_folders.write_mvtec_category(root, 'tubes', num_train=3)
   source = tfds.data_source(
       'mpdd/tubes', split='train', data_dir=str(tmp_path / 'tfds'),
       builder_kwargs={'file_format': 'array_record'},
@@ -68,7 +68,7 @@ def test_prepared_twice_is_not_rebuilt_but_source_change_is(tmp_path, monkeypatc
   again = builder.prepare(mvtec_ad.MvtecAd, root, 'bottle', str(tmp_path / 'tfds'))
   assert not calls and os.stat(record).st_mtime_ns == mtime
   assert again.info.splits['train'].num_examples == 4
-  testing.save(np.zeros((16, 16, 3), np.uint8), os.path.join(root, 'bottle', 'train', 'good',
+  data_folders.save(np.zeros((16, 16, 3), np.uint8), os.path.join(root, 'bottle', 'train', 'good',
                                                                '100.png'))
   rebuilt = builder.prepare(mvtec_ad.MvtecAd, root, 'bottle', str(tmp_path / 'tfds'))
   assert calls and rebuilt.info.splits['train'].num_examples == 5
@@ -76,7 +76,7 @@ def test_prepared_twice_is_not_rebuilt_but_source_change_is(tmp_path, monkeypatc
 
 def test_failed_prepare_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
   root = str(tmp_path / 'src')
-  testing.write_mvtec_category(root, 'bottle', num_train=6)
+  data_folders.write_mvtec_category(root, 'bottle', num_train=6)
   data_dir = str(tmp_path / 'tfds')
   original, seen = builder._encode_entry, []
 
@@ -105,7 +105,7 @@ def test_failed_prepare_leaves_nothing_that_looks_finished(tmp_path, monkeypatch
 
 def test_corrupt_image_fails_prepare_with_user_error(tmp_path):
   root = str(tmp_path / 'src')
-  base = testing.write_mvtec_category(root, 'bottle', num_train=3)
+  base = data_folders.write_mvtec_category(root, 'bottle', num_train=3)
   bad = os.path.join(base, 'train', 'good', '001.png')
   open(bad, 'wb').write(open(bad, 'rb').read()[:40])
   with pytest.raises(UserError, match='001.png'):
@@ -115,27 +115,27 @@ def test_corrupt_image_fails_prepare_with_user_error(tmp_path):
 
 def test_tfds_dir_inside_source_is_refused(tmp_path):
   root = str(tmp_path)
-  base = testing.write_mvtec_category(root, 'bottle', num_train=2)
-  before = testing.snapshot(base)
+  base = data_folders.write_mvtec_category(root, 'bottle', num_train=2)
+  before = data_folders.snapshot(base)
   with pytest.raises(UserError, match='inside the source'):
     builder.prepare(mvtec_ad.MvtecAd, root, 'bottle', os.path.join(base, 'cache'))
-  assert testing.snapshot(base) == before
+  assert data_folders.snapshot(base) == before
 
 
 def test_visa_builder(tmp_path):
   root = str(tmp_path / 'src')
-  testing.write_visa(root, ('pcb1',), num_train=3, num_good_test=1, num_anomaly=2)
-  before = testing.snapshot(root)
+  data_folders.write_visa(root, ('pcb1',), num_train=3, num_good_test=1, num_anomaly=2)
+  before = data_folders.snapshot(root)
   built = builder.prepare(visa.Visa, root, 'pcb1', str(tmp_path / 'tfds'))
   test = built.as_data_source(split='test')
   assert [int(test[i]['label']) for i in range(3)] == [0, 1, 1]
   assert test[2]['defect_type'] == b'anomaly' and test[2]['mask'].sum() > 0
-  assert testing.snapshot(root) == before
+  assert data_folders.snapshot(root) == before
 
 
 def test_folder_builder_without_masks(tmp_path):
   root = str(tmp_path / 'src')
-  testing.write_mvtec_category(root, 'My Parts', num_train=2, masks=False)
+  data_folders.write_mvtec_category(root, 'My Parts', num_train=2, masks=False)
   config = builder.folder_config(root, 'My Parts')
   built = builder.prepare(builder.AnomalyFolder, root, 'My Parts', str(tmp_path / 'tfds'),
                           config=config)

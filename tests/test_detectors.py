@@ -1,5 +1,7 @@
 """esm/detectors.py: each map on hand-made inputs, normalisation, blur, eq. 14/15, ablation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +43,7 @@ def test_config_from_default_and_bad_fields():
   for field, value in bad.items():
     detect = default.get_default_config().detect
     detect[field] = value
-    with pytest.raises(UserError, match=f'config.detect.{field}'):
+    with pytest.raises(UserError, match=f'^detect.{field}'):
       detectors.DetectConfig.from_config(detect)
 
 
@@ -87,7 +89,9 @@ def test_compute_maps_keys_and_values(images):
   sgm = detectors.compute_maps(x0, x0_hat)
   assert list(sgm) == ['re']
   cfg = detectors.DetectConfig(re_kind='absolute')
-  maps = detectors.get_maps_fn(cfg, _random_conv_features)(x0, x0_hat, var0, var_in)
+  maps = jax.jit(functools.partial(detectors.compute_maps, feature_fn=_random_conv_features,
+                                   re_kind=cfg.re_kind, var_floor=cfg.var_floor))(
+                                       x0, x0_hat, var0, var_in)
   assert set(maps) == {'cos', 'u', 'kl', 're'}
   assert all(m.shape == (B, H, W) and m.dtype == jnp.float32 for m in maps.values())
   np.testing.assert_allclose(maps['re'], detectors.s_re(x0, x0_hat, 'absolute'), rtol=1e-6)
@@ -97,18 +101,25 @@ def test_compute_maps_keys_and_values(images):
 
 
 def test_select_detectors_for_sgm_model():
-  sel = detectors.select_detectors((1.0, 1.0, 1.0, 0.0), ['cos', 're'])
+  sel = detectors.select_detectors((1.0, 1.0, 1.0, 0.0), variance=False, features=True)
   assert sel.used == ('cos',)
   assert set(sel.unavailable) == {'u', 'kl'}
   assert all('SGM' in reason for reason in sel.unavailable.values())
   assert sel.disabled == ('re',)
-  assert detectors.select_detectors((1, 1, 1, 1), ['re', 'u', 'kl', 'cos']).used == (
+  assert detectors.select_detectors((1, 1, 1, 1), variance=True, features=True).used == (
       'cos', 'u', 'kl', 're')
-  with pytest.raises(UserError, match='config.detect.weights'):
-    detectors.get_score_fn(detectors.DetectConfig(), H, sel.used[:0])
+  with pytest.raises(UserError, match='detect.weights'):
+    detectors.select_detectors((1.0, 1.0, 1.0, 0.0), variance=False, features=False)
 
 
-def test_normalizer_streams_batches_with_padding():
+def test_registry_is_in_weight_order_and_says_what_each_detector_needs():
+  assert detectors.DETECTOR_NAMES == ('cos', 'u', 'kl', 're')
+  needs = {n: (d.needs_variance, d.needs_features) for n, d in detectors.DETECTORS.items()}
+  assert needs == {'cos': (False, True), 'u': (True, False), 'kl': (True, False),
+                   're': (False, False)}
+
+
+def test_normaliser_streams_batches_with_padding():
   rng = np.random.default_rng(3)
   val = rng.normal(3.0, 2.0, (7, H, W)).astype(np.float32)
   const = np.full((7, H, W), 5.0, np.float32)
@@ -125,9 +136,9 @@ def test_normalizer_streams_batches_with_padding():
   assert stats.mean['re'] == pytest.approx(val.mean(dtype=np.float64), rel=1e-5)
   assert stats.std['re'] == pytest.approx(val.std(dtype=np.float64), rel=1e-5)
   assert stats == detectors.NormStats.from_dict(stats.to_dict())
-  whole = detectors.fit_normalizer({'re': val, 'u': const})
+  whole = detectors.fit_normaliser({'re': val, 'u': const})
   assert whole.std['re'] == pytest.approx(stats.std['re'], rel=1e-5)
-  norm = detectors.normalize({'re': val, 'u': const}, stats)
+  norm = detectors.normalise({'re': val, 'u': const}, stats)
   assert float(jnp.mean(norm['re'])) == pytest.approx(0.0, abs=1e-5)
   assert float(jnp.std(norm['re'])) == pytest.approx(1.0, rel=1e-4)
   np.testing.assert_allclose(norm['u'], 0.0, atol=1e-6)  # constant val map: not blown up

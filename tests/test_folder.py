@@ -8,12 +8,12 @@ import pytest
 
 from conftest import shared_data_dir
 from datasets import folder
-from datasets import testing
+from tests import data_folders
 from esm.errors import UserError
 
 
 def test_mvtec_layout_lists_and_decodes(tmp_path):
-  testing.write_mvtec_category(str(tmp_path), 'widget', num_train=3, defects=('dent', 'crack'))
+  data_folders.write_mvtec_category(str(tmp_path), 'widget', num_train=3, defects=('dent', 'crack'))
   listing = folder.list_mvtec_layout(str(tmp_path), 'widget')
   assert listing.has_masks
   assert [e.filename for e in listing.split('train')] == [
@@ -21,17 +21,17 @@ def test_mvtec_layout_lists_and_decodes(tmp_path):
   test = listing.split('test')
   assert [e.defect_type for e in test] == ['good'] * 2 + ['crack'] * 2 + ['dent'] * 2
   assert [e.label for e in test] == [0, 0, 1, 1, 1, 1]
-  example = folder.load_example(test[2])
+  example = data_folders.load_example(test[2])
   assert example['image'].dtype == np.uint8 and example['image'].shape == (16, 16, 3)
   assert example['mask'].dtype == np.uint8 and set(np.unique(example['mask'])) == {0, 1}
   # The mask marks exactly the white square of the defect image.
   np.testing.assert_array_equal(example['mask'], (example['image'] == 255).all(-1))
-  good = folder.load_example(test[0])
+  good = data_folders.load_example(test[0])
   assert good['mask'].sum() == 0 and good['label'] == 0 and good['filename'] == 'test/good/000.png'
 
 
 def test_folder_without_ground_truth_has_no_masks(tmp_path):
-  testing.write_mvtec_category(str(tmp_path), 'mine', masks=False)
+  data_folders.write_mvtec_category(str(tmp_path), 'mine', masks=False)
   listing = folder.list_mvtec_layout(str(tmp_path), 'mine', masks_required=False)
   assert not listing.has_masks
   assert all(e.mask_path is None for e in listing.entries)
@@ -40,14 +40,14 @@ def test_folder_without_ground_truth_has_no_masks(tmp_path):
 
 
 def test_visa_layout(tmp_path):
-  testing.write_visa(str(tmp_path), ('candle', 'pcb1'), num_train=4, num_good_test=2,
+  data_folders.write_visa(str(tmp_path), ('candle', 'pcb1'), num_train=4, num_good_test=2,
                      num_anomaly=3)
   listing = folder.list_visa_layout(str(tmp_path), 'pcb1')
   assert len(listing.split('train')) == 4 and len(listing.split('test')) == 5
   test = listing.split('test')
   assert [e.label for e in test] == [0, 0, 1, 1, 1]
   assert test[-1].filename == 'Data/Images/Anomaly/008.JPG' and test[-1].defect_type == 'anomaly'
-  example = folder.load_example(test[-1])
+  example = data_folders.load_example(test[-1])
   assert example['mask'].shape == example['image'].shape[:2] and example['mask'].sum() > 0
 
 
@@ -71,7 +71,7 @@ def test_image_modes_become_rgb(tmp_path, mode):
 
 
 def _mvtec(tmp_path):
-  return testing.write_mvtec_category(str(tmp_path), 'widget', num_train=2, defects=('crack',))
+  return data_folders.write_mvtec_category(str(tmp_path), 'widget', num_train=2, defects=('crack',))
 
 
 def _break(case, base):
@@ -113,7 +113,7 @@ def test_bad_files_raise_when_decoded(tmp_path, case):
   image = os.path.join(base, 'test', 'crack', '000.png')
   mask = os.path.join(base, 'ground_truth', 'crack', '000_mask.png')
   if case == 'size_mismatch':
-    testing.save(np.zeros((9, 16), np.uint8), mask)
+    data_folders.save(np.zeros((9, 16), np.uint8), mask)
     bad = mask
   else:
     data = open(image, 'rb').read()
@@ -122,7 +122,7 @@ def test_bad_files_raise_when_decoded(tmp_path, case):
   entry = next(e for e in folder.list_mvtec_layout(str(tmp_path), 'widget').entries
                if e.image_path == image)
   with pytest.raises(UserError) as err:
-    folder.load_example(entry)
+    data_folders.load_example(entry)
   assert bad in str(err.value) and '\n' not in str(err.value)
 
 
@@ -142,7 +142,7 @@ def test_hidden_files_are_skipped(tmp_path):
 
 
 def test_visa_csv_naming_missing_file(tmp_path):
-  testing.write_visa(str(tmp_path), ('candle',))
+  data_folders.write_visa(str(tmp_path), ('candle',))
   missing = os.path.join(str(tmp_path), 'candle', 'Data', 'Images', 'Anomaly', '008.JPG')
   os.remove(missing)
   with pytest.raises(UserError) as err:
@@ -155,10 +155,10 @@ def test_visa_csv_naming_missing_file(tmp_path):
 
 def test_nothing_written_to_source(tmp_path):
   base = _mvtec(tmp_path)
-  before = testing.snapshot(base)
+  before = data_folders.snapshot(base)
   for entry in folder.list_mvtec_layout(str(tmp_path), 'widget').entries:
-    folder.load_example(entry)
-  assert testing.snapshot(base) == before
+    data_folders.load_example(entry)
+  assert data_folders.snapshot(base) == before
 
 
 @pytest.mark.parametrize('dataset, category, num_train, num_test, num_masks', [
@@ -177,5 +177,5 @@ def test_real_data_counts_and_alignment(dataset, category, num_train, num_test, 
     stem = os.path.splitext(os.path.basename(entry.image_path))[0]
     assert os.path.basename(entry.mask_path) == f'{stem}_mask.png'
     assert os.path.basename(os.path.dirname(entry.mask_path)) == entry.defect_type
-    example = folder.load_example(entry)
+    example = data_folders.load_example(entry)
     assert example['mask'].shape == example['image'].shape[:2] and example['mask'].any()

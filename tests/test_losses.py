@@ -7,7 +7,8 @@ import pytest
 
 from esm import losses
 from esm.errors import UserError
-from esm.sde import SDEConfig, VPSchedule
+from esm.models.dual_stream import NetOutput
+from esm.sde import SDEConfig, VPSDE
 
 
 def test_esm_loss_value_and_terms():
@@ -40,13 +41,13 @@ def test_dsm_loss():
 
 
 def test_loss_fn_draws_steps_uniformly_and_logs_terms():
-  sde = VPSchedule(SDEConfig())
+  sde = VPSDE(SDEConfig())
   seen = []
 
   def net_fn(params, x, i, *, train, rng):
     del train, rng
     seen.append(np.asarray(i))
-    return losses.NetOutput(params * x, jnp.zeros_like(x))
+    return NetOutput(params * x, jnp.zeros_like(x))
 
   loss_fn = losses.get_loss_fn(net_fn, sde, 'esm')
   loss, terms = loss_fn(jnp.float32(0.0), jnp.zeros((20000, 1, 1, 1)), jax.random.key(0))
@@ -61,4 +62,4 @@ def test_loss_fn_draws_steps_uniformly_and_logs_terms():
 
 def test_unknown_loss_kind():
   with pytest.raises(UserError, match='loss.kind'):
-    losses.get_loss_fn(None, VPSchedule(SDEConfig()), 'vlb')
+    losses.get_loss_fn(None, VPSDE(SDEConfig()), 'vlb')

@@ -9,6 +9,7 @@ from configs import common
 from configs.default import get_default_config
 from esm.errors import UserError
 from esm.models import dual_stream
+from esm.models import utils as mutils
 from esm.models.layers import sinusoidal_embedding
 from esm.sde import get_sde
 
@@ -18,8 +19,8 @@ SIZE = 16
 @pytest.fixture(scope='module')
 def tiny():
   config = common.set_tiny_model(get_default_config())
-  model = dual_stream.create_model(config, SIZE)
-  params = dual_stream.init_params(model, jax.random.key(0), SIZE)
+  model = mutils.create_model(config, SIZE)
+  params = mutils.init_params(model, jax.random.key(0), SIZE)
   net_fn = dual_stream.get_net_fn(model, get_sde(config.sde))
   return config, model, params, net_fn
 
@@ -50,11 +51,11 @@ def test_streams_share_no_parameters_and_eps_ignores_the_variance_stream(tiny):
 def test_single_stream_for_dsm():
   config = common.set_tiny_model(get_default_config())
   config.loss.kind = 'dsm'
-  model = dual_stream.create_model(config, SIZE)
-  params = jax.eval_shape(lambda: dual_stream.init_params(model, jax.random.key(0), SIZE))
+  model = mutils.create_model(config, SIZE)
+  params = jax.eval_shape(lambda: mutils.init_params(model, jax.random.key(0), SIZE))
   assert set(params) == {'eps_stream'}
-  dual = dual_stream.count_params(dual_stream.create_model(common.set_tiny_model(get_default_config()), SIZE), SIZE)
-  assert 2 * dual_stream.count_params(model, SIZE) == dual
+  dual = mutils.count_params(mutils.create_model(common.set_tiny_model(get_default_config()), SIZE), SIZE)
+  assert 2 * mutils.count_params(model, SIZE) == dual
 
 
 def test_variance_parameterisations():
@@ -68,8 +69,8 @@ def test_variance_parameterisations():
 
 def test_paper_scale_parameter_count_without_allocation():
   config = get_default_config()
-  model = dual_stream.create_model(config, 256)
-  n = dual_stream.count_params(model, 256)
+  model = mutils.create_model(config, 256)
+  n = mutils.count_params(model, 256)
   # Paper table 4: 0.98 GB of float32 parameters for the two streams.
   assert 0.9e9 < 4 * n < 1.1e9
 
@@ -77,7 +78,7 @@ def test_paper_scale_parameter_count_without_allocation():
 def test_image_size_must_divide_by_the_downsampling():
   config = get_default_config()
   with pytest.raises(UserError, match='not divisible'):
-    dual_stream.create_model(config, 100)
+    mutils.create_model(config, 100)
 
 
 def test_time_embedding():

@@ -32,7 +32,7 @@ OVERRIDES = [
     'model.ch=8', 'model.ch_mult=(1,)', 'model.num_res_blocks=1', 'model.attn_resolutions=()',
     'model.num_groups=4', 'train.batch_size=4', 'train.warmup_steps=0', 'train.lr=1e-3',
     'train.log_every=1', f'train.ckpt_every={RESUME_FROM}', f'train.num_steps={STEPS}',
-    'sampling.method=sgm', 'sampling.t_d=4', 'sampling.batch_size=6',
+    'sampling.method=sgm', 'sampling.t_d=4', 'eval.batch_size=6',
     'sampling.snapshot_steps=(4,2,0)', 'features.model=none', 'detect.weights=(0,0,0,1)',
     'eval.figures_per_type=1',
 ]
@@ -199,4 +199,4 @@ def test_process_id_outside_the_process_count_is_refused():
   cfg = get_default_config().parallel
   cfg.coordinator, cfg.num_processes, cfg.process_id = 'localhost:1', 2, 2
   with pytest.raises(UserError, match='process_id=2'):
-    parallel.initialize(cfg)
+    parallel.initialise(cfg)

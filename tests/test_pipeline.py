@@ -10,7 +10,7 @@ import pytest
 
 from configs.default import get_default_config
 from datasets import pipeline
-from datasets import testing
+from tests import data_folders
 from esm.errors import UserError
 
 
@@ -125,7 +125,7 @@ def test_split_train_val_is_deterministic_and_disjoint():
 
 def test_predict_folder_any_mode_and_size(tmp_path):
   rgb = np.zeros((20, 30, 3), np.uint8)
-  testing.save(rgb, str(tmp_path / 'a.png'))
+  data_folders.save(rgb, str(tmp_path / 'a.png'))
   Image.fromarray(rgb).convert('L').save(tmp_path / 'b.png')
   Image.fromarray(rgb).convert('RGBA').save(tmp_path / 'c.png')
   Image.fromarray(np.zeros((7, 9), np.uint16)).save(tmp_path / 'd.png')
@@ -164,7 +164,7 @@ def test_unknown_dataset_and_category(cfg):
   with pytest.raises(UserError, match='bottle, cable'):
     pipeline.get_eval_data(bad, 'test', global_batch_size=2)
   bad.dataset = 'imagenet'
-  with pytest.raises(UserError, match='mvtec_ad, visa, mpdd, folder, synthetic'):
+  with pytest.raises(UserError, match="'mvtec_ad', 'visa', 'mpdd', 'folder', 'synthetic'"):
     pipeline.prepare_dataset(bad)
   assert [len(pipeline.category_names(d)) for d in ('mvtec_ad', 'visa', 'mpdd', 'synthetic')] == [
       15, 12, 6, 2]
@@ -172,8 +172,8 @@ def test_unknown_dataset_and_category(cfg):
 
 def test_folder_dataset_without_masks_writes_nothing_into_source(tmp_path):
   root = str(tmp_path / 'mine')
-  testing.write_mvtec_category(root, 'parts', num_train=3, masks=False)
-  before = testing.snapshot(root)
+  data_folders.write_mvtec_category(root, 'parts', num_train=3, masks=False)
+  before = data_folders.snapshot(root)
   c = get_default_config().data
   c.dataset, c.root, c.category = 'folder', root, 'parts'
   c.tfds_dir, c.image_size = str(tmp_path / 'tfds'), 16
@@ -182,7 +182,7 @@ def test_folder_dataset_without_masks_writes_nothing_into_source(tmp_path):
   assert not data.has_masks and data.num_examples == 6
   assert next(pipeline.get_train_iterator(c, global_batch_size=2, seed=0))['image'].shape == (
       2, 16, 16, 3)
-  assert testing.snapshot(root) == before
+  assert data_folders.snapshot(root) == before
   c.tfds_dir = os.path.join(root, 'cache')
   with pytest.raises(UserError, match='inside the source'):
     pipeline.prepare_dataset(c)

@@ -30,11 +30,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
 from configs import demo
 from esm import checkpoint as ckpt_lib
 from esm import run
 from esm import train as train_lib
-from esm import validate
+from esm.models import utils as mutils
+from esm.train_state import TrainState, make_optimiser
 from esm.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,17 +52,14 @@ OVERRIDES = {
     'train.lr': 1e-3, 'train.ema_rate': 0.9, 'train.log_every': 1, 'train.ckpt_every': 1,
     'train.keep': 3, 'train.inject_nonfinite_step': NAN_STEP,
     'train.inject_nonfinite_count': NAN_COUNT, 'train.max_bad_steps': 3,
-    'sampling.method': 'sgm', 'sampling.t_d': 4, 'sampling.batch_size': 4,
+    'sampling.method': 'sgm', 'sampling.t_d': 4, 'eval.batch_size': 4,
     'sampling.snapshot_steps': (4, 2, 0), 'features.model': 'none',
     'detect.weights': (0, 0, 0, 1), 'eval.figures_per_type': 1,
 }
 
 
 def micro_config(cache: str, **changes):
-  c = demo.get_config()
-  for key, value in {**OVERRIDES, **changes}.items():
-    section, field = key.split('.')
-    c[section][field] = value
+  c = common.override(demo.get_config(), {**OVERRIDES, **changes})
   c.data.root = os.path.join(cache, 'synthetic')
   c.data.tfds_dir = os.path.join(cache, 'tfds')
   return c
@@ -86,9 +85,8 @@ def read_jsonl(path: str):
 
 
 def abstract_state(config):
-  _, model, _, _, tx = train_lib.build(config, config.data.image_size)
   size = config.data.image_size
-  return jax.eval_shape(lambda: train_lib.init_state(config, model, tx, size))
+  return mutils.abstract_state(config, mutils.build(config, size), size)
 
 
 def restore(config, workdir: str, step=None):
@@ -323,9 +321,9 @@ def test_a_finite_gradient_whose_square_overflows_is_skipped_too():
       loss = scale * jnp.sum(p['w'])
       return loss, {'loss': loss}
 
-    tx = train_lib.make_optimizer(1e-2, 0, 0.0)  # no clipping, which would hide it
-    state = train_lib.create_train_state(params, tx, ('loss',))
-    new = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, 0.5))(state, None, jax.random.key(0))
+    tx = make_optimiser(1e-2, 0, 0.0)  # no clipping, which would hide it
+    state = TrainState.create(params, tx, ('loss',))
+    new = jax.jit(train_lib.get_train_step_fn(loss_fn, 0.5))(state, None, jax.random.key(0))
     assert int(new.skipped_steps) == (0 if applied else 1)
     assert ckpt_lib.all_finite(new)
     assert bool(jnp.any(new.params['w'] != params['w'])) == applied
@@ -345,7 +343,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
 def test_log_variance_is_bounded_by_construction():
   from esm.models import dual_stream  # pylint: disable=g-import-not-at-top
   raw = jnp.array([-jnp.inf, -1e30, -50.0, 0.0, 50.0, 1e30, jnp.inf]).reshape(7, 1, 1, 1)
-  max_bound = validate.MAX_LOG_VAR_BOUND
+  max_bound = dual_stream.MAX_LOG_VAR_BOUND
   # 1 - 1e-7: 1-ᾱ near the smallest a float32 ᾱ below 1 gives, the most negative log(1-ᾱ).
   for bound, alpha_bar in ((12.0, 0.5), (max_bound, 0.5), (max_bound, 1.0 - 1e-7)):
     for param in ('scaled', 'direct'):
@@ -557,12 +555,12 @@ BAD_CONFIGS = [
     ('unknown category', {'data.dataset': 'mvtec_ad', 'data.category': 'bottel',
                           'sampling.t_d_by_category': {'bottle': 100, 'wood': 20}}, 'train',
      "data.category: unknown mvtec_ad category 'bottel'"),
-    ('T_d > T', {'sampling.t_d': 1001}, 'eval', 'sampling.t_d: expected 1 <= T_d <= T=1000'),
-    ('T_d < 1', {'sampling.t_d': 0}, 'eval', 'sampling.t_d: expected 1 <= T_d <= T=1000'),
+    ('T_d > T', {'sampling.t_d': 1001}, 'eval', 'sampling.t_d: expected an integer in 1..1000'),
+    ('T_d < 1', {'sampling.t_d': 0}, 'eval', 'sampling.t_d: expected an integer in 1..1000'),
     ('image size vs U-Net downsampling', {'model.ch_mult': (1, 2, 2), 'data.image_size': 18},
      'train', 'data.image_size'),
     ('weights of the wrong length', {'detect.weights': (1.0, 1.0, 1.0)}, 'eval',
-     'config.detect.weights: expected 4'),
+     'detect.weights: expected 4'),
     ('unknown sampling method', {'sampling.method': 'ddim'}, 'eval', 'sampling.method'),
     ('log-variance bound too large', {'model.log_var_bound': 100.0}, 'train',
      'model.log_var_bound: expected 0 < bound <= 60'),

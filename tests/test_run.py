@@ -20,17 +20,14 @@ OVERRIDES = {
     'data.dataset': 'synthetic', 'data.category': 'object', 'data.image_size': 16,
     'data.synthetic_size': 32, 'data.synthetic_num_train': 16, 'data.synthetic_num_test': 8,
     'data.val_fraction': 0.25, 'train.batch_size': 4, 'train.warmup_steps': 0, 'train.lr': 1e-3,
-    'train.log_every': 1, 'train.ckpt_every': 5, 'sampling.t_d': 4, 'sampling.batch_size': 4,
+    'train.log_every': 1, 'train.ckpt_every': 5, 'sampling.t_d': 4, 'eval.batch_size': 4,
     'sampling.snapshot_steps': (4, 2, 0), 'features.model': 'none', 'detect.weights': (0, 1, 1, 1),
     'eval.figures_per_type': 1, 'sampling.method': 'esm_sigma',
 }
 
 
 def tiny_config(cache: str, num_steps: int):
-  c = common.set_tiny_model(get_default_config())
-  for key, value in OVERRIDES.items():
-    section, field = key.split('.')
-    c[section][field] = value
+  c = common.override(common.set_tiny_model(get_default_config()), OVERRIDES)
   c.data.root = os.path.join(cache, 'synthetic')
   c.data.tfds_dir = os.path.join(cache, 'tfds')
   c.train.num_steps = num_steps
@@ -107,3 +104,14 @@ def test_predict_on_an_empty_folder_is_a_clear_error(straight, tmp_path):
   base, cfg = straight
   with pytest.raises(UserError, match='empty|no image'):
     run.run(cfg, str(base / 'straight'), 'predict', input_dir=str(tmp_path))
+
+
+def test_sgm_sampler_on_an_esm_model_reads_eps_through_eq4(straight, tmp_path):
+  """sampling.method=sgm on a dual-stream checkpoint: S_U and S_KL are unavailable (the sampler
+  does not read σ²_θ) and are reported so; S_RE is evaluated."""
+  base, cfg = straight
+  cfg = common.override(cfg, {'sampling.method': 'sgm', 'detect.weights': (0, 1, 1, 1)})
+  result = run.evaluate.evaluate(cfg, str(base / 'straight'), report_dir=str(tmp_path))
+  assert result['method'] == 'sgm' and result['detectors'] == ['re']
+  assert set(result['unavailable_detectors']) == {'u', 'kl'}
+  assert 0.0 <= result['image_auroc'] <= 1.0

@@ -14,10 +14,10 @@ import pytest
 from configs.default import get_default_config
 from esm import sampling
 from esm.errors import UserError
-from esm.losses import NetOutput
-from esm.sde import SDEConfig, VPSchedule
+from esm.models.dual_stream import NetOutput
+from esm.sde import SDEConfig, VPSDE
 
-SDE = VPSchedule(SDEConfig())
+SDE = VPSDE(SDEConfig())
 SHAPE = (8, 8, 3)
 T_D = 6
 BASE = sampling.SamplingConfig(method='esm_sigma', var_source='i1',
@@ -126,7 +126,7 @@ def test_esm_step_equals_sgm_step_when_var_is_one_minus_alpha_bar():
 
 def test_esm_reconstruction_equals_sgm_when_var_is_one_minus_alpha_bar():
   # vp_denoiser told the wrong clean images: σ² ≡ 1-ᾱ_i, and ε that does not recover the input.
-  sgm, _ = run(vp_denoiser, WRONG, X0, cfg(method='sgm', min_var=0.0), 20)
+  sgm, _ = run(vp_denoiser, WRONG, X0, cfg(method='sgm', sigma_min_var=0.0), 20)
   esm, _ = run(vp_denoiser, WRONG, X0, cfg(method='esm', esm_min_var=0.0), 20)
   np.testing.assert_allclose(esm.x0_hat, sgm.x0_hat, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(esm.snapshots, sgm.snapshots, rtol=1e-5, atol=1e-5)
@@ -148,8 +148,8 @@ def test_perfect_denoiser_reproduces_input_sgm_esm(method):
 
 
 def test_esm_clamps_learned_variance_but_not_var0():
-  # ESM^σ's per-step bound min_var differs on purpose: ESM's clamp is esm_min_var alone.
-  rec, _ = run(vp_denoiser, {'x0': X0}, X0, cfg(method='esm', esm_min_var=0.01, min_var=0.015), 20)
+  # ESM^σ's per-step bound sigma_min_var differs on purpose: ESM's clamp is esm_min_var alone.
+  rec, _ = run(vp_denoiser, {'x0': X0}, X0, cfg(method='esm', esm_min_var=0.01, sigma_min_var=0.015), 20)
   want = np.maximum(1.0 - np.asarray(SDE.alpha_bar)[np.arange(20, 0, -1)], 0.01)
   np.testing.assert_allclose(rec.var_range, np.broadcast_to(want[:, None, None], (20, 2, 2)), rtol=1e-5)
   # With σ² held at 0.01 > 1-ᾱ_i the score is too weak and noise is left: the clamp is in effect.
@@ -227,13 +227,13 @@ def test_var_source_mean_esm_sigma_is_unclamped():
 
 
 def test_sgm_has_no_variance_outputs():
-  rec, _ = run(vp_denoiser, WRONG, X0, cfg(method='sgm', min_var=0.0), 20)
+  rec, _ = run(vp_denoiser, WRONG, X0, cfg(method='sgm', sigma_min_var=0.0), 20)
   assert rec.var0 is None and rec.var_in is None and rec.forward_var_range is None
   np.testing.assert_allclose(rec.var_range[:, 0, 0], 1.0 - SDE.alpha_bar[20:0:-1], rtol=1e-6)
 
 
 @pytest.mark.parametrize('net,params,config,t_d', [
-    (vp_denoiser, WRONG, cfg(method='sgm', min_var=0.0), 20),
+    (vp_denoiser, WRONG, cfg(method='sgm', sigma_min_var=0.0), 20),
     (GENERIC, PARAMS, cfg(method='esm', var_source='t_d'), T_D),
     (GENERIC, PARAMS, cfg(method='esm_sigma', sigma_time='matched', var_source='t_d'), T_D)])
 def test_reproducible_and_independent_of_batch(net, params, config, t_d):
@@ -275,7 +275,7 @@ def test_one_scan_and_trace_size_flat_in_t_d(method):
 
 
 @pytest.mark.parametrize('net,config,t_d,extra', [
-    (vp_denoiser, cfg(method='sgm', min_var=0.0), 20, 0),
+    (vp_denoiser, cfg(method='sgm', sigma_min_var=0.0), 20, 0),
     (vp_denoiser, cfg(method='esm', esm_min_var=0.01), 20, 2),
     (GENERIC, cfg(method='esm', var_source='mean', snapshot_steps=tuple(range(T_D + 1))), T_D, T_D),
     (GENERIC, cfg(method='esm_sigma', var_source='i1'), T_D, 2),
@@ -284,7 +284,7 @@ def test_nfe_counts_network_calls(net, config, t_d, extra):
   params = {'x0': X0} if net is vp_denoiser else PARAMS
   _, calls = run(net, params, X0, config, t_d)
   fn = sampling.get_reconstruct_fn(net, SDE, config, t_d)
-  assert fn.nfe == sampling.nfe(config.method, t_d) == (2 * t_d if config.method == 'esm_sigma' else t_d)
+  assert fn.nfe == sampling.SAMPLERS[config.method].nfe(t_d) == (2 * t_d if config.method == 'esm_sigma' else t_d)
   assert fn.extra_net_calls == extra
   assert calls == fn.nfe + extra
 
@@ -312,14 +312,14 @@ def test_jitted_function_is_cached():
 
 def test_config_from_default():
   c = sampling.SamplingConfig.from_config(get_default_config().sampling)
-  assert (c.method, c.t_d, c.esm_min_var, c.min_var, c.max_var, c.var_source) == (
+  assert (c.method, c.t_d, c.esm_min_var, c.sigma_min_var, c.sigma_max_var, c.var_source) == (
       'esm', 100, 0.01, 0.01, 0.02, 't_d')
 
 
 @pytest.mark.parametrize('bad,field', [({'method': 'ddim'}, 'sampling.method'),
                                        ({'sigma_time': 'x'}, 'sampling.sigma_time'),
                                        ({'var_source': 'x'}, 'sampling.var_source'),
-                                       ({'min_var': 0.1}, 'sampling.min_var'),
+                                       ({'sigma_min_var': 0.1}, 'sampling.sigma_min_var'),
                                        ({'esm_min_var': 1.0}, 'sampling.esm_min_var'),
                                        ({'snapshot_steps': (-1,)}, 'sampling.snapshot_steps')])
 def test_bad_config_fields(bad, field):

@@ -10,7 +10,7 @@ from esm.errors import UserError
 
 
 def test_linear_schedule_endpoints_and_alpha_bar():
-  s = sde_lib.VPSchedule(sde_lib.SDEConfig())
+  s = sde_lib.VPSDE(sde_lib.SDEConfig())
   betas = np.asarray(s.betas)
   assert betas.shape == (1001,) and betas[0] == 0
   np.testing.assert_allclose([betas[1], betas[1000]], [1e-4, 0.02], rtol=1e-6)
@@ -19,18 +19,18 @@ def test_linear_schedule_endpoints_and_alpha_bar():
 
 
 def test_cosine_schedule_is_monotone_and_nearly_destroys_signal():
-  s = sde_lib.VPSchedule(sde_lib.SDEConfig(schedule='cosine'))
+  s = sde_lib.VPSDE(sde_lib.SDEConfig(schedule='cosine'))
   ab = np.asarray(s.alpha_bar)
   assert ab[0] == 1 and np.all(np.diff(ab) < 0) and ab[-1] < 1e-4
 
 
 def test_unknown_schedule_is_a_user_error():
   with pytest.raises(UserError, match='sde.schedule'):
-    sde_lib.VPSchedule(sde_lib.SDEConfig(schedule='quadratic'))
+    sde_lib.VPSDE(sde_lib.SDEConfig(schedule='quadratic'))
 
 
 def test_marginal_sample_has_the_right_moments():
-  s = sde_lib.VPSchedule(sde_lib.SDEConfig())
+  s = sde_lib.VPSDE(sde_lib.SDEConfig())
   x0 = jnp.full((4000, 2, 2, 3), 0.5)
   i = jnp.full((4000,), 300)
   xi, noise = s.sample_marginal(jax.random.key(0), x0, i)
@@ -41,7 +41,7 @@ def test_marginal_sample_has_the_right_moments():
 
 
 def test_esm_score_equals_dsm_score_when_variance_is_one_minus_alpha_bar():
-  s = sde_lib.VPSchedule(sde_lib.SDEConfig())
+  s = sde_lib.VPSDE(sde_lib.SDEConfig())
   eps = jax.random.normal(jax.random.key(1), (3, 4, 4, 3))
   i = jnp.array([1, 100, 900])
   ab = s.alpha_bar[i]
@@ -68,6 +68,6 @@ def test_variance_ode_closed_form_matches_numerical_integration():
 
 
 def test_matched_step_inverts_alpha_bar():
-  s = sde_lib.VPSchedule(sde_lib.SDEConfig())
+  s = sde_lib.VPSDE(sde_lib.SDEConfig())
   i = jnp.array([1, 2, 37, 500, 999, 1000])
   np.testing.assert_array_equal(s.matched_step(s.alpha_bar[i]), i)

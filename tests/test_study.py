@@ -1,4 +1,4 @@
-"""bench/study.py: the development set is built from held-out training images only."""
+"""experiments/study.py: the development set is built from held-out training images only."""
 
 import os
 import sys
@@ -6,16 +6,17 @@ import sys
 import numpy as np
 from PIL import Image
 
+from configs import common
 from datasets import pipeline
-from datasets import testing
+from tests import data_folders
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
 import study  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _base(tmp_path):
   root = tmp_path / 'data'
-  testing.write_mvtec_category(str(root / 'mvtec_ad'), 'bottle', num_train=10, size=64)
+  data_folders.write_mvtec_category(str(root / 'mvtec_ad'), 'bottle', num_train=10, size=64)
   c = study.base_config('bottle', str(root))
   c.data.tfds_dir = str(tmp_path / 'tfds')
   c.data.val_fraction = 0.3
@@ -27,7 +28,7 @@ def test_dev_set_is_the_held_out_train_images_with_painted_defects(tmp_path):
   val = pipeline.get_eval_data(base.data, 'val', global_batch_size=4)
   val_names = sorted(os.path.basename(r['filename']) for r in val.records)
   dev_root = study.build_dev_set(base, str(tmp_path / 'dev'))
-  dev = study.override(base, {'data.dataset': 'folder', 'data.root': dev_root})
+  dev = common.override(base, {'data.dataset': 'folder', 'data.root': dev_root})
 
   test = pipeline.get_eval_data(dev.data, 'test', global_batch_size=4)
   good = sorted(os.path.basename(r['filename']) for r in test.records if r['label'] == 0)

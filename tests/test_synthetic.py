@@ -8,6 +8,7 @@ import pytest
 
 from datasets import folder
 from datasets import synthetic
+from tests import data_folders
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +26,7 @@ def test_layout_is_mvtec_and_complete(generated):
     types = {e.defect_type for e in listing.split('test')}
     assert types == {'good', *synthetic.DEFECT_TYPES[category]}
     for entry in listing.split('test'):
-      example = folder.load_example(entry)
+      example = data_folders.load_example(entry)
       assert example['image'].shape == (32, 32, 3)
       assert bool(example['mask'].any()) == bool(entry.label)
 

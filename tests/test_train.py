@@ -12,8 +12,8 @@ import pytest
 
 from configs import common
 from configs.default import get_default_config
-from esm import parallel
 from esm import train as train_lib
+from esm.models import utils as mutils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
@@ -34,9 +34,9 @@ def tiny_config():
 def step_setup():
   config = tiny_config()
   config.train.inject_nonfinite_step = 1
-  _, model, _, loss_fn, tx = train_lib.build(config, SIZE)
-  state = train_lib.init_state(config, model, tx, SIZE)
-  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, 0.5, inject_nonfinite_step=1))
+  built = mutils.build(config, SIZE)
+  state = mutils.init_state(config, built, SIZE)
+  step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, 0.5, inject_nonfinite_step=1))
   images = jax.random.uniform(jax.random.key(5), (4, SIZE, SIZE, 3), minval=-1, maxval=1)
   return state, step, images
 
@@ -58,11 +58,12 @@ def test_non_finite_step_is_skipped_and_counted(step_setup):
 _TWO_DEVICE_SCRIPT = textwrap.dedent('''
   import jax, numpy as np
   from esm import parallel, train as train_lib
+  from esm.models import utils as mutils
   from tests.test_train import tiny_config, SIZE
   assert jax.device_count() == 2
   config = tiny_config()
-  _, model, _, loss_fn, tx = train_lib.build(config, SIZE)
-  step_fn = train_lib.get_train_step_fn(loss_fn, tx, 0.9)
+  built = mutils.build(config, SIZE)
+  step_fn = train_lib.get_train_step_fn(built.loss_fn, 0.9)
   rng = np.random.default_rng(0)
   batches = [rng.uniform(-1, 1, (4, SIZE, SIZE, 3)).astype(np.float32) for _ in range(2)]
   results = []
@@ -70,7 +71,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
     mesh = parallel.make_mesh(devices)
     step = jax.jit(step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
                    out_shardings=parallel.replicated(mesh))
-    state = jax.device_put(train_lib.init_state(config, model, tx, SIZE), parallel.replicated(mesh))
+    state = jax.device_put(mutils.init_state(config, built, SIZE), parallel.replicated(mesh))
     for b in batches:
       state = step(state, parallel.shard_batch(mesh, b), jax.random.key(3))
     results.append(jax.device_get(state))
@@ -91,9 +92,12 @@ def test_two_device_step_equals_one_device_step():
 
 
 def test_batch_that_does_not_divide_over_devices_is_refused():
-  from esm.errors import UserError
-  with pytest.raises(UserError, match='multiple of'):
-    parallel.check_batch_size(jax.device_count() + 1 if jax.device_count() > 1 else 0)
+  from esm import validate  # pylint: disable=g-import-not-at-top
+  from esm.errors import UserError  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.eval.batch_size = jax.device_count() + 1 if jax.device_count() > 1 else 0
+  with pytest.raises(UserError, match='eval.batch_size: .*multiple of'):
+    validate.check_batches_split_over_devices(config)
 
 
 # bf16 keeps 8 significant bits, so one rounding moves a value by up to 2^-8 ~ 0.004 of itself.
@@ -117,9 +121,9 @@ def test_bfloat16_training_tracks_float32_with_float32_state():
   for dtype in ('float32', 'bfloat16'):
     config = tiny_config()
     config.model.dtype = dtype
-    _, model, _, loss_fn, tx = train_lib.build(config, SIZE)
-    state = train_lib.init_state(config, model, tx, SIZE)  # parameters do not depend on dtype
-    step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, 0.9))
+    built = mutils.build(config, SIZE)
+    state = mutils.init_state(config, built, SIZE)  # parameters do not depend on dtype
+    step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, 0.9))
     sums = []
     for x in images:
       state = step(state, x, jax.random.key(3))

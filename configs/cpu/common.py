@@ -1,7 +1,8 @@
 """The CPU-scale study (docs/benchmarks.md, "Real data at CPU scale"): one model in about 15 minutes on 2 cores.
 
 Everything not listed here is the paper's setting. What changes, and why:
-- 48² images and a small U-Net (ch 16, levels (1, 2, 2), one block per level, attention at 12²):
+- 48² images and a small U-Net (configs/common.py set_cpu_model: ch 16, levels (1, 2, 2), one block
+  per level, attention at 12²):
   the paper-scale model runs at well under 1 image/s on 2 cores, and this one at 64² at 6 img/s.
 - T = 250 instead of 1000, with β_1, β_T scaled by 4 so that ᾱ follows the same curve
   (Σβ over the first T_d/4 steps equals Σβ over the first T_d steps at T = 1000). T_d from the
@@ -12,32 +13,29 @@ Everything not listed here is the paper's setting. What changes, and why:
 N_a and the blur σ are scaled with the image area and side by esm/detectors.py; DINO runs at 224².
 """
 
+from configs import common
 from configs.default import get_default_config
 
 T_SCALE = 4  # T = 1000 / T_SCALE
 
 
 def cpu_config(dataset: str, category: str, paper_t_d: int):
-  c = get_default_config()
+  c = common.set_cpu_model(get_default_config())
   c.data.dataset = dataset
   c.data.category = category
   c.data.image_size = 48
-
-  m = c.model
-  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 16, (1, 2, 2), 1, (12,)
-  m.num_groups, m.dropout = 8, 0.0
 
   c.sde.num_steps = 1000 // T_SCALE
   c.sde.beta_min *= T_SCALE
   c.sde.beta_max *= T_SCALE
 
   c.sampling.t_d = max(1, round(paper_t_d / T_SCALE))
-  c.sampling.max_var = c.sde.beta_max  # σ²_max = β_T (section 4.2)
+  c.sampling.sigma_max_var = c.sde.beta_max  # σ²_max = β_T (section 4.2)
   # ESM^σ's per-step bounds are β-like and scale with β; ESM's clamp on the marginal σ²_θ
   # (sampling.esm_min_var) is 1-ᾱ-like, and ᾱ follows the same curve, so it stays.
-  c.sampling.min_var *= T_SCALE
+  c.sampling.sigma_min_var *= T_SCALE
   c.sampling.snapshot_steps = (50, 40, 25, 20, 10, 5, 0)
-  c.sampling.batch_size = 16
+  c.eval.batch_size = 16
 
   c.train.num_steps = 400
   c.train.batch_size = 16

@@ -115,12 +115,6 @@ def marginal_score(gmm: GaussianMixture, x: jax.Array, alpha_bar) -> jax.Array:
   return jnp.einsum('nk,nki->ni', resp, per_comp)
 
 
-def conditional_score(x: jax.Array, x0: jax.Array, alpha_bar) -> jax.Array:
-  """∇_x log q(x_i | x_0) = -(x_i - √ᾱ x_0)/(1-ᾱ), which equals -ε̄/√(1-ᾱ)."""
-  ab = jnp.asarray(alpha_bar, jnp.float32)
-  return -(x - jnp.sqrt(ab) * x0) / (1.0 - ab)
-
-
 def noise_posterior(gmm: GaussianMixture, x: jax.Array, alpha_bar):
   """Mean E[ε̄ | x_i] and per-dimension variance Var(ε̄_d | x_i), both [n, d].
 

@@ -7,6 +7,8 @@ from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
+from esm import files
+
 Color = Tuple[int, int, int]
 
 # One colour per score estimator of esm/analysis/study.py.
@@ -145,9 +147,8 @@ def save_grid(panels: List[Panel], ncols: int, path: str, title: str,
     left, top = col * panel_size[0], header + row * panel_size[1]
     _draw_panel(draw, (left, top, left + panel_size[0], top + panel_size[1]), panel, font, small)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.png'
-  image.save(tmp)
-  os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+  with files.atomic_path(path) as tmp:
+    image.save(tmp)
 
 
 def study_figure(rows: List[Dict], path: str, powers: Sequence[int] = (2, 3, 4)) -> None:

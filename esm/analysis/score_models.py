@@ -20,10 +20,10 @@ from absl import logging
 
 from esm.analysis import gmm as gmm_lib
 from esm.errors import UserError
-from esm.losses import LOSS_KINDS, NetOutput, get_loss_fn
-from esm.models.dual_stream import variance_from_raw
+from esm.losses import LOSS_KINDS, get_loss_fn
+from esm.models.dual_stream import NetOutput, variance_from_raw
 from esm.models.layers import sinusoidal_embedding
-from esm.sde import VPSchedule, dsm_score, esm_score
+from esm.sde import VPSDE, dsm_score, esm_score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ def init_params(model: ScoreMLP, rng: jax.Array):
   return model.init(rng, x, jnp.zeros((1,)))['params']
 
 
-def get_net_fn(model: ScoreMLP, sde: VPSchedule) -> Callable:
+def get_net_fn(model: ScoreMLP, sde: VPSDE) -> Callable:
   """net_fn(params, x_i, i, *, train=False, rng=None) -> NetOutput, the signature of esm/losses."""
   bound = model.config.log_var_bound
 
@@ -101,7 +101,7 @@ def _check_form(form: str) -> None:
     raise UserError(f'score form: expected one of {LOSS_KINDS}, got {form!r}')
 
 
-def get_score_fn(net_fn: Callable, sde: VPSchedule, form: str) -> Callable:
+def get_score_fn(net_fn: Callable, sde: VPSDE, form: str) -> Callable:
   """score(params, x, i) -> [B, d]: 'esm' is eq. 3, -√(1-ᾱ)ε/σ²; 'dsm' is eq. 4, -ε/√(1-ᾱ)."""
   _check_form(form)
 
@@ -111,7 +111,7 @@ def get_score_fn(net_fn: Callable, sde: VPSchedule, form: str) -> Callable:
   return score_fn
 
 
-def get_scores_fn(net_fn: Callable, sde: VPSchedule, forms: Dict[str, str]) -> Callable:
+def get_scores_fn(net_fn: Callable, sde: VPSDE, forms: Dict[str, str]) -> Callable:
   """scores(params, x, i) -> {name: score} for several forms from one network evaluation."""
   for form in forms.values():
     _check_form(form)
@@ -133,7 +133,7 @@ class TrainConfig:
 
 
 def get_train_chunk_fn(loss_fn: Callable, data: gmm_lib.GaussianMixture,
-                       optimizer: optax.GradientTransformation, batch_size: int,
+                       optimiser: optax.GradientTransformation, batch_size: int,
                        chunk: int) -> Callable:
   """A jitted (params, opt_state, rng, start) -> (params, opt_state, losses [chunk]) of chunk steps.
 
@@ -145,7 +145,7 @@ def get_train_chunk_fn(loss_fn: Callable, data: gmm_lib.GaussianMixture,
     rng_data, rng_loss = jax.random.split(rng_step)
     x0 = gmm_lib.sample(data, rng_data, batch_size)
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x0, rng_loss)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates, opt_state = optimiser.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state, rng), loss
 
   @jax.jit
@@ -163,7 +163,7 @@ class TrainResult(NamedTuple):
   chunk_seconds: List[Tuple[float, float]]  # (wall, process CPU) per chunk; the first compiles
 
 
-def train(model: ScoreMLP, sde: VPSchedule, data: gmm_lib.GaussianMixture, kind: str,
+def train(model: ScoreMLP, sde: VPSDE, data: gmm_lib.GaussianMixture, kind: str,
           cfg: TrainConfig, rng: jax.Array) -> TrainResult:
   """Trains model with get_loss_fn(net_fn, sde, kind) and optax Adam on fresh mixture samples."""
   if kind == 'esm' and not model.config.two_stream:
@@ -174,10 +174,10 @@ def train(model: ScoreMLP, sde: VPSchedule, data: gmm_lib.GaussianMixture, kind:
   params = init_params(model, rng_init)
   loss_fn = get_loss_fn(get_net_fn(model, sde), sde, kind)
   schedule = optax.cosine_decay_schedule(cfg.lr, cfg.num_steps)
-  optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(schedule))
-  opt_state = optimizer.init(params)
+  optimiser = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(schedule))
+  opt_state = optimiser.init(params)
   chunk = min(cfg.chunk, cfg.num_steps)
-  run_chunk = get_train_chunk_fn(loss_fn, data, optimizer, cfg.batch_size, chunk)
+  run_chunk = get_train_chunk_fn(loss_fn, data, optimiser, cfg.batch_size, chunk)
   losses, chunk_seconds, done = [], [], 0
   start = time.perf_counter()
   while done < cfg.num_steps:

@@ -23,7 +23,7 @@ from absl import logging
 from esm.analysis import gmm as gmm_lib
 from esm.analysis import score_models
 from esm.errors import UserError
-from esm.sde import SDEConfig, VPSchedule, esm_score, get_sde
+from esm.sde import SDEConfig, VPSDE, esm_score, get_sde
 
 # Row labels of the score estimators, in table order; the DSM model is the reference of the
 # difference-of-differences statistics.
@@ -82,7 +82,7 @@ def _pair_stats(gap, reference_gap):
   return jnp.sum(mean), se, _z_squared_mean(delta)
 
 
-def get_measure_fn(data: gmm_lib.GaussianMixture, sde: VPSchedule, score_fns: Dict,
+def get_measure_fn(data: gmm_lib.GaussianMixture, sde: VPSDE, score_fns: Dict,
                    powers: Tuple[int, ...], num_samples: int, log_var_bound: float,
                    reference: str = REFERENCE):
   """measure(params_by_name, rng, i) -> dict of statistics at step label i.
@@ -154,7 +154,7 @@ def _train_models(cfg: StudyConfig, dim: int, data, sde, log_var_bound: float, r
   return results, net_fns
 
 
-def run_study(cfg: StudyConfig = StudyConfig(), sde: Optional[VPSchedule] = None,
+def run_study(cfg: StudyConfig = StudyConfig(), sde: Optional[VPSDE] = None,
               log_var_bound: float = 12.0) -> Dict:
   """Trains both models per dimension and measures every estimator at every step label.
 

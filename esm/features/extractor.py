@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esm import files
 from esm.errors import UserError
 from esm.features import vit
 from esm.features import weights
@@ -125,9 +126,8 @@ def load_params(model: str, source: str, cache_dir: str | os.PathLike, seed: int
   start = time.perf_counter()
   params, offset = _convert(path, is_wheel, cfg)
   cached.parent.mkdir(parents=True, exist_ok=True)
-  tmp = cached.with_name(cached.name + '.tmp.npz')
-  np.savez(tmp, **weights.flatten(params), **{_OFFSET_KEY: np.float32(offset)})
-  os.replace(tmp, cached)
+  with files.atomic_path(cached) as tmp:
+    np.savez(tmp, **weights.flatten(params), **{_OFFSET_KEY: np.float32(offset)})
   logging.info('features: converted %s to %s weights in %.1f s; cached at %s (%.1f MB)', path,
                model, time.perf_counter() - start, cached, cached.stat().st_size / 1e6)
   return params, offset
@@ -164,7 +164,7 @@ def get_feature_fn(features_cfg: Any) -> Optional[FeatureFn]:
                     f'{model} patch size {base.patch_size}')
   params, offset = load_params(model, str(features_cfg.weights), features_cfg.cache_dir,
                                random_depth=max(layers) + 1)
-  cfg = vit.layout(model, layers, norm_outputs=bool(features_cfg.get('norm', True)),
+  cfg = vit.layout(model, layers, norm_outputs=bool(features_cfg.norm),
                    pos_interp_offset=offset)
   module = vit.ViT(cfg)
   params = jax.tree_util.tree_map(jnp.asarray, _trim_blocks(params, max(layers)))
@@ -176,6 +176,6 @@ def get_feature_fn(features_cfg: Any) -> Optional[FeatureFn]:
       x = jnp.repeat(x, 3, axis=-1)
     if x.shape[1:3] != (size, size):
       x = jax.image.resize(x, (x.shape[0], size, size, 3), method='bilinear', antialias=True)
-    return module.apply({'params': params}, vit.normalize_images(x))
+    return module.apply({'params': params}, vit.normalise_images(x))
 
   return functools.partial(features, params)

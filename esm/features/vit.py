@@ -207,7 +207,7 @@ def random_params(cfg: ViTConfig, seed: int = 0) -> dict:
   return tree
 
 
-def normalize_images(images01: jax.Array) -> jax.Array:
+def normalise_images(images01: jax.Array) -> jax.Array:
   """Maps NHWC images in [0, 1] to ImageNet-normalised values."""
   mean = jnp.asarray(IMAGENET_MEAN, images01.dtype)
   std = jnp.asarray(IMAGENET_STD, images01.dtype)

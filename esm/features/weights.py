@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from esm import files
 from esm.errors import UserError
 from esm.features import vit
 
@@ -122,13 +123,12 @@ def save_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike) -
   head = json.dumps(header, separators=(',', ':')).encode()
   head += b' ' * (-len(head) % 8)  # the format allows space padding; keeps buffers 8-aligned
   path = pathlib.Path(path)
-  tmp = path.with_name(path.name + '.tmp')
-  with open(tmp, 'wb') as f:
-    f.write(len(head).to_bytes(8, 'little'))
-    f.write(head)
-    for blob in buffers:
-      f.write(blob)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    with open(tmp, 'wb') as f:
+      f.write(len(head).to_bytes(8, 'little'))
+      f.write(head)
+      for blob in buffers:
+        f.write(blob)
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> StateDict:

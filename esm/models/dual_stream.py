@@ -5,37 +5,50 @@ Stream 1 predicts the noise expectation ε_θ; stream 2 is an independent copy o
 """
 
 import dataclasses
-import math
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from esm.errors import UserError
-from esm.losses import NetOutput
-from esm.models.unet import UNet, UNetConfig, check_image_size
-from esm.sde import VPSchedule, _per_example
+from esm.models.unet import UNet, UNetConfig
+from esm.sde import VPSDE, per_example
 
 VAR_PARAMS = ('scaled', 'direct')
 
 
+class NetOutput(NamedTuple):
+  """What every net_fn returns (the U-Nets here and the MLPs of esm/analysis alike)."""
+  eps: jax.Array  # ε_θ(x_i, i), the noise expectation (stream 1)
+  log_var: Optional[jax.Array]  # log σ²_θ(x_i, i) (stream 2); None for a single-stream DSM model
+
+
+# log σ² = log(1-ᾱ_i) + v with |v| < bound ('scaled'), and the loss uses exp(±log σ²). float32 and
+# bfloat16 overflow past exp(88.7); 60 leaves 28 nats for log(1-ᾱ_i), which is >= -16.7 wherever
+# 1-ᾱ_i is a positive float32.
+MAX_LOG_VAR_BOUND = 60.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """config.model, typed and checked, plus whether the loss wants the second stream."""
   unet: UNetConfig
   dual: bool  # True: ESM dual stream; False: the single-stream DSM (SGM) baseline
   var_param: str = 'scaled'
   log_var_bound: float = 12.0
 
+  def __post_init__(self):
+    if self.var_param not in VAR_PARAMS:
+      raise UserError(f'model.var_param: expected one of {VAR_PARAMS}, got {self.var_param!r}')
+    if not 0 < self.log_var_bound <= MAX_LOG_VAR_BOUND:
+      raise UserError(f'model.log_var_bound: expected 0 < bound <= {MAX_LOG_VAR_BOUND:g} '
+                      f'(exp(±log σ²) must stay finite in float32/bfloat16), got {self.log_var_bound}')
+
   @classmethod
-  def from_config(cls, config) -> 'ModelConfig':
-    m = config.model
-    if m.var_param not in VAR_PARAMS:
-      raise UserError(f'model.var_param: expected one of {VAR_PARAMS}, got {m.var_param!r}')
-    if config.loss.kind not in ('esm', 'dsm'):
-      raise UserError(f"loss.kind: expected 'esm' or 'dsm', got {config.loss.kind!r}")
-    return cls(unet=UNetConfig.from_config(m), dual=config.loss.kind == 'esm',
-               var_param=m.var_param, log_var_bound=float(m.log_var_bound))
+  def from_config(cls, model_cfg, dual: bool) -> 'ModelConfig':
+    return cls(unet=UNetConfig.from_config(model_cfg), dual=dual, var_param=model_cfg.var_param,
+               log_var_bound=float(model_cfg.log_var_bound))
 
 
 class ScoreNet(nn.Module):
@@ -59,10 +72,10 @@ def variance_from_raw(v, alpha_bar, var_param: str, bound: float):
   v = bound * jnp.tanh(v / bound)
   if var_param == 'direct':
     return v
-  return v + jnp.log1p(-_per_example(alpha_bar, v.ndim))
+  return v + jnp.log1p(-per_example(alpha_bar, v.ndim))
 
 
-def get_net_fn(model: ScoreNet, sde: VPSchedule) -> Callable:
+def get_net_fn(model: ScoreNet, sde: VPSDE) -> Callable:
   """net_fn(params, x_i, i, *, train=False, rng=None) -> NetOutput(eps, log_var) with i in 1..T."""
   cfg = model.config
 
@@ -75,21 +88,3 @@ def get_net_fn(model: ScoreNet, sde: VPSchedule) -> Callable:
     return NetOutput(eps, variance_from_raw(v, sde.alpha_bar[i], cfg.var_param, cfg.log_var_bound))
 
   return net_fn
-
-
-def create_model(config, image_size: int) -> ScoreNet:
-  model_cfg = ModelConfig.from_config(config)
-  check_image_size(model_cfg.unet, image_size)
-  return ScoreNet(model_cfg)
-
-
-def init_params(model: ScoreNet, rng, image_size: int):
-  """Float32 parameters; jitted, because eager initialisation of a U-Net is very slow on CPU."""
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return jax.jit(lambda r: model.init({'params': r}, x, jnp.zeros((1,)), False)['params'])(rng)
-
-
-def count_params(model: ScoreNet, image_size: int) -> int:
-  """Parameter count through jax.eval_shape: nothing is allocated, so paper scale costs nothing."""
-  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), image_size))
-  return int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))

@@ -1,7 +1,7 @@
 """The real-data study at CPU scale: ESM vs ESM^σ vs SGM, the ambiguous choices, T_d and detectors.
 
-  python3 bench/study.py --category=bottle --root=../shared/data --workdir=/tmp/study
-  python3 bench/study.py --category=metal_plate --root=../shared/data --workdir=/tmp/study
+  python3 experiments/study.py --category=bottle --root=../shared/data --workdir=/tmp/study
+  python3 experiments/study.py --category=metal_plate --root=../shared/data --workdir=/tmp/study
 
 Stages (--stages, default all, each resumable: finished trainings and evaluations are skipped):
   train   ESM (dual stream, eq. 10) and SGM (single stream, DSM) with the same backbone, steps and
@@ -18,8 +18,6 @@ Stages (--stages, default all, each resumable: finished trainings and evaluation
 Prints one markdown table per stage; WORKDIR/<category>/study.md holds them all.
 """
 
-import argparse
-import copy
 import importlib
 import json
 import os
@@ -30,8 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
+from absl import app
+from absl import flags
 from absl import logging
 from PIL import Image
+
+from configs.common import override
 
 from esm import evaluate as evaluate_lib
 from esm import plotting
@@ -46,17 +48,6 @@ MODELS = {'esm': {}, 'sgm': {'loss.kind': 'dsm', 'sampling.method': 'sgm'},
           'esm_direct': {'model.var_param': 'direct'}}
 NO_COS = {'features.model': 'none', 'detect.weights': (0.0, 1.0, 1.0, 1.0)}
 DEV_DEFECTS = ('scratch', 'hole', 'stain')
-
-
-def override(config, changes: dict):
-  c = copy.deepcopy(config)
-  for dotted, value in changes.items():
-    *path, leaf = dotted.split('.')
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def base_config(category: str, root: str):
@@ -97,7 +88,7 @@ def build_dev_set(base, out_root: str, seed: int = 0) -> str:
   done = os.path.join(dst, '.complete')
   if os.path.exists(done):
     return out_root
-  val = pipeline.get_eval_data(base.data, 'val', global_batch_size=base.sampling.batch_size)
+  val = pipeline.get_eval_data(base.data, 'val', global_batch_size=base.eval.batch_size)
   os.makedirs(os.path.join(dst, 'train'), exist_ok=True)
   if not os.path.exists(os.path.join(dst, 'train', 'good')):
     os.symlink(os.path.join(src, 'train', 'good'), os.path.join(dst, 'train', 'good'))
@@ -333,30 +324,31 @@ def _figure(cases: Cases, methods: list, path: str) -> None:
   logging.info('figure: %s', path)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--category', required=True, choices=sorted(CATEGORIES))
-  parser.add_argument('--root', required=True, help='folder holding mvtec_ad/ and mpdd/')
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--stages', default='train,select,report')
-  parser.add_argument('--figure', default='', help='default docs/figures/study_<category>.png')
-  parser.add_argument('--sweep', default='SGM,ESM', help='methods whose AUROC is swept over T_d')
-  args = parser.parse_args()
-  logging.set_verbosity(logging.INFO)
-  stages = args.stages.split(',')
-  base = base_config(args.category, args.root)
-  dev = args.category == DEV_CATEGORY
-  cases = Cases(args.workdir, args.category)
+_CATEGORY = flags.DEFINE_enum('category', None, sorted(CATEGORIES), 'Category to study.')
+_ROOT = flags.DEFINE_string('root', None, 'Folder holding mvtec_ad/ and mpdd/.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the study (resumable).')
+_STAGES = flags.DEFINE_list('stages', ['train', 'select', 'report'], 'Stages to run.')
+_FIGURE = flags.DEFINE_string('figure', '', 'Default docs/figures/study_<category>.png.')
+_SWEEP = flags.DEFINE_list('sweep', ['SGM', 'ESM'], 'Methods whose AUROC is swept over T_d.')
+flags.mark_flags_as_required(['category', 'root', 'workdir'])
+
+
+def main(argv):
+  del argv
+  stages, workdir, category = _STAGES.value, _WORKDIR.value, _CATEGORY.value
+  base = base_config(category, _ROOT.value)
+  dev = category == DEV_CATEGORY
+  cases = Cases(workdir, category)
   sections = []
   if 'train' in stages:
     models = list(MODELS) if dev else ['esm', 'sgm']
-    if not dev and os.path.exists(os.path.join(args.workdir, 'choices.json')):
-      with open(os.path.join(args.workdir, 'choices.json')) as f:
+    if not dev and os.path.exists(os.path.join(workdir, 'choices.json')):
+      with open(os.path.join(workdir, 'choices.json')) as f:
         models = ['esm_direct' if json.load(f)['var_param'] == 'direct' else 'esm', 'sgm']
-    train_models(base, args.workdir, args.category, models)
-  choices_path = os.path.join(args.workdir, 'choices.json')
+    train_models(base, workdir, category, models)
+  choices_path = os.path.join(workdir, 'choices.json')
   if 'select' in stages and dev:
-    _, table = select(base, args.workdir, cases)
+    _, table = select(base, workdir, cases)
     sections.append(f'### {DEV_CATEGORY}: choices on the development set (training images only)\n\n'
                     + table)
   if 'report' in stages:
@@ -364,8 +356,8 @@ def main():
       raise SystemExit(f'{choices_path}: run the select stage on {DEV_CATEGORY} first')
     with open(choices_path) as f:
       choices = json.load(f)
-    figure = args.figure or os.path.join('docs', 'figures', f'study_{args.category}.png')
-    sections.append(report(base, args.workdir, cases, choices, figure, args.sweep.split(',')))
+    figure = _FIGURE.value or os.path.join('docs', 'figures', f'study_{category}.png')
+    sections.append(report(base, workdir, cases, choices, figure, _SWEEP.value))
   text = '\n\n'.join(sections)
   with open(os.path.join(cases.dir, 'study.md'), 'a') as f:
     f.write(text + '\n\n')
@@ -373,4 +365,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

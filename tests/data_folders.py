@@ -1,4 +1,4 @@
-"""Writers of tiny MVTec-layout and VisA-layout folders, for tests of the data layer.
+"""Test helper: writers of tiny MVTec-layout and VisA-layout folders, for tests of the data layer.
 
 Each image has a distinct flat colour (so tests can tell images apart after decoding) and each
 defect image a white square that its mask marks exactly.
@@ -10,6 +10,19 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from datasets import folder
+
+
+def load_example(entry: folder.Entry) -> dict:
+  """Decodes one listed entry the way the readers do: image, mask (zeros without one), labels."""
+  image = folder.read_image(entry.image_path)
+  if entry.mask_path:
+    mask = folder.read_mask(entry.mask_path, image.shape[:2], entry.image_path)
+  else:
+    mask = np.zeros(image.shape[:2], np.uint8)
+  return {'image': image, 'mask': mask, 'label': entry.label, 'defect_type': entry.defect_type,
+          'filename': entry.filename}
 
 
 def _colour(i: int) -> tuple[int, int, int]:

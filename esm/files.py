@@ -1,0 +1,36 @@
+"""Atomic file writes: a reader never sees half a file, and a killed writer leaves the old one."""
+
+import contextlib
+import os
+from typing import Iterator, Union
+
+PathLike = Union[str, 'os.PathLike[str]']
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, fsync: bool = False) -> Iterator[str]:
+  """Yields a temporary path beside `path` with the same extension (`a.tmp.json` for `a.json`, so
+  writers that infer the format from it still work); on success it replaces `path`, on an error it
+  is removed. fsync=True flushes the data to disk before the rename."""
+  path = os.fspath(path)
+  root, ext = os.path.splitext(path)
+  tmp = f'{root}.tmp{ext}'
+  try:
+    yield tmp
+    if fsync:
+      fd = os.open(tmp, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: PathLike, text: str, *, fsync: bool = False) -> None:
+  with atomic_path(path, fsync=fsync) as tmp:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(text)

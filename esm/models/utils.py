@@ -1,0 +1,78 @@
+"""Model construction shared by training, evaluation and the benchmarks (score_sde's `mutils`).
+
+`build` turns a config into the schedule, the network, its net_fn, the loss and the optimiser;
+`init_state` makes the TrainState that checkpoints hold, and `abstract_state` its shapes, which is
+what a reader (evaluation) needs to restore one.
+"""
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from esm.losses import LossConfig, get_loss_fn
+from esm.models.dual_stream import ModelConfig, ScoreNet, get_net_fn
+from esm.models.unet import check_image_size
+from esm.sde import VPSDE, get_sde
+from esm.train_state import TrainState, make_optimiser
+
+
+class Built(NamedTuple):
+  """The pieces of one configured model."""
+  sde: VPSDE
+  model: ScoreNet
+  net_fn: Callable  # (params, x_i, i, *, train, rng) -> NetOutput
+  loss_fn: Callable  # (params, x_0, rng, train=True) -> (loss, {name: logged term})
+  tx: optax.GradientTransformation
+
+
+def create_model(config, image_size: int) -> ScoreNet:
+  loss = LossConfig.from_config(config.loss)
+  model_cfg = ModelConfig.from_config(config.model, dual=loss.dual_stream)
+  check_image_size(model_cfg.unet, image_size)
+  return ScoreNet(model_cfg)
+
+
+def build(config, image_size: int) -> Built:
+  sde = get_sde(config.sde)
+  model = create_model(config, image_size)
+  net_fn = get_net_fn(model, sde)
+  loss_fn = get_loss_fn(net_fn, sde, config.loss.kind)
+  tx = make_optimiser(config.train.lr, config.train.warmup_steps, config.train.grad_clip)
+  return Built(sde, model, net_fn, loss_fn, tx)
+
+
+def _example_input(image_size: int):
+  return jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+
+
+def init_params(model: ScoreNet, rng, image_size: int):
+  """Float32 parameters; jitted, because eager initialisation of a U-Net is very slow on CPU."""
+  x = _example_input(image_size)
+  return jax.jit(lambda r: model.init({'params': r}, x, jnp.zeros((1,)), False)['params'])(rng)
+
+
+def count_params(model: ScoreNet, image_size: int) -> int:
+  """Parameter count through jax.eval_shape: nothing is allocated, so paper scale costs nothing."""
+  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), image_size))
+  return int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))
+
+
+def logged_metric_names(loss_fn: Callable, params, image_size: int) -> tuple:
+  """The names of the terms the loss logs, read from its output (no hand-kept list)."""
+  _, terms = jax.eval_shape(loss_fn, params, _example_input(image_size), jax.random.key(0))
+  return tuple(terms)
+
+
+def init_state(config, built: Built, image_size: int) -> TrainState:
+  """The state at step 0: parameters from fold_in(key(seed), 0)."""
+  params = init_params(built.model, jax.random.fold_in(jax.random.key(config.seed), 0), image_size)
+  names = logged_metric_names(built.loss_fn, params, image_size)
+  return TrainState.create(params, built.tx, names)
+
+
+def abstract_state(config, built: Built, image_size: int):
+  """Shapes and dtypes of init_state's result, without computing anything."""
+  return jax.eval_shape(lambda: init_state(config, built, image_size))
