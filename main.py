@@ -1,6 +1,6 @@
 """Entry point: `python main.py --config=configs/mvtec.py:bottle --workdir=DIR --mode=train`.
 
-Modes: train, eval, train_eval (default), predict (with --input=FOLDER). The work is done in
+Modes: train, tune, eval, train_eval (default), predict (with --input=FOLDER). The work is done in
 esm/run.py; bad input ends with a one-line error (add --traceback to see where it came from).
 """
 
@@ -40,7 +40,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_ProjectInfoOnly())
   from esm import run  # pylint: disable=g-import-not-at-top  (keeps --help fast)
   try:
-    run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, input_dir=FLAGS.input)
+    run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, input_dir=FLAGS.input,
+            overridden=set(config_flags.get_override_values(FLAGS['config'])))
   except UserError as e:
     if FLAGS.traceback:
       raise

@@ -115,10 +115,22 @@ def get_default_config() -> ml_collections.ConfigDict:
   f.cache_dir = os.path.join(default_cache_dir(), 'weights')  # converted-weights cache
   f.norm = True  # apply the ViT's final LayerNorm to the tapped patch tokens
 
+  # --- esm/tune.py (--mode=tune; docs/method.md "Label-free tuning") -----------------------------
+  c.tune = tu = ml_collections.ConfigDict()
+  tu.enabled = ml_collections.config_dict.placeholder(bool)  # train_eval tunes; None: folder only
+  tu.t_d_fractions = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3)  # T_d grid, fractions of T
+  tu.methods = ()  # samplers to try; () = every one the checkpoint supports
+  tu.folds = 3  # cross-fitting folds of the held-out images (normalise on some, judge on others)
+  tu.defects_per_image = 2  # painted copies of each held-out image
+  tu.defect_kinds = ('scratch', 'hole', 'stain', 'missing', 'extra', 'colour', 'texture')
+  tu.tie_tolerance = 0.005  # candidates this close to the best tie: fewer NFE, then smaller T_d
+  tu.seed = 0  # defects, their placement and the folds
+
   # --- esm/evaluate.py / report.py ---------------------------------------------------------------
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 8  # global batch of evaluation and predict (padded; split over devices)
   e.figures_per_type = 2  # example figures per defect type
+  e.sweep_t_d = False  # also evaluate the test split at every tuning candidate (report only)
   return c
 
 

@@ -146,6 +146,50 @@ def add_defect(img: np.ndarray, geometry: dict, category: str, defect_type: str,
                 0.7, rng)
 
 
+# Defects painted on real images for the label-free development set (esm/tune.py): each kind is
+# generic, needing no knowledge of the object, and sized relative to the image side.
+PAINTED_DEFECTS = ('scratch', 'hole', 'stain', 'missing', 'extra', 'colour', 'texture')
+
+
+def paint_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """(defective image, mask) for a square float RGB image in 0..255; the mask is exactly the
+  pixels that changed. scratch: a thin dark or bright stroke; hole: a dark blob; stain: a
+  translucent coloured blob; missing: a blob filled with the image's border (background) colour;
+  extra: a blob filled with another part of the image's colour; colour: a blob whose colour
+  balance shifts; texture: a blob showing the image's content from elsewhere, noised."""
+  size = img.shape[0]
+  centre = (_uniform(rng, 0.25, 0.75) * size, _uniform(rng, 0.25, 0.75) * size)
+  blob = lambda lo, hi: _blob(rng, size, centre, _uniform(rng, lo, hi) * size)
+  if kind == 'scratch':
+    region = _stroke(rng, size, centre, _uniform(rng, 0.3, 0.5) * size, max(1.0, size / 24))
+    shade = (235, 230, 220) if rng.random() < 0.5 else (35, 30, 28)
+    bad = _paint(img, region, shade, 0.9, rng)
+  elif kind == 'hole':
+    bad = _paint(img, blob(0.06, 0.1), (18, 18, 22), 1.0, rng)
+  elif kind == 'stain':
+    colour = rng.uniform(40, 220, 3)
+    bad = _paint(img, blob(0.08, 0.13), colour, 0.6, rng)
+  elif kind == 'missing':
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    bad = _paint(img, blob(0.07, 0.11), np.median(border, axis=0), 1.0, rng)
+  elif kind == 'extra':
+    y, x = (int(v) for v in rng.integers(0, size, 2))
+    bad = _paint(img, blob(0.05, 0.09), img[y, x], 1.0, rng)
+  elif kind == 'colour':
+    region = blob(0.08, 0.13)
+    gains = np.asarray(rng.permutation([0.55, 1.0, 1.45]), np.float32)
+    bad = np.where(region[..., None], img * gains + 25 * (gains - 1), img)
+  elif kind == 'texture':
+    region = blob(0.08, 0.13)
+    shift = tuple(int(v) for v in rng.integers(size // 4, 3 * size // 4, 2))
+    elsewhere = np.roll(img, shift, axis=(0, 1)) + _noise(rng, size, 12.0)
+    bad = np.where(region[..., None], elsewhere, img)
+  else:
+    raise ValueError(f'unknown painted defect {kind!r}; expected one of {PAINTED_DEFECTS}')
+  bad = np.clip(bad, 0, 255)
+  return bad, np.any(np.abs(bad - img) > 0.5, axis=-1)
+
+
 _GOOD: dict[str, Callable[[np.random.Generator, int], tuple[np.ndarray, dict]]] = {
     'texture': good_texture, 'object': good_object}
 

@@ -8,7 +8,7 @@ so padding and multi-host sharding never drop or duplicate an example.
 import dataclasses
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -72,25 +72,54 @@ class FigureKeeper:
                            'snapshot_steps': np.asarray(rec.snapshot_steps)}
 
 
+class EmaParams(NamedTuple):
+  params: Any  # the EMA parameters, replicated over the mesh
+  step: int  # the checkpoint's step
+
+
+def restore_ema_params(config, workdir: str, mesh) -> EmaParams:
+  """The EMA parameters of the newest readable checkpoint in workdir."""
+  size = config.data.image_size
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep)
+  abstract = mutils.abstract_state(config, mutils.build(config, size), size)
+  state, step = checkpointer.restore_latest(
+      parallel.with_sharding(abstract, parallel.replicated(mesh)))
+  checkpointer.close()
+  if state is None:
+    raise UserError(f'{workdir}/checkpoints: no checkpoint to evaluate; run --mode=train first')
+  logging.info('evaluating the EMA parameters of step %d', step)
+  return EmaParams(jax.device_put(state.ema_params, parallel.replicated(mesh)), step)
+
+
+def get_features(config, weights: Dict[str, float]) -> Optional[Callable]:
+  """The feature extractor when a detector that needs one has a nonzero weight, else None."""
+  if any(weights[n] != 0.0 and d.needs_features for n, d in det.DETECTORS.items()):
+    from esm.features import get_feature_fn  # pylint: disable=g-import-not-at-top
+    return get_feature_fn(config.features)
+  return None
+
+
 class Scorer:
   """Everything evaluation and prediction share: the model's EMA parameters, the jitted
-  reconstruct-and-detect function, the detector selection and the normalisation."""
+  reconstruct-and-detect function, the detector selection and the normalisation.
 
-  def __init__(self, config, workdir: str):
+  `restored` and `feature_fn` let several scorers (the tuning candidates) share one restored
+  checkpoint and one feature extractor."""
+
+  def __init__(self, config, workdir: str, *, restored: Optional[EmaParams] = None,
+               feature_fn: Optional[Callable] = None):
     self.config = config
     self.image_size = config.data.image_size
     self.mesh = parallel.make_mesh()
     built = mutils.build(config, self.image_size)
     self.num_params = mutils.count_params(built.model, self.image_size)
-    self.params = self._restore_ema(config, workdir, built)
+    restored = restored or restore_ema_params(config, workdir, self.mesh)
+    self.params, self.checkpoint_step = restored
     self.recon = sampling.get_reconstruct_fn(
         built.net_fn, built.sde, sampling.SamplingConfig.from_config(config.sampling))
     self.detect_cfg = det.DetectConfig.from_config(config.detect)
     weights = self.detect_cfg.weights_by_name()
-    feature_fn = None
-    if any(weights[n] != 0.0 and d.needs_features for n, d in det.DETECTORS.items()):
-      from esm.features import get_feature_fn  # pylint: disable=g-import-not-at-top
-      feature_fn = get_feature_fn(config.features)
+    feature_fn = feature_fn or get_features(config, weights)
     self.selection = det.select_detectors(weights, variance=self.recon.sampler.needs_variance,
                                           features=feature_fn is not None)
     for name, reason in self.selection.unavailable.items():
@@ -109,18 +138,6 @@ class Scorer:
     self._compiled = None
     self.compile_seconds = 0.0
     self.stats: Optional[det.NormStats] = None
-
-  def _restore_ema(self, config, workdir, built: mutils.Built):
-    checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep)
-    abstract = mutils.abstract_state(config, built, self.image_size)
-    state, step = checkpointer.restore_latest(
-        parallel.with_sharding(abstract, parallel.replicated(self.mesh)))
-    checkpointer.close()
-    if state is None:
-      raise UserError(f'{workdir}/checkpoints: no checkpoint to evaluate; run --mode=train first')
-    logging.info('evaluating the EMA parameters of step %d', step)
-    self.checkpoint_step = step
-    return jax.device_put(state.ema_params, parallel.replicated(self.mesh))
 
   def _analysed_batches(self, data, what: str, timing: Dict[str, float]) -> Iterator[AnalysedBatch]:
     """Reconstructs and detects `data` batch by batch; timing['seconds'] sums the jitted calls
@@ -207,14 +224,53 @@ class Evaluation:
   scores: np.ndarray  # [N] image scores
 
 
-def evaluate(config, workdir: str, report_dir: Optional[str] = None) -> Dict[str, Any]:
+def evaluate(config, workdir: str, report_dir: Optional[str] = None,
+             settings_source: Optional[Dict[str, str]] = None,
+             tuned: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """Evaluates the latest checkpoint on the test split and writes the report (default
-  workdir/report/); returns the result row."""
+  workdir/report/); returns the result row. settings_source says where T_d, the sampler and the
+  weights came from; `tuned` (DIR/tuned.json) adds the development curve to the report and, with
+  eval.sweep_t_d, the test AUROC of every tuning candidate beside it (for the reader only)."""
   ev = evaluate_outputs(config, workdir)
+  ev.result['settings_source'] = dict(settings_source or {})
+  if tuned is not None and config.eval.sweep_t_d:
+    ev.result['t_d_sweep'] = sweep_tuning_candidates(config, workdir, tuned)
   if jax.process_index() == 0:
     report.write_category(ev.result, report_dir or os.path.join(workdir, 'report'), ev.records,
-                          ev.outputs, ev.pixel_maps, ev.scores)
+                          ev.outputs, ev.pixel_maps, ev.scores, tuned=tuned)
   return ev.result
+
+
+def sweep_tuning_candidates(config, workdir: str, tuned: Dict[str, Any]) -> List[Dict[str, Any]]:
+  """Test image and pixel AUROC of each (sampler, T_d) of the tuning grid, each with the detector
+  weights that were best for it on the development set. Read by no choice: report only."""
+  from configs.common import override  # pylint: disable=g-import-not-at-top
+  from datasets import pipeline  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  restored = restore_ema_params(config, workdir, mesh)
+  feature_fn = get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
+  gb = config.eval.batch_size
+  val = pipeline.get_eval_data(config.data, 'val', global_batch_size=gb)
+  test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
+  pixel_labels = None
+  rows = []
+  for method in tuned['methods']:
+    for t_d in tuned['t_d_grid']:
+      mine = [c for c in tuned['candidates'] if c['method'] == method and c['t_d'] == t_d]
+      best = max(mine, key=lambda c: c['score'])
+      cfg = override(config, {'sampling.method': method, 'sampling.t_d': t_d,
+                              'detect.weights': tuple(best['weights'])})
+      scorer = Scorer(cfg, workdir, restored=restored, feature_fn=feature_fn)
+      scorer.fit_normalisation(val)
+      out = scorer.run_split(test, what=f'sweep {method} T_d={t_d}')
+      pixel_maps, scores = scorer.score(scorer.normalise(out.maps))
+      if pixel_labels is None and test.has_masks:
+        pixel_labels = metrics.prepare_pixel_labels(out.masks)
+      rows.append({'method': method, 't_d': t_d, 'detectors': best['detectors'],
+                   'dev_score': best['score'], 'image_auroc': metrics.auroc(scores, out.labels),
+                   'pixel_auroc': (metrics.pixel_metrics(pixel_maps, pixel_labels)['auroc']
+                                   if pixel_labels is not None else float('nan'))})
+  return rows
 
 
 def evaluate_outputs(config, workdir: str) -> Evaluation:
@@ -258,6 +314,7 @@ def evaluate_outputs(config, workdir: str) -> Evaluation:
       'params': scorer.num_params,
       'checkpoint_step': scorer.checkpoint_step,
       'num_test_images': test.num_examples,
+      'weights': list(scorer.detect_cfg.weights),
       'detectors': list(scorer.selection.used),
       'unavailable_detectors': dict(scorer.selection.unavailable),
       'ablation': ablation,

@@ -4,7 +4,7 @@ import csv
 import json
 import math
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from absl import logging
@@ -48,17 +48,47 @@ def _mean(values) -> float:
   return float(np.mean(values)) if values else float('nan')
 
 
+def settings(result: Dict[str, Any]) -> str:
+  """Sampler, T_d and detector weights with where each came from (tuned, paper table, ...)."""
+  source = result.get('settings_source', {})
+  tag = lambda field: f" ({source[field]})" if field in source else ''
+  weights = ', '.join(f'{w:g}' for w in result.get('weights', ()))
+  return (f"{result['method']}{tag('sampling.method')}, T_d {result['t_d']}{tag('sampling.t_d')}, "
+          f"weights ({weights}){tag('detect.weights')}")
+
+
 def results_table(results: List[Dict[str, Any]]) -> str:
-  """Image/pixel AUROC per category with a mean row, as in paper tables 1-3."""
-  method = results[0]['method'] if results else ''
-  lines = [f'| Category | {method} image/pixel AUROC | AUPRO | NFE | s/image |', '|---|---|---|---|---|']
+  """Image/pixel AUROC per category with a mean row, as in paper tables 1-3, and the settings
+  (with their source) that each row was measured with."""
+  lines = ['| Category | image/pixel AUROC | AUPRO | NFE | s/image | settings |',
+           '|---|---|---|---|---|---|']
   for r in results:
     lines.append(f"| {r['category']} | {_pct(r['image_auroc'])}/{_pct(r['pixel_auroc'])} | "
-                 f"{_pct(r['aupro'])} | {r['nfe']} | {r['seconds_per_image']:.3f} |")
+                 f"{_pct(r['aupro'])} | {r['nfe']} | {r['seconds_per_image']:.3f} | {settings(r)} |")
   if len(results) > 1:
     lines.append(f"| **Mean** | {_pct(_mean(r['image_auroc'] for r in results))}/"
                  f"{_pct(_mean(r['pixel_auroc'] for r in results))} | "
-                 f"{_pct(_mean(r['aupro'] for r in results))} | | |")
+                 f"{_pct(_mean(r['aupro'] for r in results))} | | | |")
+  return '\n'.join(lines)
+
+
+def tuning_table(tuned: Dict[str, Any], sweep: Optional[List[Dict[str, Any]]]) -> str:
+  """Development score per sampler and T_d (best detector subset each), and beside it the test
+  AUROC of the same candidate when it was swept: for the reader, never for a choice."""
+  best = {}
+  for c in tuned['candidates']:
+    key = (c['method'], c['t_d'])
+    if key not in best or c['score'] > best[key]['score']:
+      best[key] = c
+  tested = {(r['method'], r['t_d']): r for r in sweep or []}
+  lines = ['| sampler | T_d | best detectors (dev) | dev image / pixel AUROC | test image / pixel '
+           'AUROC |', '|---|---|---|---|---|']
+  for (method, t_d), c in sorted(best.items()):
+    t = tested.get((method, t_d))
+    chosen = ' **chosen**' if (method, t_d) == (tuned['method'], tuned['t_d']) else ''
+    lines.append(f"| {method}{chosen} | {t_d} | {'+'.join(c['detectors'])} | "
+                 f"{_pct(c['image_auroc'])} / {_pct(c['pixel_auroc'])} | "
+                 + (f"{_pct(t['image_auroc'])} / {_pct(t['pixel_auroc'])} |" if t else '– |'))
   return '\n'.join(lines)
 
 
@@ -77,7 +107,7 @@ def markdown(results: List[Dict[str, Any]]) -> str:
   parts = ['# Anomaly detection report', '', results_table(results), '']
   for r in results:
     parts += [f"## {r['dataset']} / {r['category']}", '',
-              f"method {r['method']}, T_d = {r['t_d']}, NFE = {r['nfe']}, parameters = {r['params']:,}, "
+              f"{settings(r)}, NFE = {r['nfe']}, parameters = {r['params']:,}, "
               f"checkpoint step {r['checkpoint_step']}, {r['num_test_images']} test images, "
               f"{r['seconds_per_image']:.3f} s/image (compilation {r['compile_seconds']:.1f} s excluded)",
               '', f"image AP {_pct(r['image_ap'])}, image F1-max {_pct(r['image_f1_max'])}, "
@@ -88,15 +118,27 @@ def markdown(results: List[Dict[str, Any]]) -> str:
   return '\n'.join(parts)
 
 
-def write_tables(results: List[Dict[str, Any]], report_dir: str) -> None:
+def tuning_section(result: Dict[str, Any], tuned: Dict[str, Any]) -> str:
+  c = tuned['criterion']
+  dev = tuned['dev_set']
+  return '\n'.join([
+      '### Label-free tuning (DIR/tuned.json)', '',
+      f"Chosen on {dev['images']} development images ({dev['held_out_images']} held-out train/good "
+      f"images, clean and with {dev['painted']} painted defects: {', '.join(dev['defect_kinds'])}), "
+      f"{dev['folds']}-fold cross-fitted normalisation, by the {c['name']}: {tuned['method']}, "
+      f"T_d = {tuned['t_d']}, weights {tuple(tuned['weights'])} (dev image {_pct(c['image_auroc'])}, "
+      f"pixel {_pct(c['pixel_auroc'])}). Test columns, when present, come from eval.sweep_t_d and "
+      'were never used for a choice.', '', tuning_table(tuned, result.get('t_d_sweep')), ''])
+
+
+def write_tables(results: List[Dict[str, Any]], report_dir: str, extra: str = '') -> None:
   os.makedirs(report_dir, exist_ok=True)
   files.write_text(os.path.join(report_dir, 'results.json'),
-              json.dumps({r['category']: _json_safe(r) for r in results}, indent=2))
+                   json.dumps({r['category']: _json_safe(r) for r in results}, indent=2))
   _write_csv(os.path.join(report_dir, 'results.csv'), COLUMNS,
              [['' if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in COLUMNS]
               for r in results])
-  text = markdown(results)
-  files.write_text(os.path.join(report_dir, 'report.md'), text)
+  files.write_text(os.path.join(report_dir, 'report.md'), markdown(results) + extra)
   logging.info('report written to %s\n%s', report_dir, results_table(results))
 
 
@@ -109,9 +151,9 @@ def _image(x) -> np.ndarray:
   return plotting.to_uint8(x, -1.0, 1.0)
 
 
-def write_category(result, report_dir, records, out, pixel_maps, scores) -> None:
-  """Tables and figures of one category."""
-  write_tables([result], report_dir)
+def write_category(result, report_dir, records, out, pixel_maps, scores, tuned=None) -> None:
+  """Tables and figures of one category (with the tuning's, when DIR/tuned.json exists)."""
+  write_tables([result], report_dir, tuning_section(result, tuned) if tuned else '')
   write_image_scores(os.path.join(report_dir, 'scores.csv'), records, out.labels, scores)
   fig_dir = os.path.join(report_dir, 'figures')
   os.makedirs(fig_dir, exist_ok=True)
@@ -139,10 +181,26 @@ def write_category(result, report_dir, records, out, pixel_maps, scores) -> None
   if out.masks.any() and not out.masks.all():
     curves[f"pixel AUROC {_pct(result['pixel_auroc'])}"] = metrics.roc_curve(
         pixel_maps.ravel(), out.masks.ravel())
+  if tuned:
+    _tuning_figure(tuned, result.get('t_d_sweep'), os.path.join(fig_dir, 'tuning.png'))
   if curves:
     plotting.line_plot(curves, f"ROC {result['category']} ({result['method']})", 'false positive rate',
                        'true positive rate', xlim=(0, 1), ylim=(0, 1)).save(
                            os.path.join(fig_dir, 'roc.png'))
+
+
+def _tuning_figure(tuned, sweep, path: str) -> None:
+  """Development image AUROC against T_d per sampler, and the test sweep's beside it."""
+  curves = {}
+  for method in tuned['methods']:
+    rows = [c for c in tuned['candidates'] if c['method'] == method]
+    grid = sorted({c['t_d'] for c in rows})
+    curves[f'dev {method}'] = (grid, [max(c['image_auroc'] for c in rows if c['t_d'] == t)
+                                      for t in grid])
+    tested = sorted((r['t_d'], r['image_auroc']) for r in sweep or [] if r['method'] == method)
+    if tested:
+      curves[f'test {method}'] = tuple(zip(*tested))
+  plotting.line_plot(curves, 'image AUROC against T_d', 'T_d', 'image AUROC', ylim=(0, 1)).save(path)
 
 
 def write_image_scores(path: str, records, labels, scores) -> None:

@@ -12,6 +12,7 @@ from esm import evaluate
 from esm import parallel
 from esm import report
 from esm import train as train_lib
+from esm import tune as tune_lib
 from esm import validate
 from esm import workdir as workdir_lib
 
@@ -64,7 +65,9 @@ def train(config, workdir: str):
   return train_lib.train_and_checkpoint(config, workdir, train_iter)
 
 
-def run(config, workdir: str, mode: str, input_dir=None) -> None:
+def run(config, workdir: str, mode: str, input_dir=None, overridden=()) -> None:
+  """Runs `mode` on every category the config names. `overridden`: the dotted config fields given
+  on the command line, which win over DIR/tuned.json."""
   validate.validate_config(config, mode)
   parallel.initialise(config.parallel)
   validate.check_batches_split_over_devices(config)
@@ -80,9 +83,15 @@ def run(config, workdir: str, mode: str, input_dir=None) -> None:
     if mode in ('train', 'train_eval'):
       if train(cfg, wd) is None:
         return  # preempted: the checkpoint is saved, the rerun resumes
-    if mode in ('eval', 'train_eval'):
-      results.append(evaluate.evaluate(cfg, wd))
-    if mode == 'predict':
-      evaluate.predict(cfg, wd, input_dir)
+    tune_cfg = tune_lib.TuneConfig.from_config(cfg.tune)
+    if mode == 'tune' or (mode == 'train_eval' and tune_cfg.is_enabled(cfg.data.dataset)):
+      tune_lib.tune(cfg, wd)
+    if mode in ('eval', 'train_eval', 'predict'):
+      sources = tune_lib.apply_tuned(cfg, wd, overridden)
+      if mode == 'predict':
+        evaluate.predict(cfg, wd, input_dir)
+      else:
+        results.append(evaluate.evaluate(cfg, wd, settings_source=sources,
+                                         tuned=tune_lib.load_tuned(wd)))
   if multi and results and jax.process_index() == 0:
     report.write_combined(results, workdir)

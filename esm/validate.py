@@ -11,7 +11,7 @@ from typing import Optional
 
 from esm.errors import UserError
 
-MODES = ('train', 'eval', 'train_eval', 'predict')  # main.py's --mode
+MODES = ('train', 'tune', 'eval', 'train_eval', 'predict')  # main.py's --mode
 # Sections whose change makes a checkpoint unusable (parameter shapes or their meaning).
 MODEL_SECTIONS = ('model', 'loss', 'sde')
 MODEL_FIELDS_THAT_MAY_CHANGE = ('dropout', 'dtype')
@@ -34,6 +34,7 @@ def validate_config(config, mode: str) -> None:
   from esm.sampling import SamplingConfig, check_t_d
   from esm.sde import SDEConfig
   from esm.train import TrainConfig
+  from esm.tune import TuneConfig
   # pylint: enable=g-import-not-at-top
 
   _expect(mode in MODES, f'--mode: expected one of {MODES}, got {mode!r}')
@@ -44,6 +45,7 @@ def validate_config(config, mode: str) -> None:
   sampling = SamplingConfig.from_config(config.sampling)
   DetectConfig.from_config(config.detect)
   TrainConfig.from_config(config.train)
+  TuneConfig.from_config(config.tune)
 
   check_image_size(model.unet, data.image_size)
   for t_d in [sampling.t_d] + list(dict(config.sampling.t_d_by_category).values()):

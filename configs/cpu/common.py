@@ -8,6 +8,8 @@ Everything not listed here is the paper's setting. What changes, and why:
   (Σβ over the first T_d/4 steps equals Σβ over the first T_d steps at T = 1000). T_d from the
   paper's tables is scaled by 250/1000 accordingly; ESM^σ's per-step bounds σ²_min, σ²_max scale
   with β (σ²_max = β_T), ESM's clamp on the marginal σ²_θ does not.
+- Label-free tuning (esm/tune.py) is on: train_eval trains, tunes T_d, the sampler and the
+  detector weights on held-out training images, then evaluates with them.
 - 400 steps at batch 16 (34 epochs of bottle) with a large learning rate, as the demo: a budget of
   minutes, not the paper's 1000 epochs.
 N_a and the blur σ are scaled with the image area and side by esm/detectors.py; DINO runs at 224².
@@ -30,6 +32,8 @@ def cpu_config(dataset: str, category: str, paper_t_d: int):
   c.sde.beta_max *= T_SCALE
 
   c.sampling.t_d = max(1, round(paper_t_d / T_SCALE))
+  c.sampling.t_d_by_category = {category: c.sampling.t_d}  # the paper's table, scaled
+  c.tune.enabled = True
   c.sampling.sigma_max_var = c.sde.beta_max  # σ²_max = β_T (section 4.2)
   # ESM^σ's per-step bounds are β-like and scale with β; ESM's clamp on the marginal σ²_θ
   # (sampling.esm_min_var) is 1-ᾱ-like, and ᾱ follows the same curve, so it stays.

@@ -142,7 +142,7 @@ def _trim_blocks(params: dict[str, Any], last: int) -> dict[str, Any]:
 def get_feature_fn(features_cfg: Any) -> Optional[FeatureFn]:
   """Pretrained feature extractor for S_Cos, or None when config.features.model is 'none'.
 
-  Reads model, weights, layers, image_size, cache_dir and (optional, default True) norm of
+  Reads model, weights, layers, image_size, cache_dir and norm of
   config.features. The returned fn maps NHWC float images in [-1, 1] of any size to one
   [B, h, w, C] map of patch tokens per chosen layer. It is jitted, closes over the parameters
   (passed as arguments, not baked in), and runs on batches sharded over a device mesh.

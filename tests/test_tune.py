@@ -1,0 +1,138 @@
+"""Label-free tuning: the development set, the choice, tuned.json, and that no test label leaks."""
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import common
+from configs.default import get_default_config
+from datasets import synthetic
+from esm import run
+from esm import tune
+from esm.errors import UserError
+from conftest import shared_data_dir
+from tests.test_run import tiny_config
+
+
+@pytest.mark.parametrize('kind', synthetic.PAINTED_DEFECTS)
+def test_painted_defect_mask_is_exactly_the_changed_pixels(kind):
+  rng = np.random.default_rng(0)
+  img = np.random.default_rng(1).uniform(60, 200, (32, 32, 3)).astype(np.float32)
+  bad, mask = synthetic.paint_defect(img, kind, rng)
+  assert mask.any() and bad.shape == img.shape
+  assert np.array_equal(mask, np.any(np.abs(bad - img) > 0.5, axis=-1))
+
+
+def test_grid_and_tie_rule():
+  assert tune.t_d_grid((0.005, 0.01, 0.025, 0.1, 0.3), 250) == [1, 2, 6, 25, 75]
+  assert tune.t_d_grid((0.001, 0.002), 100) == [1]
+  rows = [{'score': 0.900, 'nfe': 50, 't_d': 50, 'detectors': ['re']},
+          {'score': 0.897, 'nfe': 25, 't_d': 25, 'detectors': ['u', 're']},
+          {'score': 0.800, 'nfe': 6, 't_d': 6, 'detectors': ['re']}]
+  assert tune.choose(rows, 0.005)['t_d'] == 25  # a tie with the best: fewer NFE wins
+  assert tune.choose(rows, 0.0)['t_d'] == 50
+
+
+def test_bad_tune_fields_are_named():
+  for field, value in (('tune.t_d_fractions', (0.0,)), ('tune.methods', ('ddim',)),
+                       ('tune.folds', 1), ('tune.defect_kinds', ('smudge',))):
+    with pytest.raises(UserError, match=field):
+      tune.TuneConfig.from_config(common.override(get_default_config(), {field: value}).tune)
+
+
+def test_supported_methods_follow_the_model():
+  c = get_default_config()
+  assert tune.supported_methods(c) == ['sgm', 'esm', 'esm_sigma']
+  c.loss.kind = 'dsm'
+  assert tune.supported_methods(c) == ['sgm']
+
+
+TUNE_OVERRIDES = {'tune.t_d_fractions': (0.002, 0.004), 'tune.methods': ('sgm', 'esm'),
+                  'tune.folds': 2, 'tune.defects_per_image': 2}
+
+
+@pytest.fixture(scope='module')
+def tuned_run(tmp_path_factory):
+  base = tmp_path_factory.mktemp('tune')
+  cfg = common.override(tiny_config(str(base / 'cache'), 8), TUNE_OVERRIDES)
+  workdir = str(base / 'run')
+  run.run(cfg, workdir, 'train')
+  run.run(cfg, workdir, 'tune')
+  return cfg, workdir
+
+
+def test_tune_writes_the_choice_and_every_candidate(tuned_run):
+  cfg, workdir = tuned_run
+  tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
+  assert tuned['t_d_grid'] == [2, 4] and tuned['methods'] == ['sgm', 'esm']
+  # sgm on a dual-stream model: S_RE only (1 subset); esm: S_U, S_KL, S_RE (7 subsets).
+  assert len(tuned['candidates']) == 2 * 1 + 2 * 7
+  assert tuned['dev_set'] == {'held_out_images': 4, 'images': 12, 'painted': 8,
+                              'defect_kinds': list(cfg.tune.defect_kinds), 'folds': 2, 'seed': 0}
+  best = tune.choose(tuned['candidates'], cfg.tune.tie_tolerance)
+  assert (tuned['method'], tuned['t_d'], tuned['weights']) == (best['method'], best['t_d'],
+                                                               best['weights'])
+  assert set(tuned['by_method']) == {'sgm', 'esm'}
+  for c in tuned['candidates']:
+    assert 0.0 <= c['image_auroc'] <= 1.0 and 0.0 <= c['pixel_auroc'] <= 1.0
+
+
+def test_eval_uses_tuned_values_unless_given_on_the_command_line(tuned_run):
+  cfg, workdir = tuned_run
+  tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
+  run.run(cfg, workdir, 'eval')
+  result = json.load(open(os.path.join(workdir, 'report', 'results.json')))['object']
+  assert (result['method'], result['t_d'], result['weights']) == (
+      tuned['method'], tuned['t_d'], tuned['weights'])
+  assert set(result['settings_source'].values()) == {'tuned'}
+  report = open(os.path.join(workdir, 'report', 'report.md')).read()
+  assert 'Label-free tuning' in report and '(tuned)' in report
+  assert os.path.exists(os.path.join(workdir, 'report', 'figures', 'tuning.png'))
+
+  cfg = common.override(cfg, {'sampling.t_d': 3})
+  run.run(cfg, workdir, 'eval', overridden={'sampling.t_d'})
+  result = json.load(open(os.path.join(workdir, 'report', 'results.json')))['object']
+  assert result['t_d'] == 3 and result['settings_source']['sampling.t_d'] == 'command line'
+  assert result['settings_source']['sampling.method'] == 'tuned'
+
+
+def _folder_copy(src: str, dst: str, num_train: int, relabel_seed=None) -> None:
+  """bottle as a folder dataset: the first num_train train images, and the test images either in
+  their own folders or moved to random ones (and no masks)."""
+  train = sorted(os.listdir(os.path.join(src, 'train', 'good')))[:num_train]
+  os.makedirs(os.path.join(dst, 'train', 'good'))
+  for name in train:
+    shutil.copy(os.path.join(src, 'train', 'good', name), os.path.join(dst, 'train', 'good', name))
+  types = sorted(os.listdir(os.path.join(src, 'test')))
+  rng = random.Random(relabel_seed)
+  for t in types:
+    for name in sorted(os.listdir(os.path.join(src, 'test', t))):
+      to = t if relabel_seed is None else rng.choice(types)
+      os.makedirs(os.path.join(dst, 'test', to), exist_ok=True)
+      shutil.copy(os.path.join(src, 'test', t, name), os.path.join(dst, 'test', to, f'{t}_{name}'))
+
+
+def test_relabelled_test_split_gives_an_identical_tuned_json(tmp_path):
+  bottle = str(shared_data_dir('mvtec_ad', 'bottle'))
+  _folder_copy(bottle, str(tmp_path / 'a' / 'bottle'), 24)
+  _folder_copy(bottle, str(tmp_path / 'b' / 'bottle'), 24, relabel_seed=7)
+  cfg = common.set_micro_model(get_default_config())
+  cfg = common.override(cfg, {
+      **TUNE_OVERRIDES, 'tune.methods': ('esm',), 'data.dataset': 'folder', 'data.category': 'bottle',
+      'data.image_size': 16, 'data.val_fraction': 0.25, 'train.num_steps': 2, 'train.batch_size': 4,
+      'train.warmup_steps': 0, 'eval.batch_size': 4, 'features.model': 'none',
+      'detect.weights': (0.0, 1.0, 1.0, 1.0), 'sampling.snapshot_steps': (0,)})
+  tuned = []
+  for copy in ('a', 'b'):
+    c = common.override(cfg, {'data.root': str(tmp_path / copy),
+                              'data.tfds_dir': str(tmp_path / f'tfds_{copy}')})
+    workdir = str(tmp_path / 'run')
+    if copy == 'a':
+      run.run(c, workdir, 'train')
+    run.run(c, workdir, 'tune')
+    tuned.append(open(os.path.join(workdir, 'tuned.json')).read())
+  assert tuned[0] == tuned[1]
