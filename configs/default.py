@@ -60,7 +60,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # --- esm/losses.py -----------------------------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()
-  l.kind = 'esm'  # 'esm' (dual stream, eq. 10) or 'dsm' (single stream, the SGM baseline)
+  l.kind = 'esm'  # 'esm' (dual, eq. 10), 'dsm' (single, the SGM baseline), 'hybrid' (ours: DSM ε, eq. 10 σ²)
 
   # --- esm/train.py ------------------------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
@@ -94,6 +94,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   sa.sigma_min_var = 0.01  # ESM^σ: lower clip of the per-step b_i/s_i (a β_i-like scale)
   sa.sigma_max_var = 0.02  # σ²_max: upper clip of b_i/s_i in ESM^σ (β_max of the schedule)
   sa.sigma_time = 'literal'  # ESM^σ time label: 'literal' (i) or 'matched' (ᾱ of Π(1-b_j))
+  sa.sigma_floor = 'constant'  # ESM^σ lower clip of b_i/s_i: 'constant' (sigma_min_var) or 'beta' (β_i)
   sa.var_source = 't_d'  # σ²_0 / σ²_in from: 'i1' network at i=1, 't_d' at T_d, 'mean' trajectory
   sa.snapshot_steps = (200, 150, 100, 80, 50, 20, 0)  # x_i kept for the trajectory figure
 

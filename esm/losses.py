@@ -14,12 +14,14 @@ import jax.numpy as jnp
 from esm.errors import UserError
 from esm.sde import VPSDE, per_example
 
-LOSS_KINDS = ('esm', 'dsm')
+LOSS_KINDS = ('esm', 'dsm', 'hybrid')
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """config.loss: 'esm' trains the dual-stream model by eq. 10, 'dsm' the single-stream SGM."""
+  """config.loss: 'esm' trains the dual-stream model by eq. 10, 'dsm' the single-stream SGM.
+  'hybrid' (ours, not the paper's; the improved-DDPM trick): a dual-stream model whose ε stream is
+  trained by the DSM loss and whose σ² stream by eq. 10 on a stopped-gradient ε."""
   kind: str = 'esm'
 
   def __post_init__(self):
@@ -28,7 +30,7 @@ class LossConfig:
 
   @property
   def dual_stream(self) -> bool:
-    return self.kind == 'esm'
+    return self.kind in ('esm', 'hybrid')
 
   @classmethod
   def from_config(cls, loss_cfg) -> 'LossConfig':
@@ -63,6 +65,7 @@ def get_loss_fn(net_fn: Callable, sde: VPSDE, kind: str) -> Callable:
   i is drawn uniformly from 1..T per example, ε̄ ~ N(0, I), and x_i from q(x_i | x_0).
   """
   dual_stream = LossConfig(kind).dual_stream
+  hybrid = kind == 'hybrid'
 
   def loss_fn(params, x0, rng, train: bool = True):
     rng_i, rng_noise, rng_net = jax.random.split(rng, 3)
@@ -71,9 +74,15 @@ def get_loss_fn(net_fn: Callable, sde: VPSDE, kind: str) -> Callable:
     out = net_fn(params, x_i, i, train=train, rng=rng_net)
     eps = out.eps.astype(jnp.float32)
     if dual_stream:
-      loss, sq_term, log_var_term = esm_loss(noise, eps, out.log_var.astype(jnp.float32),
+      # hybrid: eq. 10 trains σ² only; the ε stream gets the DSM gradient alone.
+      eps_in_eq10 = jax.lax.stop_gradient(eps) if hybrid else eps
+      loss, sq_term, log_var_term = esm_loss(noise, eps_in_eq10, out.log_var.astype(jnp.float32),
                                              sde.alpha_bar[i])
       terms = {'sq_term': jnp.mean(sq_term), 'log_var_term': jnp.mean(log_var_term)}
+      if hybrid:
+        eps_term = dsm_loss(noise, eps)
+        loss = loss + eps_term
+        terms['eps_term'] = jnp.mean(eps_term)
     else:
       loss = dsm_loss(noise, eps)
       terms = {}

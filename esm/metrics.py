@@ -309,3 +309,59 @@ def roc_curve(scores, labels, max_points: int = 1000) -> tuple[np.ndarray, np.nd
   fpr = np.concatenate([[0.0], fpr, [1.0]]).astype(np.float32)
   tpr = np.concatenate([[0.0], tpr, [1.0]]).astype(np.float32)
   return fpr, tpr
+
+
+# --- uncertainty of an AUROC difference -----------------------------------------------------------
+
+def bootstrap_counts(labels, num_resamples: int, seed: int = 0) -> np.ndarray:
+  """[num_resamples, N] int: how often each image is drawn in each stratified resample (the
+  defective and the good images are each resampled with replacement to their own count, so every
+  resample has both classes)."""
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  counts = np.zeros((num_resamples, labels.size), np.int64)
+  for cls in (0, 1):
+    idx = np.flatnonzero(labels == cls)
+    if idx.size:
+      counts[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), num_resamples)
+  return counts
+
+
+def weighted_auroc(scores, labels, weights) -> np.ndarray:
+  """AUROC of `scores` [N] with image multiplicities `weights` [B, N] (one row per resample);
+  ties count one half, as in roc_auc_score on the repeated images. Returns [B]."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+  weights = np.atleast_2d(np.asarray(weights, np.float64))
+  _, group = np.unique(scores, return_inverse=True)  # groups of tied scores, ascending
+  onehot = np.zeros((scores.size, group.max() + 1))
+  onehot[np.arange(scores.size), group] = 1.0
+  neg = (weights * ~labels) @ onehot  # [B, G] negative weight per score group
+  pos = (weights * labels) @ onehot
+  below = np.cumsum(neg, axis=1) - neg
+  wins = np.sum(pos * (below + 0.5 * neg), axis=1)
+  return wins / (pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def paired_bootstrap_auroc_difference(scores_a, scores_b, labels, *, num_resamples: int = 2000,
+                                      seed: int = 0, level: float = 0.95) -> dict[str, float]:
+  """Mean image AUROC of method a minus method b, with a paired bootstrap percentile interval.
+
+  scores_a, scores_b: [N] or [S, N] (S seeds of each method, scored on the same N test images);
+  each resample draws the same images for both methods and every seed, and the difference is that
+  of the seed-mean AUROCs (pooled over seeds). Returns difference, lo, hi, and the fraction of
+  resamples in which a is not better (a one-sided bootstrap p-value for 'a > b').
+  """
+  a, b = np.atleast_2d(scores_a), np.atleast_2d(scores_b)
+  labels = np.asarray(labels)
+  if a.shape[1] != labels.size or b.shape[1] != labels.size:
+    raise ValueError(f'scores {a.shape}, {b.shape} do not match {labels.size} labels')
+  if len(np.unique(labels)) != 2:
+    return {'difference': math.nan, 'lo': math.nan, 'hi': math.nan, 'p_not_better': math.nan}
+  full = np.ones((1, labels.size))
+  mean_auroc = lambda s, w: np.mean([weighted_auroc(x, labels, w) for x in s], axis=0)
+  counts = bootstrap_counts(labels, num_resamples, seed)
+  diffs = mean_auroc(a, counts) - mean_auroc(b, counts)
+  tail = (1.0 - level) / 2
+  return {'difference': float(mean_auroc(a, full)[0] - mean_auroc(b, full)[0]),
+          'lo': float(np.quantile(diffs, tail)), 'hi': float(np.quantile(diffs, 1 - tail)),
+          'p_not_better': float(np.mean(diffs <= 0))}

@@ -8,7 +8,10 @@ DESIGN.md "Equations in discrete form":
   x_{i-1} = x_i + β_i (x_i/2 + score_i); sgm uses the DSM score (eq. 4), esm the ESM score (eq. 3)
   with σ²_θ clamped below at esm_min_var (σ²_min of section 4.2). NFE = T_d.
 * esm_sigma: forward b_i = clip(σ²_θ(x_i), sigma_min_var, sigma_max_var) (σ²_min, σ²_max),
-  x_{i+1} = √(1-b_i) x_i + √b_i z_i for i = 0..T_d-1; reverse x_{i-1} = x_i + s_i x_i/2 - √(1-ᾱ) ε_θ(x_i) with s_i = clip(σ²_θ(x_i)).
+  x_{i+1} = √(1-b_i) x_i + √b_i z_i for i = 0..T_d-1; reverse
+  x_{i-1} = x_i + s_i x_i/2 - √(1-ᾱ) ε_θ(x_i) with s_i = clip(σ²_θ(x_i)). sigma_floor='beta' (ours)
+  floors b_i and s_i at the schedule's β of that step instead of the constant σ²_min, so that where
+  σ²_θ is small the process adds the noise its literal time label assumes.
   NFE = 2 T_d. The time label is 'literal' (i; label 1 at i = 0, where the network is undefined) or
   'matched' (the label whose ᾱ is nearest the pixel mean of Π_{j<i}(1-b_j)); the reverse pass reuses
   the forward pass's label for each state x_i and that label's ᾱ.
@@ -34,6 +37,7 @@ from esm.models.dual_stream import NetOutput
 from esm.sde import VPSDE, dsm_score, esm_score, per_example
 
 SIGMA_TIMES = ('literal', 'matched')
+SIGMA_FLOORS = ('constant', 'beta')
 VAR_SOURCES = ('i1', 't_d', 'mean')
 # Numerical floor of σ²_0 / σ²_in only; the detectors apply config.detect.var_floor themselves.
 VAR_FLOOR = 1e-12
@@ -49,6 +53,7 @@ class SamplingConfig:
   sigma_min_var: float = 0.01
   sigma_max_var: float = 0.02
   sigma_time: str = 'literal'
+  sigma_floor: str = 'constant'
   var_source: str = 't_d'
   snapshot_steps: Tuple[int, ...] = (200, 150, 100, 80, 50, 20, 0)
 
@@ -57,6 +62,9 @@ class SamplingConfig:
       raise UserError(f'sampling.method: expected one of {tuple(SAMPLERS)}, got {self.method!r}')
     if self.sigma_time not in SIGMA_TIMES:
       raise UserError(f'sampling.sigma_time: expected one of {SIGMA_TIMES}, got {self.sigma_time!r}')
+    if self.sigma_floor not in SIGMA_FLOORS:
+      raise UserError(f'sampling.sigma_floor: expected one of {SIGMA_FLOORS}, got '
+                      f'{self.sigma_floor!r}')
     if self.var_source not in VAR_SOURCES:
       raise UserError(f'sampling.var_source: expected one of {VAR_SOURCES}, got {self.var_source!r}')
     if not 0.0 <= self.sigma_min_var <= self.sigma_max_var < 1.0:
@@ -72,7 +80,8 @@ class SamplingConfig:
     """From config.sampling (an ml_collections ConfigDict)."""
     return cls(method=cfg.method, t_d=int(cfg.t_d), esm_min_var=float(cfg.esm_min_var),
                sigma_min_var=float(cfg.sigma_min_var), sigma_max_var=float(cfg.sigma_max_var),
-               sigma_time=cfg.sigma_time, var_source=cfg.var_source,
+               sigma_time=cfg.sigma_time, sigma_floor=cfg.sigma_floor,
+               var_source=cfg.var_source,
                snapshot_steps=tuple(int(s) for s in cfg.snapshot_steps))
 
   @property
@@ -307,7 +316,13 @@ def _sgm_or_esm(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstruct
 def _esm_sigma(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstruction:
   batch = x0.shape[0]
   matched = cfg.sigma_time == 'matched'
-  clip = lambda v: jnp.clip(v, cfg.sigma_min_var, cfg.sigma_max_var)
+
+  def clip(v, step):
+    """σ²_θ as the variance of the step that adds noise to x_{step-1} (σ²_min, σ²_max)."""
+    if cfg.sigma_floor == 'beta':  # floor β_step: never less noise than the schedule's own step
+      beta = sde.betas[step]
+      return jnp.clip(v, beta, jnp.maximum(beta, cfg.sigma_max_var))
+    return jnp.clip(v, cfg.sigma_min_var, cfg.sigma_max_var)
 
   def label_of(i, log_acc):
     """Network label of the state x_i: i (at least 1), or matched to the pixel-mean Π(1-b_j)."""
@@ -319,7 +334,7 @@ def _esm_sigma(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstructi
   def forward(carry, i):
     x, log_acc, labels, var_sum = carry
     _, var = call(x, labels)
-    b = clip(var)
+    b = clip(var, i + 1)
     z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:]))(keys)
     x_next = esm_sigma_forward_step(x, b, z)
     log_acc = log_acc + jnp.log1p(-b)
@@ -338,7 +353,7 @@ def _esm_sigma(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstructi
     x, buf, var_sum = carry
     i, labels = inputs
     eps, var = call(x, labels)
-    s = clip(var)
+    s = clip(var, i)
     x_next = esm_sigma_reverse_step(x, eps, s, sde.alpha_bar[labels])
     buf = _snapshot(buf, slot_of, i - 1, x_next)
     return (x_next, buf, var_sum + var), _range(s)

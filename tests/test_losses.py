@@ -63,3 +63,24 @@ def test_loss_fn_draws_steps_uniformly_and_logs_terms():
 def test_unknown_loss_kind():
   with pytest.raises(UserError, match='loss.kind'):
     losses.get_loss_fn(None, VPSDE(SDEConfig()), 'vlb')
+
+
+def test_hybrid_loss_gives_eps_the_dsm_gradient_and_the_variance_the_esm_gradient():
+  sde = VPSDE(SDEConfig())
+
+  def net_fn(params, x, i, *, train, rng):
+    del i, train, rng
+    return NetOutput(params['e'] * x, params['v'] + 0.0 * x)
+
+  params = {'e': jnp.float32(0.3), 'v': jnp.float32(-0.5)}
+  x0 = jax.random.uniform(jax.random.key(1), (8, 4, 4, 3), minval=-1, maxval=1)
+  grad = lambda kind: jax.grad(lambda p: losses.get_loss_fn(net_fn, sde, kind)(
+      p, x0, jax.random.key(2))[0])(params)
+  hybrid, esm = grad('hybrid'), grad('esm')
+  dsm = jax.grad(lambda e: losses.get_loss_fn(lambda p, x, i, **kw: NetOutput(p * x, None), sde,
+                                              'dsm')(e, x0, jax.random.key(2))[0])(params['e'])
+  np.testing.assert_allclose(hybrid['e'], dsm, rtol=1e-5)
+  np.testing.assert_allclose(hybrid['v'], esm['v'], rtol=1e-5)
+  assert not np.isclose(esm['e'], dsm, rtol=1e-2)
+  _, terms = losses.get_loss_fn(net_fn, sde, 'hybrid')(params, x0, jax.random.key(2))
+  assert set(terms) == {'loss', 'sq_term', 'log_var_term', 'eps_term'}

@@ -145,3 +145,28 @@ def test_perfect_and_no_defect_maps():
   assert perfect['auroc'] == 1.0 and perfect['aupro'] == pytest.approx(1.0)
   none = metrics.pixel_metrics(maps, np.zeros_like(masks))
   assert all(math.isnan(v) for v in none.values())
+
+
+def test_paired_bootstrap_matches_a_slow_reference():
+  """The vectorised weighted AUROC of every resample equals roc_auc_score on the repeated images."""
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  labels = np.r_[np.zeros(30, int), np.ones(20, int)]
+  a = np.round(rng.normal(labels * 1.0, 1.0, (2, 50)), 1)  # two seeds, with ties
+  b = np.round(rng.normal(labels * 0.5, 1.0, (2, 50)), 1)
+  counts = metrics.bootstrap_counts(labels, 200, seed=3)
+  assert (counts[:, labels == 1].sum(1) == 20).all() and (counts[:, labels == 0].sum(1) == 30).all()
+  slow = []
+  for c in counts:
+    idx = np.repeat(np.arange(50), c)
+    slow.append(np.mean([roc_auc_score(labels[idx], s[idx]) for s in a])
+                - np.mean([roc_auc_score(labels[idx], s[idx]) for s in b]))
+  fast = (np.mean([metrics.weighted_auroc(s, labels, counts) for s in a], axis=0)
+          - np.mean([metrics.weighted_auroc(s, labels, counts) for s in b], axis=0))
+  np.testing.assert_allclose(fast, slow, atol=1e-12)
+  ci = metrics.paired_bootstrap_auroc_difference(a, b, labels, num_resamples=200, seed=3)
+  full = np.mean([roc_auc_score(labels, s) for s in a]) - np.mean([roc_auc_score(labels, s) for s in b])
+  assert ci['difference'] == pytest.approx(full, abs=1e-12)
+  assert ci['lo'] == pytest.approx(np.quantile(slow, 0.025), abs=1e-12)
+  assert ci['hi'] == pytest.approx(np.quantile(slow, 0.975), abs=1e-12)
+  assert ci['lo'] < ci['difference'] < ci['hi']

@@ -337,3 +337,15 @@ def test_esm_needs_dual_stream():
   fn = sampling.get_reconstruct_fn(GENERIC_SGM, SDE, cfg(method='esm'), 3)
   with pytest.raises(UserError, match='dual-stream'):
     jax.eval_shape(fn.pure, PARAMS, X0, sampling.image_keys(0, [0, 1]))
+
+
+def test_esm_sigma_beta_floor_adds_the_schedule_noise_where_the_variance_is_small():
+  """sigma_floor='beta': with σ²_θ far below β everywhere, b_i = β_{i+1} and s_i = β_i, so the
+  forward pass adds exactly the noise of the literal time labels; 'constant' adds σ²_min per step."""
+  tiny = lambda p, x, i, **kw: NetOutput(GENERIC(p, x, i).eps, jnp.full(x.shape, np.log(1e-9)))
+  rec, _ = run(tiny, PARAMS, X0, cfg(method='esm_sigma', sigma_floor='beta'), 20)
+  betas = np.asarray(SDE.betas)
+  np.testing.assert_allclose(rec.forward_var_range[:, 0, 0], betas[1:21], rtol=1e-6)
+  np.testing.assert_allclose(rec.var_range[:, 0, 1], betas[20:0:-1], rtol=1e-6)
+  rec, _ = run(tiny, PARAMS, X0, cfg(method='esm_sigma'), 20)
+  np.testing.assert_allclose(rec.forward_var_range[:, 0, 0], BASE.sigma_min_var, rtol=1e-6)

@@ -12,6 +12,7 @@ import pytest
 
 from configs import common
 from configs.default import get_default_config
+from esm import metrics
 from esm import train as train_lib
 from esm.models import utils as mutils
 
@@ -140,3 +141,35 @@ def test_bfloat16_training_tracks_float32_with_float32_state():
       f'{int(diff.argmax()) + 1}); float32 losses {np.round(losses["float32"], 4).tolist()}')
   print(f'bf16 vs float32 over {BF16_STEPS} steps: max |loss diff| {diff.max():.4g}, '
         f'mean {diff.mean():.4g}')
+
+
+def test_esm_with_the_variance_pinned_to_one_minus_alpha_bar_is_sgm():
+  """Sanity check of the ESM/SGM comparison: with stream 2 pinned so that σ²_θ = 1-ᾱ_i
+  (log_var_bound ≈ 0, 'scaled'), eq. 10 gives ε the DSM gradient and eq. 3 is eq. 4; an ESM and an
+  SGM model from the same initial ε parameters then train and reconstruct alike (no clipping,
+  whose global norm would include the variance stream's gradients)."""
+  from esm import sampling  # pylint: disable=g-import-not-at-top
+  base = common.override(tiny_config(), {'train.grad_clip': 0.0, 'model.log_var_bound': 1e-6,
+                                         'sampling.esm_min_var': 0.0})
+  rng = np.random.default_rng(0)
+  batches = rng.uniform(-1, 1, (5, 4, SIZE, SIZE, 3)).astype(np.float32)
+  test = rng.uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)
+  test[4:, 4:10, 4:10] = 1.0  # four images with a bright square
+  recon = {}
+  for kind, method in (('esm', 'esm'), ('dsm', 'sgm')):
+    config = common.override(base, {'loss.kind': kind, 'sampling.method': method})
+    built = mutils.build(config, SIZE)
+    state = mutils.init_state(config, built, SIZE)
+    step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, 0.9))
+    for x in batches:
+      state = step(state, x, jax.random.key(3))
+    fn = sampling.get_reconstruct_fn(built.net_fn, built.sde,
+                                     sampling.SamplingConfig.from_config(config.sampling), 5)
+    recon[kind] = (state.params['eps_stream'], fn(state.ema_params, test,
+                                                   sampling.image_keys(0, np.arange(8))).x0_hat)
+  for a, b in zip(jax.tree.leaves(recon['esm'][0]), jax.tree.leaves(recon['dsm'][0])):
+    np.testing.assert_allclose(a, b, atol=1e-6)  # the default bound (12) differs by 1.3e-5 here
+  np.testing.assert_allclose(recon['esm'][1], recon['dsm'][1], atol=1e-5)
+  labels = np.r_[np.zeros(4), np.ones(4)]
+  s_re = {k: np.asarray(jnp.mean(jnp.abs(test - r[1]), axis=(1, 2, 3))) for k, r in recon.items()}
+  assert abs(metrics.auroc(s_re['esm'], labels) - metrics.auroc(s_re['dsm'], labels)) <= 1e-3
