@@ -32,6 +32,26 @@ class _ProjectInfoOnly:
     return record.levelno >= std_logging.WARNING or record.pathname.startswith(_REPO)
 
 
+def parse_flags(argv):
+  """absl's parsing, with a bad config file or override (a misspelt field, with its "did you mean"
+  hint) as one `error:` line and exit status 2 instead of a traceback."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get('seed')  # config_flags reports a config file that failed to load on first use
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  (any parse failure is a usage error)
+    if '--traceback' in argv:
+      raise
+    text = str(e).replace("\\'", "'").replace('\\n', '\n').strip()
+    if len(text) > 1 and text[0] == text[-1] == "'":
+      text = text[1:-1]
+    message = ' '.join(line.strip() for line in text.splitlines() if line.strip())
+    named = [a.split('=')[0] for a in argv if a.startswith('--config.') and
+             f"'{a.split('=')[0].split('.')[-1]}'" in message]
+    print(f'error: {named[0] + ": " if named else ""}{message}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -51,4 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

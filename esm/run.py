@@ -54,15 +54,16 @@ def prepare_data_on_main_process_first(config) -> None:
 
 
 def train(config, workdir: str):
-  validate.check_checkpoint_compatible(workdir_lib.load_saved_config(workdir), config, workdir)
-  resolve_num_steps(config)
-  workdir_lib.save_config(config, workdir)
+  with workdir_lib.training_lock(workdir):
+    validate.check_checkpoint_compatible(workdir_lib.load_saved_config(workdir), config, workdir)
+    resolve_num_steps(config)
+    workdir_lib.save_config(config, workdir)
 
-  def train_iter(start_step):
-    return pipeline.get_train_iterator(config.data, global_batch_size=config.train.batch_size,
-                                       seed=config.seed, start_step=start_step)
+    def train_iter(start_step):
+      return pipeline.get_train_iterator(config.data, global_batch_size=config.train.batch_size,
+                                         seed=config.seed, start_step=start_step)
 
-  return train_lib.train_and_checkpoint(config, workdir, train_iter)
+    return train_lib.train_and_checkpoint(config, workdir, train_iter)
 
 
 def run(config, workdir: str, mode: str, input_dir=None, overridden=()) -> None:

@@ -1,13 +1,17 @@
-"""A workdir's config.json: written once the checks pass, read back with renamed fields mapped."""
+"""A workdir's config.json (read back with renamed fields mapped) and its trainer's lock."""
 
+import contextlib
 import json
 import os
-from typing import Optional
+import socket
+import time
+from typing import Iterator, Optional
 
 import jax
 from absl import logging
 
 from esm import files
+from esm.errors import UserError
 
 # Fields renamed since workdirs were first written: old dotted name -> new dotted name.
 RENAMED_FIELDS = {
@@ -48,3 +52,55 @@ def load_saved_config(workdir: str) -> Optional[dict]:
     return None
   with open(path) as f:
     return upgrade_saved_config(json.load(f), path)
+
+
+LOCK_FILE = 'train.lock'
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def training_lock(workdir: str) -> Iterator[None]:
+  """An exclusive claim on a workdir for one trainer: DIR/train.lock, created atomically
+  (O_CREAT | O_EXCL) with this host and PID. A second trainer fails at once with one line naming
+  the holder; a lock whose PID is dead on this host (a killed run) is taken over with a warning.
+  In a multi-process run only process 0 locks; readers (eval, predict) never do."""
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  me = {'host': socket.gethostname(), 'pid': os.getpid(), 'since': time.strftime('%Y-%m-%d %H:%M:%S')}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          holder = json.load(f)
+      except (OSError, ValueError):
+        holder = {}
+      if holder.get('host') == me['host'] and not _pid_alive(int(holder.get('pid', -1))):
+        logging.warning('%s: taking over the lock of PID %s, which is no longer running',
+                        path, holder.get('pid'))
+        os.remove(path)
+        continue
+      raise UserError(f'{workdir} is being trained by PID {holder.get("pid", "?")} on '
+                      f'{holder.get("host", "?")} since {holder.get("since", "?")} ({path}); wait '
+                      'for it, or remove the lock file if that run is gone')
+    with os.fdopen(fd, 'w') as f:
+      json.dump(me, f)
+    break
+  try:
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
