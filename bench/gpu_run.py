@@ -51,7 +51,7 @@ def gpu_config(data_root: str, steps: int, batch: int, res_blocks: int = 2):
   c.train.ema_rate = 0.999
   c.train.log_every = 50
   c.train.ckpt_every = steps
-  c.sampling.batch_size = 32
+  c.eval.batch_size = 32
   c.features.model = 'none'
   c.detect.weights = (0.0, 1.0, 1.0, 1.0)
   return c
@@ -69,7 +69,7 @@ def dry_run_config(workdir: str):
   c.model.dtype = 'float32'  # bf16 convolutions are slow on CPU; the GPU run uses bf16
   c.train.warmup_steps, c.train.log_every = 0, 1
   c.sampling.t_d_by_category = {}
-  c.sampling.t_d, c.sampling.batch_size, c.sampling.snapshot_steps = 4, 4, (4, 2, 0)
+  c.sampling.t_d, c.eval.batch_size, c.sampling.snapshot_steps = 4, 4, (4, 2, 0)
   return c
 
 

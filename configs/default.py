@@ -132,6 +132,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   e.batch_size = 8  # global batch of evaluation and predict (padded; split over devices)
   e.figures_per_type = 2  # example figures per defect type
   e.sweep_t_d = False  # also evaluate the test split at every tuning candidate (report only)
+  c.lock()  # a field that is not declared above is an error, not a silent new field
   return c
 
 
