@@ -132,6 +132,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   e.batch_size = 8  # global batch of evaluation and predict (padded; split over devices)
   e.figures_per_type = 2  # example figures per defect type
   e.sweep_t_d = False  # also evaluate the test split at every tuning candidate (report only)
+
+  # --- esm/predict.py (--mode=predict; reads DIR/detector.json, written by eval) ------------------
+  c.predict = pr = ml_collections.ConfigDict()
+  pr.refit = False  # re-fit normalisation and thresholds from these flags instead of refusing them
   return c
 
 

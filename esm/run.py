@@ -1,4 +1,4 @@
-"""Train / evaluate / predict orchestration, nothing else."""
+"""Train / tune / evaluate / predict / export orchestration, nothing else."""
 
 import copy
 import math
@@ -9,7 +9,9 @@ from absl import logging
 
 from datasets import pipeline
 from esm import evaluate
+from esm import export as export_lib
 from esm import parallel
+from esm import predict as predict_lib
 from esm import report
 from esm import train as train_lib
 from esm import tune as tune_lib
@@ -66,9 +68,9 @@ def train(config, workdir: str):
     return train_lib.train_and_checkpoint(config, workdir, train_iter)
 
 
-def run(config, workdir: str, mode: str, input_dir=None, overridden=()) -> None:
+def run(config, workdir: str, mode: str, input_dir=None, overridden=(), output_dir=None) -> None:
   """Runs `mode` on every category the config names. `overridden`: the dotted config fields given
-  on the command line, which win over DIR/tuned.json."""
+  on the command line, which win over DIR/tuned.json; output_dir: predict's output folder."""
   validate.validate_config(config, mode)
   parallel.initialise(config.parallel)
   validate.check_batches_split_over_devices(config)
@@ -87,10 +89,14 @@ def run(config, workdir: str, mode: str, input_dir=None, overridden=()) -> None:
     tune_cfg = tune_lib.TuneConfig.from_config(cfg.tune)
     if mode == 'tune' or (mode == 'train_eval' and tune_cfg.is_enabled(cfg.data.dataset)):
       tune_lib.tune(cfg, wd)
-    if mode in ('eval', 'train_eval', 'predict'):
+    if mode in ('eval', 'train_eval', 'predict', 'export'):
       sources = tune_lib.apply_tuned(cfg, wd, overridden)
       if mode == 'predict':
-        evaluate.predict(cfg, wd, input_dir)
+        out = os.path.join(output_dir, category) if output_dir and multi else output_dir
+        predict_lib.predict(cfg, wd, input_dir, out)
+      elif mode == 'export':
+        predict_lib.checked_state(cfg, wd)
+        export_lib.export_detector(wd, cfg.eval.batch_size)
       else:
         results.append(evaluate.evaluate(cfg, wd, settings_source=sources,
                                          tuned=tune_lib.load_tuned(wd)))

@@ -90,13 +90,15 @@ def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
   Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(folder / 'a.png')
   Image.fromarray(rng.integers(0, 255, (20, 24), np.uint8)).save(folder / 'b.png')
   Image.fromarray(rng.integers(0, 255, (16, 16, 4), np.uint8), 'RGBA').save(folder / 'c.png')
-  workdir = str(base / 'straight')
-  run.run(cfg, workdir, 'predict', input_dir=str(folder))
-  with open(os.path.join(workdir, 'predict', 'scores.csv')) as f:
+  workdir = str(base / 'straight')  # evaluated by test_train_eval_writes_every_report_file
+  out = str(tmp_path / 'out')
+  run.run(cfg, workdir, 'predict', input_dir=str(folder), output_dir=out)
+  with open(os.path.join(out, 'scores.csv')) as f:
     rows = [line.strip().split(',') for line in f][1:]
   assert sorted(r[0] for r in rows) == ['a.png', 'b.png', 'c.png']
   assert all(r[3] in ('good', 'defect') and np.isfinite(float(r[1])) for r in rows)
-  assert len(os.listdir(os.path.join(workdir, 'predict', 'heatmaps'))) == 3
+  assert len(os.listdir(os.path.join(out, 'overlays'))) == 3
+  assert len(os.listdir(os.path.join(out, 'masks'))) == 3
 
 
 def test_predict_on_an_empty_folder_is_a_clear_error(straight, tmp_path):
