@@ -18,6 +18,7 @@ def default_cache_dir() -> str:
 def get_default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # master seed: data order, init, noise; everything else is folded in from it
+  c.compilation_cache_dir = os.path.join(default_cache_dir(), 'jax')  # persistent XLA cache; '' = off
 
   # --- datasets/ ---------------------------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()

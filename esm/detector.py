@@ -12,7 +12,7 @@ noise, esm/sampling.py), not on the other images or the batch size.
 
 import dataclasses
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from absl import logging

@@ -4,10 +4,12 @@ predict mode (esm/detector_state.py, esm/detector.py, esm/predict.py).
 One micro model is trained and evaluated once for the module; every test reads that workdir."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
+from absl import logging as absl_logging
 import numpy as np
 import pytest
 from PIL import Image
@@ -41,14 +43,34 @@ def _images(n: int, seed: int = 0):
   return [rng.integers(0, 255, (20 + 4 * k, 24 + 2 * k, 3), np.uint8) for k in range(n)]
 
 
+_RUN_LOG = []  # the evaluated fixture's log lines
+
+
 @pytest.fixture(scope='module')
 def evaluated(tmp_path_factory):
   """(cache, workdir, config) of a micro model trained 4 steps and evaluated."""
   base = tmp_path_factory.mktemp('detector')
   cache, workdir = str(base / 'cache'), str(base / 'wd')
   config = micro_config(cache)
-  run.run(config, workdir, 'train_eval')
+  handler = logging.Handler(logging.INFO)
+  handler.emit = lambda record: _RUN_LOG.append(record.getMessage())
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity('info')
+  logging.getLogger('absl').addHandler(handler)
+  try:
+    run.run(config, workdir, 'train_eval')
+  finally:
+    logging.getLogger('absl').removeHandler(handler)
+    absl_logging.set_verbosity(verbosity)
   return cache, workdir, config
+
+
+def test_training_logs_compilation_apart(evaluated):
+  del evaluated  # run for its log
+  messages = _RUN_LOG
+  compiling = [k for k, m in enumerate(messages) if m.startswith('compiling the train step')]
+  steps = [k for k, m in enumerate(messages) if m.startswith('step ') and 'ETA' in m]
+  assert compiling and steps and compiling[0] < steps[0], messages[:20]
 
 
 def test_eval_writes_the_detector_state(evaluated):
@@ -218,3 +240,23 @@ def test_exported_artifact_agrees_with_the_api_in_a_process_without_flax(readme_
   api = Detector.load(workdir).predict(list(images))
   np.testing.assert_allclose(exported['scores'], api.scores, rtol=1e-4)
   np.testing.assert_allclose(exported['maps'], api.model_maps, rtol=1e-4, atol=1e-4)
+
+
+def test_refit_replaces_the_saved_state_with_the_given_flags(evaluated, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  cache, workdir, _ = evaluated
+  copy = str(tmp_path / 'wd')  # a copy: the other tests keep the original state
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('predict', 'export'))
+  folder = _folder(tmp_path / 'in', _images(1))
+  with open(os.path.join(copy, 'detector.json')) as f:
+    before = json.load(f)
+  config = micro_config(cache, **{'detect.threshold_percentile': 50.0})
+  with pytest.raises(UserError, match=r'detect\.threshold_percentile \(saved 99\.0, given 50\.0\)'):
+    run.run(config, copy, 'predict', input_dir=folder)
+  config.predict.refit = True
+  run.run(config, copy, 'predict', input_dir=folder)
+  with open(os.path.join(copy, 'detector.json')) as f:
+    after = json.load(f)
+  assert after['threshold_percentile'] == 50.0
+  assert after['image_threshold'] < before['image_threshold']
+  assert after['normalisation'] == before['normalisation']  # the same held-out images, same noise
