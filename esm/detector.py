@@ -14,6 +14,7 @@ import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import jax
 import numpy as np
 from absl import logging
 from PIL import Image
@@ -76,6 +77,9 @@ class Detector:
     config = detector_state.saved_config(workdir, state)
     if batch_size is not None:
       config.eval.batch_size = int(batch_size)
+    if config.eval.batch_size < 1 or config.eval.batch_size % jax.device_count():
+      raise UserError(f'batch_size: {config.eval.batch_size} must be a positive multiple of the '
+                      f'{jax.device_count()} devices')
     scorer = evaluate.Scorer(config, workdir)
     if scorer.checkpoint_step != state['checkpoint_step']:
       raise UserError(f'{detector_state.state_path(workdir)} belongs to checkpoint step '

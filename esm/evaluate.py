@@ -232,16 +232,16 @@ def evaluate(config, workdir: str, report_dir: Optional[str] = None,
              settings_source: Optional[Dict[str, str]] = None,
              tuned: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """Evaluates the latest checkpoint on the test split and writes the report (default
-  workdir/report/); returns the result row. settings_source says where T_d, the sampler and the
-  weights came from; `tuned` (DIR/tuned.json) adds the development curve to the report and, with
-  eval.sweep_t_d, the test AUROC of every tuning candidate beside it (for the reader only)."""
+  workdir/report/) and DIR/detector.json; returns the result row. settings_source says where T_d,
+  the sampler and the weights came from; `tuned` (DIR/tuned.json) adds the development curve to
+  the report and, with eval.sweep_t_d, the test AUROC of every tuning candidate beside it (for the
+  reader only)."""
   ev = evaluate_outputs(config, workdir)
   ev.result['settings_source'] = dict(settings_source or {})
-  if jax.process_index() == 0:
-    detector_state.save_state(workdir, ev.state)
   if tuned is not None and config.eval.sweep_t_d:
     ev.result['t_d_sweep'] = sweep_tuning_candidates(config, workdir, tuned)
   if jax.process_index() == 0:
+    detector_state.save_state(workdir, ev.state)
     report.write_category(ev.result, report_dir or os.path.join(workdir, 'report'), ev.records,
                           ev.outputs, ev.pixel_maps, ev.scores, tuned=tuned)
   return ev.result

@@ -136,8 +136,8 @@ def write_tables(results: List[Dict[str, Any]], report_dir: str, extra: str = ''
   files.write_text(os.path.join(report_dir, 'results.json'),
                    json.dumps({r['category']: _json_safe(r) for r in results}, indent=2))
   write_csv(os.path.join(report_dir, 'results.csv'), COLUMNS,
-             [['' if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in COLUMNS]
-              for r in results])
+            [['' if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in COLUMNS]
+             for r in results])
   files.write_text(os.path.join(report_dir, 'report.md'), markdown(results) + extra)
   logging.info('report written to %s\n%s', report_dir, results_table(results))
 
@@ -206,8 +206,8 @@ def _tuning_figure(tuned, sweep, path: str) -> None:
 def write_image_scores(path: str, records, labels, scores) -> None:
   """One row per test image, in example order: filename, defect type, label, image score."""
   write_csv(path, ['filename', 'defect_type', 'label', 'score'],
-             [[r['filename'], r['defect_type'], int(label), f'{float(score):.8g}']
-              for r, label, score in zip(records, labels, scores)])
+            [[r['filename'], r['defect_type'], int(label), f'{float(score):.8g}']
+             for r, label, score in zip(records, labels, scores)])
 
 
 def _trajectory_figure(traj: Dict[str, np.ndarray], path: str, scale: int) -> None:

@@ -100,14 +100,13 @@ def test_an_image_scores_the_same_alone_in_a_folder_and_at_any_batch_size(evalua
 
 
 _TWO_DEVICES = r'''
-import sys, numpy as np, jax
+import sys
+import jax
 assert jax.device_count() == 2, jax.devices()
 from esm import Detector
 sys.path.insert(0, 'tests')
 from test_detector import _images
-images = _images(6)
-print('SCORES', Detector.load(sys.argv[1], batch_size=2).predict([images[3]]).scores[0],
-      Detector.load(sys.argv[1], batch_size=8).predict(images).scores[3])
+print('SCORES', Detector.load(sys.argv[1], batch_size=2).predict(_images(6)).scores[3])
 '''
 
 
@@ -120,8 +119,8 @@ def test_two_devices_give_the_scores_of_one(evaluated):
   out = subprocess.run([sys.executable, '-c', _TWO_DEVICES, workdir], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  two = [float(v) for v in out.stdout.split('SCORES')[1].split()]
-  np.testing.assert_allclose(two, [one, one], rtol=1e-5)
+  two = float(out.stdout.split('SCORES')[1])  # in a folder of six, each batch split over 2 devices
+  np.testing.assert_allclose(two, one, rtol=1e-5)
 
 
 def _folder(path, images, extra_files=()):
@@ -260,3 +259,15 @@ def test_refit_replaces_the_saved_state_with_the_given_flags(evaluated, tmp_path
   assert after['threshold_percentile'] == 50.0
   assert after['image_threshold'] < before['image_threshold']
   assert after['normalisation'] == before['normalisation']  # the same held-out images, same noise
+
+
+def test_a_state_of_an_older_checkpoint_is_refused(evaluated, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from esm import Detector  # pylint: disable=g-import-not-at-top
+  cache, workdir, _ = evaluated
+  copy = str(tmp_path / 'wd')
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('predict', 'export'))
+  run.run(micro_config(cache, **{'train.num_steps': 8}), copy, 'train')  # training went on
+  with pytest.raises(UserError, match='belongs to checkpoint step 4 but the newest checkpoint is '
+                                      'step 8; run --mode=eval again'):
+    Detector.load(copy)

@@ -538,9 +538,10 @@ def test_predict_skips_non_images_and_refuses_corrupt_ones_before_any_compute(ba
     predict_lib.predict(config, workdir, str(folder))
   (folder / 'b.png').unlink()
   (folder / 'notes.txt').write_text('hello')
-  # notes.txt is skipped with a warning; the next check is the saved state (baseline has no eval).
+  # notes.txt is skipped with a warning; the next check is the saved state of a workdir never
+  # evaluated.
   with pytest.raises(UserError, match=r'detector\.json: no saved detector state; run --mode=eval'):
-    predict_lib.predict(config, workdir, str(folder))
+    predict_lib.predict(config, str(tmp_path / 'never_evaluated'), str(folder))
   empty = tmp_path / 'empty'
   empty.mkdir()
   (empty / 'notes.txt').write_text('hello')
