@@ -1,4 +1,4 @@
-"""grain loaders over the prepared (array_record) datasets: train, eval ('test' | 'val'), predict.
+"""grain loaders over the prepared (array_record) datasets: train, eval ('test' | 'val').
 
 * Train: an infinite stream. Global sample g = step * global_batch + j reads example
   perm_e[g mod n] of epoch e = g // n, where perm_e is drawn from (seed, e); flips come from
@@ -272,21 +272,3 @@ def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> EvalData:
 
   return EvalData(len(indices), bool(built.info.metadata.get('has_masks', False)), records, size,
                   global_batch_size, load)
-
-
-def get_predict_data(folder_path: str, image_size: int, *, global_batch_size: int) -> EvalData:
-  """Every image of a folder (any mode or size; hidden files skipped), labels -1, no masks."""
-  _local_batch(global_batch_size)
-  names = folder.list_image_files(folder_path)
-  if not names:
-    raise UserError(f'{folder_path}: no images found; expected PNG/JPEG/BMP/TIFF files')
-  for n in names:  # before the model is restored and compiled
-    folder.check_image_file(os.path.join(folder_path, n))
-  records = [{'filename': n, 'defect_type': '', 'label': -1} for n in names]
-
-  def load(i: int) -> dict[str, np.ndarray]:
-    rgb = folder.read_image(os.path.join(folder_path, names[i]))
-    return {'image': to_float(resize_rgb(rgb, image_size)),
-            'mask': np.zeros((image_size, image_size), np.uint8), 'label': np.int32(-1)}
-
-  return EvalData(len(names), False, records, image_size, global_batch_size, load)

@@ -43,6 +43,30 @@ def _images(n: int, seed: int = 0):
   return [rng.integers(0, 255, (20 + 4 * k, 24 + 2 * k, 3), np.uint8) for k in range(n)]
 
 
+def test_predict_lists_any_image_mode_and_size_and_skips_the_rest(tmp_path):
+  from esm import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  from esm.detector import to_rgb  # pylint: disable=g-import-not-at-top
+  rgb = np.zeros((20, 30, 3), np.uint8)
+  Image.fromarray(rgb).save(tmp_path / 'a.png')
+  Image.fromarray(rgb).convert('L').save(tmp_path / 'b.png')
+  Image.fromarray(rgb).convert('RGBA').save(tmp_path / 'c.png')
+  Image.fromarray(np.zeros((7, 9), np.uint16)).save(tmp_path / 'd.png')
+  Image.fromarray(rgb).save(tmp_path / 'e.jpg')
+  (tmp_path / '.DS_Store').write_bytes(b'\0junk')
+  (tmp_path / 'notes.txt').write_text('x')
+  names, skipped = predict_lib.list_inputs(str(tmp_path))
+  assert names == ['a.png', 'b.png', 'c.png', 'd.png', 'e.jpg'] and skipped == ['notes.txt']
+  shapes = [to_rgb(str(tmp_path / n)).shape for n in names]
+  assert shapes == [(20, 30, 3)] * 3 + [(7, 9, 3), (20, 30, 3)]
+  assert to_rgb(np.zeros((5, 6), np.uint8)).shape == (5, 6, 3)
+  assert to_rgb(np.zeros((5, 6, 4), np.uint8)).shape == (5, 6, 3)
+  with pytest.raises(UserError, match='expected uint8 HxW'):
+    to_rgb(np.zeros((5, 6), np.float32))
+  (tmp_path / 'f.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+  with pytest.raises(UserError, match='f.png: corrupt, truncated or unreadable image'):
+    predict_lib.list_inputs(str(tmp_path))
+
+
 _RUN_LOG = []  # the evaluated fixture's log lines
 
 
