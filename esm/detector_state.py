@@ -97,8 +97,9 @@ def check_config_matches(state: Dict[str, Any], config, workdir: str) -> None:
   diffs = differences(state, config)
   if diffs:
     raise UserError(f'{state_path(workdir)}: the config contradicts the saved detector state: '
-                    f'{"; ".join(diffs)}; drop those flags, or add --config.predict.refit=True to '
-                    're-fit the normalisation and thresholds with them')
+                    f'{"; ".join(diffs)} (DIR/tuned.json counts as flags); drop those flags, run '
+                    '--mode=eval again, or add --config.predict.refit=True to re-fit the '
+                    'normalisation and thresholds with them')
 
 
 def apply_state(config, state: Dict[str, Any]) -> None:
