@@ -186,7 +186,8 @@ def test_predict_refuses_flags_that_contradict_the_saved_state(evaluated, tmp_pa
   folder = _folder(tmp_path / 'in', _images(1))
   config = micro_config(cache, **{'sampling.t_d': 3, 'data.category': 'texture'})
   with pytest.raises(UserError, match=r"data\.category \(saved 'object', given 'texture'\); "
-                                      r'sampling\.t_d \(saved 4, given 3\) .*--mode=eval again.*predict\.refit'):
+                                      r'sampling\.t_d \(saved 4, given 3\) '
+                                      r'.*--mode=eval again.*predict\.refit'):
     run.run(config, workdir, 'predict', input_dir=folder)
   with pytest.raises(UserError, match='no saved detector state; run --mode=eval'):
     run.run(config, str(tmp_path / 'untrained'), 'predict', input_dir=folder)
