@@ -1,6 +1,7 @@
 """Entry point: `python main.py --config=configs/mvtec.py:bottle --workdir=DIR --mode=train`.
 
-Modes: train, tune, eval, train_eval (default), predict (with --input=FOLDER). The work is done in
+Modes: train, tune, eval, train_eval (default), predict (with --input=FOLDER, optional --output),
+export (DIR/export/, a jax.export artifact of the scoring function). The work is done in
 esm/run.py; bad input ends with a one-line error (add --traceback to see where it came from).
 """
 
@@ -20,6 +21,7 @@ config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file, e.g. 
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and reports.')
 flags.DEFINE_enum('mode', 'train_eval', MODES, 'What to run.')
 flags.DEFINE_string('input', None, 'predict: folder of images to score.')
+flags.DEFINE_string('output', None, 'predict: output folder (default: a new DIR/predict/run_NNN).')
 flags.DEFINE_bool('traceback', False, 'Show the full traceback of input errors.')
 FLAGS = flags.FLAGS
 _REPO = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +63,8 @@ def main(argv):
   from esm import run  # pylint: disable=g-import-not-at-top  (keeps --help fast)
   try:
     run.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, input_dir=FLAGS.input,
-            overridden=set(config_flags.get_override_values(FLAGS['config'])))
+            overridden=set(config_flags.get_override_values(FLAGS['config'])),
+            output_dir=FLAGS.output)
   except UserError as e:
     if FLAGS.traceback:
       raise

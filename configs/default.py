@@ -18,6 +18,7 @@ def default_cache_dir() -> str:
 def get_default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # master seed: data order, init, noise; everything else is folded in from it
+  c.compilation_cache_dir = os.path.join(default_cache_dir(), 'jax')  # persistent XLA cache; '' = off
 
   # --- datasets/ ---------------------------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
@@ -132,6 +133,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   e.batch_size = 8  # global batch of evaluation and predict (padded; split over devices)
   e.figures_per_type = 2  # example figures per defect type
   e.sweep_t_d = False  # also evaluate the test split at every tuning candidate (report only)
+
+  # --- esm/predict.py (--mode=predict; reads DIR/detector.json, written by eval) ------------------
+  c.predict = pr = ml_collections.ConfigDict()
+  pr.refit = False  # re-fit normalisation and thresholds from these flags instead of refusing them
   c.lock()  # a field that is not declared above is an error, not a silent new field
   return c
 

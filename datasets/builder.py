@@ -2,10 +2,11 @@
 
 The builders read a layout with datasets/folder.py and write array_record files (no TensorFlow:
 images are handed to tfds.features.Image as encoded bytes, so TFDS never needs tf.image). They are
-usable from tfds.data_source once their module is imported, e.g.
+usable from tfds.builder / tfds.data_source once their module is imported, and read and write
+array_record by default (no file_format argument needed), e.g.
 
+  tfds.builder('mvtec_ad/bottle', data_dir=tfds_dir)
   tfds.data_source('mvtec_ad/bottle', data_dir=tfds_dir,
-                   builder_kwargs={'file_format': 'array_record'},
                    download_and_prepare_kwargs={'download_config':
                        tfds.download.DownloadConfig(manual_dir=root)})
 
@@ -76,6 +77,10 @@ class CategoryBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       'official archive extracts.')
   HOMEPAGE = ''
   CITATION = ''
+
+  def __init__(self, *, file_format: str = FILE_FORMAT, **kwargs):
+    # TFDS defaults to tfrecord, which needs TensorFlow: plain tfds.builder(...) reads array_record.
+    super().__init__(file_format=file_format, **kwargs)
 
   # TFDS 4.9.10 finds a packaged builder's file through the optional `importlib_resources`
   # backport (not installed, not needed on Python 3.11); the plain file path is equivalent.

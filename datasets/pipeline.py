@@ -1,4 +1,4 @@
-"""grain loaders over the prepared (array_record) datasets: train, eval ('test' | 'val'), predict.
+"""grain loaders over the prepared (array_record) datasets: train, eval ('test' | 'val').
 
 * Train: an infinite stream. Global sample g = step * global_batch + j reads example
   perm_e[g mod n] of epoch e = g // n, where perm_e is drawn from (seed, e); flips come from
@@ -34,6 +34,7 @@ from datasets import mpdd
 from datasets import mvtec_ad
 from datasets import synthetic
 from datasets import visa
+from esm import preprocess
 from esm.errors import UserError
 
 _BUILDERS = {'mvtec_ad': mvtec_ad.MvtecAd, 'visa': visa.Visa, 'mpdd': mpdd.Mpdd}
@@ -94,10 +95,10 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
   """Encoded image bytes -> uint8 size x size x 3, resized with an antialiasing filter."""
   with Image.open(io.BytesIO(data)) as im:
     im.draft('RGB', (size, size))  # JPEG only: decode at a reduced scale, still >= size
-    return _resize_rgb(folder.image_to_rgb(im), size)
+    return resize_rgb(folder.image_to_rgb(im), size)
 
 
-def _resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
   if rgb.shape[:2] == (size, size):
     return rgb
   return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
@@ -113,8 +114,7 @@ def decode_mask(data: bytes, size: int) -> np.ndarray:
   return a
 
 
-def to_float(image: np.ndarray) -> np.ndarray:
-  return image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+to_float = preprocess.to_float  # uint8 -> float32 [-1, 1]; one definition, shared with esm/export.py
 
 
 class _ImageCache:
@@ -272,21 +272,3 @@ def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> EvalData:
 
   return EvalData(len(indices), bool(built.info.metadata.get('has_masks', False)), records, size,
                   global_batch_size, load)
-
-
-def get_predict_data(folder_path: str, image_size: int, *, global_batch_size: int) -> EvalData:
-  """Every image of a folder (any mode or size; hidden files skipped), labels -1, no masks."""
-  _local_batch(global_batch_size)
-  names = folder.list_image_files(folder_path)
-  if not names:
-    raise UserError(f'{folder_path}: no images found; expected PNG/JPEG/BMP/TIFF files')
-  for n in names:  # before the model is restored and compiled
-    folder.check_image_file(os.path.join(folder_path, n))
-  records = [{'filename': n, 'defect_type': '', 'label': -1} for n in names]
-
-  def load(i: int) -> dict[str, np.ndarray]:
-    rgb = folder.read_image(os.path.join(folder_path, names[i]))
-    return {'image': to_float(_resize_rgb(rgb, image_size)),
-            'mask': np.zeros((image_size, image_size), np.uint8), 'label': np.int32(-1)}
-
-  return EvalData(len(names), False, records, image_size, global_batch_size, load)

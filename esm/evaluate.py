@@ -14,9 +14,11 @@ import jax
 import numpy as np
 from absl import logging
 
+from esm import detector_state
 from esm import detectors as det
 from esm import metrics
 from esm import parallel
+from esm import preprocess
 from esm import report
 from esm import sampling
 from esm.checkpoint import Checkpointer
@@ -133,6 +135,7 @@ class Scorer:
                               re_kind=cfg.re_kind, var_floor=cfg.var_floor)
       return rec, maps
 
+    self.analyse_fn = analyse  # unjitted (params, images, key data) -> (rec, raw maps): for export
     batch = parallel.batch_sharding(self.mesh)
     self._analyse = jax.jit(analyse, in_shardings=(parallel.replicated(self.mesh), batch, batch))
     self._compiled = None
@@ -146,7 +149,7 @@ class Scorer:
     for local in data.batches():
       images = parallel.shard_batch(self.mesh, local['image'])
       keys = parallel.shard_batch(self.mesh, jax.random.key_data(
-          sampling.image_keys(self.config.seed, np.maximum(local['index'], 0))))
+          sampling.image_keys(self.config.seed, preprocess.content_digests(local['image']))))
       if self._compiled is None:
         t = time.time()
         self._compiled = self._analyse.lower(self.params, images, keys).compile()
@@ -222,20 +225,23 @@ class Evaluation:
   outputs: SplitOutputs
   pixel_maps: np.ndarray  # [N,H,W] combined anomaly maps
   scores: np.ndarray  # [N] image scores
+  state: Dict[str, Any]  # DIR/detector.json: what predict, the API and export read
 
 
 def evaluate(config, workdir: str, report_dir: Optional[str] = None,
              settings_source: Optional[Dict[str, str]] = None,
              tuned: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """Evaluates the latest checkpoint on the test split and writes the report (default
-  workdir/report/); returns the result row. settings_source says where T_d, the sampler and the
-  weights came from; `tuned` (DIR/tuned.json) adds the development curve to the report and, with
-  eval.sweep_t_d, the test AUROC of every tuning candidate beside it (for the reader only)."""
+  workdir/report/) and DIR/detector.json; returns the result row. settings_source says where T_d,
+  the sampler and the weights came from; `tuned` (DIR/tuned.json) adds the development curve to
+  the report and, with eval.sweep_t_d, the test AUROC of every tuning candidate beside it (for the
+  reader only)."""
   ev = evaluate_outputs(config, workdir)
   ev.result['settings_source'] = dict(settings_source or {})
   if tuned is not None and config.eval.sweep_t_d:
     ev.result['t_d_sweep'] = sweep_tuning_candidates(config, workdir, tuned)
   if jax.process_index() == 0:
+    detector_state.save_state(workdir, ev.state)
     report.write_category(ev.result, report_dir or os.path.join(workdir, 'report'), ev.records,
                           ev.outputs, ev.pixel_maps, ev.scores, tuned=tuned)
   return ev.result
@@ -278,7 +284,8 @@ def evaluate_outputs(config, workdir: str) -> Evaluation:
   from datasets import pipeline  # pylint: disable=g-import-not-at-top
   scorer = Scorer(config, workdir)
   gb = config.eval.batch_size
-  scorer.fit_normalisation(pipeline.get_eval_data(config.data, 'val', global_batch_size=gb))
+  val_out = scorer.fit_normalisation(pipeline.get_eval_data(config.data, 'val', global_batch_size=gb))
+  state = detector_state.fit_state(config, workdir, scorer, val_out)
   test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
   keep = _figure_indices(test.records, config.eval.figures_per_type)
   defective = [k for k, r in enumerate(test.records) if r['label'] == 1]
@@ -322,23 +329,4 @@ def evaluate_outputs(config, workdir: str) -> Evaluation:
   logging.info('%s/%s: image AUROC %.4f, pixel AUROC %.4f (%s, T_d=%d, NFE=%d)', result['dataset'],
                result['category'], result['image_auroc'], result['pixel_auroc'], result['method'],
                result['t_d'], result['nfe'])
-  return Evaluation(result, test.records, out, pixel_maps, scores)
-
-
-def predict(config, workdir: str, input_dir: Optional[str]) -> None:
-  """Scores a folder of new images: one heatmap PNG per image and scores.csv with decisions."""
-  from datasets import pipeline  # pylint: disable=g-import-not-at-top
-  if not input_dir:
-    raise UserError('--input: predict needs a folder of images (--input=FOLDER)')
-  data = pipeline.get_predict_data(input_dir, config.data.image_size,
-                                   global_batch_size=config.eval.batch_size)
-  scorer = Scorer(config, workdir)
-  gb = config.eval.batch_size
-  val_out = scorer.fit_normalisation(pipeline.get_eval_data(config.data, 'val', global_batch_size=gb))
-  _, val_scores = scorer.score(scorer.normalise(val_out.maps))
-  threshold = float(np.percentile(val_scores, config.detect.threshold_percentile))
-  out = scorer.run_split(data, what='predict')
-  pixel_maps, scores = scorer.score(scorer.normalise(out.maps))
-  if jax.process_index() == 0:
-    report.write_predictions(os.path.join(workdir, 'predict'), data.records, pixel_maps, scores,
-                             threshold, config.detect.threshold_percentile)
+  return Evaluation(result, test.records, out, pixel_maps, scores, state)

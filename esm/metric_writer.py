@@ -67,7 +67,7 @@ class MetricWriter:
       self._tb.flush()
 
   def write_throughput(self, step: int, images_per_second: float, seconds: float) -> None:
-    """DIR/throughput.jsonl: training speed per logging interval (the first includes compilation)."""
+    """DIR/throughput.jsonl: training speed per logging interval (compilation excluded)."""
     if not self._enabled:
       return
     with open(self._throughput_path, 'a') as f:

@@ -35,7 +35,7 @@ def _json_safe(obj):
   return obj
 
 
-def _write_csv(path: str, header, rows) -> None:
+def write_csv(path: str, header, rows) -> None:
   with files.atomic_path(path) as tmp:
     with open(tmp, 'w', newline='') as f:
       writer = csv.writer(f)
@@ -135,9 +135,9 @@ def write_tables(results: List[Dict[str, Any]], report_dir: str, extra: str = ''
   os.makedirs(report_dir, exist_ok=True)
   files.write_text(os.path.join(report_dir, 'results.json'),
                    json.dumps({r['category']: _json_safe(r) for r in results}, indent=2))
-  _write_csv(os.path.join(report_dir, 'results.csv'), COLUMNS,
-             [['' if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in COLUMNS]
-              for r in results])
+  write_csv(os.path.join(report_dir, 'results.csv'), COLUMNS,
+            [['' if isinstance(r[c], float) and math.isnan(r[c]) else r[c] for c in COLUMNS]
+             for r in results])
   files.write_text(os.path.join(report_dir, 'report.md'), markdown(results) + extra)
   logging.info('report written to %s\n%s', report_dir, results_table(results))
 
@@ -205,9 +205,9 @@ def _tuning_figure(tuned, sweep, path: str) -> None:
 
 def write_image_scores(path: str, records, labels, scores) -> None:
   """One row per test image, in example order: filename, defect type, label, image score."""
-  _write_csv(path, ['filename', 'defect_type', 'label', 'score'],
-             [[r['filename'], r['defect_type'], int(label), f'{float(score):.8g}']
-              for r, label, score in zip(records, labels, scores)])
+  write_csv(path, ['filename', 'defect_type', 'label', 'score'],
+            [[r['filename'], r['defect_type'], int(label), f'{float(score):.8g}']
+             for r, label, score in zip(records, labels, scores)])
 
 
 def _trajectory_figure(traj: Dict[str, np.ndarray], path: str, scale: int) -> None:
@@ -221,18 +221,3 @@ def _trajectory_figure(traj: Dict[str, np.ndarray], path: str, scale: int) -> No
   if panels:
     plotting.panel_row(panels, titles, scale=scale).save(path)
 
-
-def write_predictions(out_dir: str, records, pixel_maps, scores, threshold: float,
-                      percentile: float) -> None:
-  """predict mode: a heatmap PNG per image and scores.csv (score, decision)."""
-  os.makedirs(os.path.join(out_dir, 'heatmaps'), exist_ok=True)
-  lo, hi = float(np.percentile(pixel_maps, 1)), float(np.percentile(pixel_maps, 99.9))
-  for k, r in enumerate(records):
-    name = os.path.splitext(r['filename'])[0].replace(os.sep, '__')
-    plotting.panel_row([plotting.heatmap(pixel_maps[k], lo, hi)], [f'{scores[k]:.2f}']).save(
-        os.path.join(out_dir, 'heatmaps', f'{name}.png'))
-  _write_csv(os.path.join(out_dir, 'scores.csv'), ['filename', 'score', 'threshold', 'decision'],
-             [[r['filename'], f'{scores[k]:.6g}', f'{threshold:.6g}',
-               'defect' if scores[k] > threshold else 'good'] for k, r in enumerate(records)])
-  logging.info('predict: %d images scored, threshold %.4g (percentile %.1f of held-out good '
-               'scores); results in %s', len(records), threshold, percentile, out_dir)

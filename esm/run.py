@@ -1,4 +1,4 @@
-"""Train / evaluate / predict orchestration, nothing else."""
+"""Train / tune / evaluate / predict / export orchestration, nothing else."""
 
 import copy
 import math
@@ -7,21 +7,41 @@ import os
 import jax
 from absl import logging
 
+from datasets import catalog
+from datasets import folder
 from datasets import pipeline
 from esm import evaluate
+from esm import export as export_lib
 from esm import parallel
+from esm import predict as predict_lib
 from esm import report
 from esm import train as train_lib
 from esm import tune as tune_lib
 from esm import validate
 from esm import workdir as workdir_lib
+from esm.errors import UserError
 
 
 def categories(config) -> list:
-  """The categories a config names: one, or every category of the dataset for 'all'."""
-  if config.data.category != 'all':
-    return [config.data.category]
-  return list(pipeline.category_names(config.data.dataset, config.data.root))
+  """The categories a config names: one, or every category of the dataset for 'all', each of which
+  must be present under data.root (checked before anything is computed or written)."""
+  data = config.data
+  if data.category != 'all':
+    return [data.category]
+  names = list(pipeline.category_names(data.dataset, data.root))
+  if data.dataset in catalog.BENCHMARKS:
+    if not data.root or not os.path.isdir(data.root):
+      raise UserError(f"data.root={data.root!r}: data.category='all' needs the folder that holds "
+                      f'the {data.dataset} category folders')
+    missing = [c for c in names if not os.path.isdir(os.path.join(data.root, c))]
+    if missing:
+      raise UserError(f"data.category='all': {len(missing)} of the {len(names)} {data.dataset} "
+                      f'categories are missing under {data.root}: {", ".join(missing)}; add them, '
+                      'or name one category')
+  if not names:
+    raise UserError(f"data.category='all': no category folder with train/{folder.GOOD} under "
+                    f'{data.root}')
+  return names
 
 
 def category_config(config, category: str):
@@ -34,13 +54,13 @@ def category_config(config, category: str):
   return c
 
 
-def resolve_num_steps(config) -> None:
+def resolve_num_steps(config, num_train: int) -> None:
   """config.train.num_epochs > 0 sets num_steps from the size of the training split."""
   if config.train.num_epochs > 0:
-    n = pipeline.num_train_examples(config.data)
-    config.train.num_steps = max(1, math.ceil(config.train.num_epochs * n / config.train.batch_size))
-    logging.info('%d epochs of %d images at batch %d = %d steps', config.train.num_epochs, n,
-                 config.train.batch_size, config.train.num_steps)
+    config.train.num_steps = max(1, math.ceil(config.train.num_epochs * num_train /
+                                              config.train.batch_size))
+    logging.info('%d epochs of %d images at batch %d = %d steps', config.train.num_epochs,
+                 num_train, config.train.batch_size, config.train.num_steps)
 
 
 def prepare_data_on_main_process_first(config) -> None:
@@ -54,10 +74,15 @@ def prepare_data_on_main_process_first(config) -> None:
 
 
 def train(config, workdir: str):
+  # The data are listed, checked and prepared first: a bad dataset leaves no workdir behind.
+  num_train = pipeline.num_train_examples(config.data)
+  if num_train < 1:
+    raise UserError(f'data.val_fraction={config.data.val_fraction}: no training image is left '
+                    f'in {config.data.dataset}/{config.data.category} after the held-out slice')
   with workdir_lib.training_lock(workdir):
     validate.check_checkpoint_compatible(workdir_lib.load_saved_config(workdir), config, workdir)
-    resolve_num_steps(config)
-    workdir_lib.save_config(config, workdir)
+    resolve_num_steps(config, num_train)
+    workdir_lib.save_config(config, workdir)  # after every check: a failed start writes nothing
 
     def train_iter(start_step):
       return pipeline.get_train_iterator(config.data, global_batch_size=config.train.batch_size,
@@ -66,10 +91,18 @@ def train(config, workdir: str):
     return train_lib.train_and_checkpoint(config, workdir, train_iter)
 
 
-def run(config, workdir: str, mode: str, input_dir=None, overridden=()) -> None:
+def enable_compilation_cache(path: str) -> None:
+  """jax's persistent compilation cache in `path` ('' = off), so that a rerun skips compiling;
+  a cache folder already set (JAX_COMPILATION_CACHE_DIR, a test session) is kept."""
+  if path and not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', path)
+
+
+def run(config, workdir: str, mode: str, input_dir=None, overridden=(), output_dir=None) -> None:
   """Runs `mode` on every category the config names. `overridden`: the dotted config fields given
-  on the command line, which win over DIR/tuned.json."""
+  on the command line, which win over DIR/tuned.json; output_dir: predict's output folder."""
   validate.validate_config(config, mode)
+  enable_compilation_cache(config.compilation_cache_dir)
   parallel.initialise(config.parallel)
   validate.check_batches_split_over_devices(config)
   cats = categories(config)
@@ -87,10 +120,14 @@ def run(config, workdir: str, mode: str, input_dir=None, overridden=()) -> None:
     tune_cfg = tune_lib.TuneConfig.from_config(cfg.tune)
     if mode == 'tune' or (mode == 'train_eval' and tune_cfg.is_enabled(cfg.data.dataset)):
       tune_lib.tune(cfg, wd)
-    if mode in ('eval', 'train_eval', 'predict'):
+    if mode in ('eval', 'train_eval', 'predict', 'export'):
       sources = tune_lib.apply_tuned(cfg, wd, overridden)
       if mode == 'predict':
-        evaluate.predict(cfg, wd, input_dir)
+        out = os.path.join(output_dir, category) if output_dir and multi else output_dir
+        predict_lib.predict(cfg, wd, input_dir, out)
+      elif mode == 'export':
+        predict_lib.checked_state(cfg, wd)
+        export_lib.export_detector(wd, cfg.eval.batch_size)
       else:
         results.append(evaluate.evaluate(cfg, wd, settings_source=sources,
                                          tuned=tune_lib.load_tuned(wd)))

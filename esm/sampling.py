@@ -20,7 +20,8 @@ Each method is registered in SAMPLERS (`register_sampler`) with its NFE and whet
 variance stream; validation, evaluation and the report read the registry.
 
 Evaluation should pass the EMA parameters (TrainState.ema_params) as `params`. Per-image noise comes
-from per-image keys (`image_keys`), so a result does not depend on batching or sharding.
+from per-image keys (`image_keys`) of a digest of each image's pixels (esm/preprocess.py), so a
+result depends on the image alone: not on its position, its batch, padding or sharding.
 """
 
 import dataclasses
@@ -136,7 +137,7 @@ class Reconstruction(NamedTuple):
 
 
 def image_keys(seed: int, indices) -> jax.Array:
-  """Per-image keys fold_in(key(seed), global image index): independent of batching and sharding."""
+  """Per-image keys fold_in(key(seed), i) for uint32 i (a content digest or an index)."""
   base = jax.random.key(seed)
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
 

@@ -139,6 +139,10 @@ class ProgressLog:
     self.writer, self.tc = writer, tc
     self.t_log, self.step_log = time.time(), start
 
+  def restart_clock(self) -> None:
+    """Speed and ETA count from now (called after compilation)."""
+    self.t_log = time.time()
+
   def due(self, done: int) -> bool:
     return done % self.tc.log_every == 0 or done == self.tc.num_steps
 
@@ -185,6 +189,14 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
       writer.close()
 
 
+def _compile_step(step_fn, state, images, base_rng):
+  logging.info('compiling the train step (XLA; a rerun reads it from the compilation cache) ...')
+  t = time.time()
+  compiled = step_fn.lower(state, images, base_rng).compile()
+  logging.info('compiled the train step in %.1f s', time.time() - t)
+  return compiled
+
+
 def _train_loop(config, built: mutils.Built, state: TrainState, start: int, batches, mesh,
                 checkpointer: Checkpointer, progress: ProgressLog,
                 preemption: _Preemption) -> Optional[TrainState]:
@@ -196,9 +208,13 @@ def _train_loop(config, built: mutils.Built, state: TrainState, start: int, batc
       out_shardings=parallel.replicated(mesh), donate_argnums=(0,))
   reset_fn = jax.jit(TrainState.reset_metrics, donate_argnums=(0,))
   base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  compiled = None
   for step in range(start, tc.num_steps):
     images = parallel.shard_batch(mesh, next(batches)['image'])
-    state = step_fn(state, images, base_rng)
+    if compiled is None:  # compiled ahead of the first step, so that no ETA includes it
+      compiled = _compile_step(step_fn, state, images, base_rng)
+      progress.restart_clock()
+    state = compiled(state, images, base_rng)
     done = step + 1
     bad = int(state.bad_steps)  # one scalar per step: stop on the step that reaches the limit
     if bad >= tc.max_bad_steps:

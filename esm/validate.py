@@ -11,7 +11,7 @@ from typing import Optional
 
 from esm.errors import UserError
 
-MODES = ('train', 'tune', 'eval', 'train_eval', 'predict')  # main.py's --mode
+MODES = ('train', 'tune', 'eval', 'train_eval', 'predict', 'export')  # main.py's --mode
 # Sections whose change makes a checkpoint unusable (parameter shapes or their meaning).
 MODEL_SECTIONS = ('model', 'loss', 'sde')
 MODEL_FIELDS_THAT_MAY_CHANGE = ('dropout', 'dtype')

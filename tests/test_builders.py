@@ -50,12 +50,16 @@ def test_prepare_writes_array_record_readable_by_data_source(tmp_path):
 def test_data_source_prepares_from_manual_dir(tmp_path):
   root = str(tmp_path / 'src')
   data_folders.write_mvtec_category(root, 'tubes', num_train=3)
+  # No file_format argument: the builders default to array_record (TFDS's own default, tfrecord,
+  # would need TensorFlow).
+  assert tfds.builder('mpdd/tubes', data_dir=str(tmp_path / 'tfds')).info.file_format.value == \
+      'array_record'
   source = tfds.data_source(
       'mpdd/tubes', split='train', data_dir=str(tmp_path / 'tfds'),
-      builder_kwargs={'file_format': 'array_record'},
       download_and_prepare_kwargs={
           'download_config': tfds.download.DownloadConfig(manual_dir=root)})
   assert len(source) == 3 and source[0]['image'].dtype == np.uint8
+  assert 'tensorflow' not in sys.modules
 
 
 def test_prepared_twice_is_not_rebuilt_but_source_change_is(tmp_path, monkeypatch):

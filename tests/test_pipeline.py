@@ -5,7 +5,6 @@ import os
 
 import jax
 import numpy as np
-from PIL import Image
 import pytest
 
 from configs.default import get_default_config
@@ -121,38 +120,6 @@ def test_split_train_val_is_deterministic_and_disjoint():
   np.testing.assert_array_equal(val, pipeline.split_train_val(209, 0.1, 0)[1])
   assert not np.array_equal(val, pipeline.split_train_val(209, 0.1, 1)[1])
   assert len(pipeline.split_train_val(5, 0.0, 0)[1]) == 0
-
-
-def test_predict_folder_any_mode_and_size(tmp_path):
-  rgb = np.zeros((20, 30, 3), np.uint8)
-  data_folders.save(rgb, str(tmp_path / 'a.png'))
-  Image.fromarray(rgb).convert('L').save(tmp_path / 'b.png')
-  Image.fromarray(rgb).convert('RGBA').save(tmp_path / 'c.png')
-  Image.fromarray(np.zeros((7, 9), np.uint16)).save(tmp_path / 'd.png')
-  Image.fromarray(rgb).save(tmp_path / 'e.jpg')
-  (tmp_path / '.DS_Store').write_bytes(b'\0junk')
-  data = pipeline.get_predict_data(str(tmp_path), 8, global_batch_size=4)
-  assert data.num_examples == 5 and not data.has_masks
-  assert [r['filename'] for r in data.records] == ['a.png', 'b.png', 'c.png', 'd.png', 'e.jpg']
-  batches = list(data.batches())
-  assert [b['image'].shape for b in batches] == [(4, 8, 8, 3)] * 2
-  assert (np.concatenate([b['label'] for b in batches]) == -1).all()
-  assert np.concatenate([b['valid'] for b in batches]).sum() == 5
-
-
-def test_predict_bad_folders(tmp_path):
-  empty = tmp_path / 'empty'
-  empty.mkdir()
-  with pytest.raises(UserError, match='no images'):
-    pipeline.get_predict_data(str(empty), 8, global_batch_size=2)
-  (empty / 'notes.txt').write_text('x')
-  with pytest.raises(UserError, match='notes.txt'):
-    pipeline.get_predict_data(str(empty), 8, global_batch_size=2)
-  bad = tmp_path / 'bad'
-  bad.mkdir()
-  (bad / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
-  with pytest.raises(UserError, match='broken.png: corrupt, truncated or unreadable image'):
-    pipeline.get_predict_data(str(bad), 8, global_batch_size=2)  # before any model is compiled
 
 
 def test_unknown_dataset_and_category(cfg):

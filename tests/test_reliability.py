@@ -526,8 +526,8 @@ def test_a_test_split_with_one_class_gives_na_metrics(baseline, tmp_path, name, 
     assert json.load(f)[name]['image_auroc'] is None
 
 
-def test_predict_refuses_non_images_before_any_compute(baseline, tmp_path):
-  from esm import evaluate  # pylint: disable=g-import-not-at-top
+def test_predict_skips_non_images_and_refuses_corrupt_ones_before_any_compute(baseline, tmp_path):
+  from esm import predict as predict_lib  # pylint: disable=g-import-not-at-top
   cache, workdir, _ = baseline
   config = micro_config(cache)
   folder = tmp_path / 'in'
@@ -535,15 +535,18 @@ def test_predict_refuses_non_images_before_any_compute(baseline, tmp_path):
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / 'a.png')
   (folder / 'b.png').write_text('not an image')
   with pytest.raises(UserError, match=r'b\.png: corrupt, truncated or unreadable image'):
-    evaluate.predict(config, workdir, str(folder))
+    predict_lib.predict(config, workdir, str(folder))
   (folder / 'b.png').unlink()
   (folder / 'notes.txt').write_text('hello')
-  with pytest.raises(UserError, match=r'notes\.txt: not an image file'):
-    evaluate.predict(config, workdir, str(folder))
+  # notes.txt is skipped with a warning; the next check is the saved state of a workdir never
+  # evaluated.
+  with pytest.raises(UserError, match=r'detector\.json: no saved detector state; run --mode=eval'):
+    predict_lib.predict(config, str(tmp_path / 'never_evaluated'), str(folder))
   empty = tmp_path / 'empty'
   empty.mkdir()
+  (empty / 'notes.txt').write_text('hello')
   with pytest.raises(UserError, match='no images found'):
-    evaluate.predict(config, workdir, str(empty))
+    predict_lib.predict(config, workdir, str(empty))
   assert not os.path.exists(os.path.join(workdir, 'predict'))
 
 

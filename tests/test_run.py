@@ -90,13 +90,15 @@ def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
   Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(folder / 'a.png')
   Image.fromarray(rng.integers(0, 255, (20, 24), np.uint8)).save(folder / 'b.png')
   Image.fromarray(rng.integers(0, 255, (16, 16, 4), np.uint8), 'RGBA').save(folder / 'c.png')
-  workdir = str(base / 'straight')
-  run.run(cfg, workdir, 'predict', input_dir=str(folder))
-  with open(os.path.join(workdir, 'predict', 'scores.csv')) as f:
+  workdir = str(base / 'straight')  # evaluated by test_train_eval_writes_every_report_file
+  out = str(tmp_path / 'out')
+  run.run(cfg, workdir, 'predict', input_dir=str(folder), output_dir=out)
+  with open(os.path.join(out, 'scores.csv')) as f:
     rows = [line.strip().split(',') for line in f][1:]
   assert sorted(r[0] for r in rows) == ['a.png', 'b.png', 'c.png']
   assert all(r[3] in ('good', 'defect') and np.isfinite(float(r[1])) for r in rows)
-  assert len(os.listdir(os.path.join(workdir, 'predict', 'heatmaps'))) == 3
+  assert len(os.listdir(os.path.join(out, 'overlays'))) == 3
+  assert len(os.listdir(os.path.join(out, 'masks'))) == 3
 
 
 def test_predict_on_an_empty_folder_is_a_clear_error(straight, tmp_path):
@@ -115,3 +117,48 @@ def test_sgm_sampler_on_an_esm_model_reads_eps_through_eq4(straight, tmp_path):
   assert result['method'] == 'sgm' and result['detectors'] == ['re']
   assert set(result['unavailable_detectors']) == {'u', 'kl'}
   assert 0.0 <= result['image_auroc'] <= 1.0
+
+
+def test_an_empty_dataset_is_one_line_before_the_model_and_leaves_no_workdir(tmp_path):
+  root = tmp_path / 'data'
+  (root / 'parts' / 'train' / 'good').mkdir(parents=True)
+  (root / 'parts' / 'test' / 'good').mkdir(parents=True)
+  workdir = tmp_path / 'wd'
+  out = subprocess.run([sys.executable, 'main.py', '--config=configs/default.py', f'--workdir={workdir}',
+                        '--mode=train', '--config.data.dataset=folder', f'--config.data.root={root}',
+                        '--config.data.category=parts', f'--config.data.tfds_dir={tmp_path / "tfds"}'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'train' in last and 'Traceback' not in out.stderr, last
+  assert not workdir.exists()
+
+
+def test_category_all_names_the_missing_categories_up_front(tmp_path):
+  from esm.errors import UserError  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'bottle').mkdir()
+  config = common.override(get_default_config(), {'data.dataset': 'mvtec_ad',
+                                                  'data.category': 'all', 'data.root': str(tmp_path)})
+  with pytest.raises(UserError, match=r"data.category='all': 14 of the 15 mvtec_ad categories are "
+                                      r'missing under .*: cable, capsule, '):
+    run.categories(config)
+  config.data.root = str(tmp_path / 'nowhere')
+  with pytest.raises(UserError, match='data.root='):
+    run.categories(config)
+
+
+def test_compilation_cache_is_on_by_default_with_an_off_switch(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs.default import default_cache_dir  # pylint: disable=g-import-not-at-top
+  assert get_default_config().compilation_cache_dir == os.path.join(default_cache_dir(), 'jax')
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    run.enable_compilation_cache('')  # off
+    assert jax.config.jax_compilation_cache_dir is None
+    run.enable_compilation_cache(str(tmp_path / 'a'))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'a')
+    run.enable_compilation_cache(str(tmp_path / 'b'))  # a folder already set is kept
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'a')
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
