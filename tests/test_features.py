@@ -182,7 +182,7 @@ def test_torch_checkpoint_needs_torch_or_round_trips(tmp_path):
 def test_bad_checkpoints_raise_user_error(tmp_path):
   bad = tmp_path / 'bad.safetensors'
   bad.write_bytes((10 ** 6).to_bytes(8, 'little') + b'{}')
-  with pytest.raises(UserError, match='header length'):
+  with pytest.raises(UserError, match='not a safetensors file .*header'):
     weights.read_state_dict(bad)
   cfg, params = _random_params('dino_vits16')
   hub = weights.flax_to_hub(params)
