@@ -16,7 +16,8 @@ scored with statistics fitted on the clean images of the other folds, so no imag
 judges. Criterion: the mean of image and pixel AUROC over the pooled folds. Candidates within
 tune.tie_tolerance of the best are ties, broken by fewer network evaluations, then the smaller T_d,
 then fewer detectors. The choice, and every candidate with its development scores, go to
-DIR/tuned.json; evaluation then uses it (esm/run.py).
+DIR/tuned.json; evaluation then uses it (esm/run.py). DIR/detector.json is written for the choice
+too, so predict can follow tune directly.
 """
 
 import dataclasses
@@ -32,6 +33,7 @@ from absl import logging
 from configs.common import override
 from datasets import pipeline
 from datasets import synthetic
+from esm import detector_state
 from esm import detectors as det
 from esm import evaluate
 from esm import files
@@ -239,6 +241,13 @@ def tune(config, workdir: str) -> Dict[str, Any]:
   }
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, TUNED_FILE), json.dumps(tuned, indent=1))
+  # The detector state of the choice, so predict, the API and export can follow tune directly.
+  chosen_config = override(config, {'sampling.method': chosen['method'],
+                                    'sampling.t_d': chosen['t_d'],
+                                    'detect.weights': tuple(chosen['weights'])})
+  state = detector_state.fit_state(chosen_config, workdir)
+  if jax.process_index() == 0:
+    detector_state.save_state(workdir, state)
   logging.info('tune: chose %s T_d=%d detectors %s (dev image %.3f, pixel %.3f) from %d '
                'candidates in %.0f s; written to %s', chosen['method'], chosen['t_d'],
                '+'.join(chosen['detectors']), chosen['image_auroc'], chosen['pixel_auroc'],

@@ -136,3 +136,12 @@ def test_relabelled_test_split_gives_an_identical_tuned_json(tmp_path):
     run.run(c, workdir, 'tune')
     tuned.append(open(os.path.join(workdir, 'tuned.json')).read())
   assert tuned[0] == tuned[1]
+
+
+def test_tune_writes_the_detector_state_of_its_choice(tuned_run):
+  _, workdir = tuned_run
+  tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
+  state = json.load(open(os.path.join(workdir, 'detector.json')))
+  assert state['fields']['sampling.t_d'] == tuned['t_d']
+  assert state['fields']['sampling.method'] == tuned['method']
+  assert list(state['fields']['detect.weights']) == tuned['weights']
