@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == '__main__' and len(sys.argv) > 2 and sys.argv[2].startswith('--src='):
+  sys.path.insert(0, sys.argv[2][len('--src='):])
 
 from esm.models.unet import UNet, UNetConfig  # pylint: disable=wrong-import-position
 
@@ -78,11 +80,25 @@ def compute(name):
     out[f'{name}/init_abs'] = np.array([np.sum(np.abs(np.asarray(p)), dtype=np.float64)
                                         for p in jax.tree.leaves(init_params)])
   params = _random_params(shapes, seed=5)
-  fwd = jax.jit(lambda p, x, t, r: (model.apply({'params': p}, x, t, False),
-                                    model.apply({'params': p}, x, t, True, rngs={'dropout': r})))
-  y_eval, y_train = fwd(params, x, t, jax.random.key(7))
+  # One compilation: the eval-mode output, the train-mode output and, for the gradients, a fixed
+  # linear function of the train-mode output, each gradient leaf (and the input's) projected on a
+  # fixed random direction: one number per leaf is enough to see a wrong gradient.
+  w = np.random.default_rng(13).standard_normal((batch, size, size, cfg.out_ch)).astype(np.float32)
+
+  def run(p, x, t, r):
+    y_eval = model.apply({'params': p}, x, t, False)
+    y_train, vjp = jax.vjp(lambda p, x: model.apply({'params': p}, x, t, True, rngs={'dropout': r}),
+                           p, x)
+    return y_eval, y_train, vjp(jnp.asarray(w))
+
+  y_eval, y_train, (gp, gx) = jax.jit(run)(params, x, t, jax.random.key(7))
   out[f'{name}/eval'] = np.asarray(y_eval)
   out[f'{name}/train'] = np.asarray(y_train)
+  leaves = jax.tree.leaves(gp) + [gx]
+  out[f'{name}/grad_proj'] = np.array([
+      np.sum(np.asarray(g, np.float64) * np.random.default_rng([17, i]).standard_normal(g.shape))
+      for i, g in enumerate(leaves)])
+  out[f'{name}/grad_norm'] = np.array([np.linalg.norm(np.asarray(g, np.float64)) for g in leaves])
   return out
 
 
@@ -103,11 +119,20 @@ def test_unet_matches_stored_reference(stored, name):
     ref = stored[f'{name}/{key}']
     assert np.abs(ref).max() > 0.1  # a non-trivial reference
     np.testing.assert_allclose(got[f'{name}/{key}'], ref, rtol=0, atol=1e-5)
+  # Gradients: equal up to float32 rounding, relative to each leaf's gradient norm.
+  norm = stored[f'{name}/grad_norm']
+  atol = 1e-6 * norm.max()  # some leaves' gradients are 0 but for rounding (a bias before a norm)
+  np.testing.assert_allclose(got[f'{name}/grad_norm'], norm, rtol=1e-4, atol=atol)
+  np.testing.assert_array_less(np.abs(got[f'{name}/grad_proj'] - stored[f'{name}/grad_proj']),
+                               1e-4 * norm + atol)
 
 
 if __name__ == '__main__':
-  if sys.argv[1:] != ['--write']:
-    sys.exit('usage: python3 tests/test_unet_reference.py --write  (overwrites the stored reference)')
+  # --src=DIR: the source tree whose U-Net writes the reference (the issue-18 reference was
+  # written by the tree of commit dd5c0b8, unpacked with `git archive dd5c0b8 | tar -x -C DIR`).
+  if not sys.argv[1:] or sys.argv[1] != '--write':
+    sys.exit('usage: python3 tests/test_unet_reference.py --write [--src=DIR]  (overwrites the '
+             'stored reference)')
   arrays = {}
   for case in CASES:
     arrays.update(compute(case))
