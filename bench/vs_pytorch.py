@@ -3,6 +3,7 @@
   python3 -m pip install -r requirements-bench.txt   # torch + diffusers, for this script only
   python3 bench/vs_pytorch.py [--cases=a,b] [--rounds=2] [--steps=10] [--threads=2]
                               [--baseline_src=DIR] [--esm] [--no_torch]
+  python3 bench/vs_pytorch.py --compile_paper=1 [--baseline_src=DIR]
 
 Each measurement runs in its own subprocess (one framework per process, `--threads` threads), and
 the frameworks alternate within each round, so machine noise hits both alike. A measurement is the
@@ -88,6 +89,29 @@ def jax_worker(case: str, steps: int, src: str):
           'compile_s': compile_s}
 
 
+def compile_worker(case: str, src: str):
+  """Seconds to lower and to compile the paper-scale train step (configs/default.py model, 256²,
+  ESM dual stream) at batch `case` (an integer), on this machine's backend."""
+  sys.path.insert(0, src)
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs.default import get_default_config  # pylint: disable=g-import-not-at-top
+  from esm import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = get_default_config()
+  size, batch = config.data.image_size, int(case)
+  _, model, _, loss_fn, tx = train_lib.build(config, size)
+  state = jax.eval_shape(lambda: train_lib.init_state(config, model, tx, size))
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jax.numpy.float32)
+  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, config.train.ema_rate), donate_argnums=(0,))
+  t = time.perf_counter()
+  lowered = step.lower(state, images, jax.random.key(3))
+  lower_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t
+  hlo_ops = sum(1 for l in compiled.as_text().splitlines() if ' = ' in l)
+  return {'lower_s': lower_s, 'compile_s': compile_s, 'hlo_ops': hlo_ops}
+
+
 # ---------------------------------------------------------------------------------- torch worker --
 
 def torch_worker(case: str, steps: int):
@@ -166,6 +190,8 @@ def main():
   p.add_argument('--baseline_src', default='')
   p.add_argument('--esm', action='store_true')
   p.add_argument('--no_torch', action='store_true', help='JAX rows only')
+  p.add_argument('--compile_paper', type=int, default=0,
+                 help='instead: time lowering and compiling the paper-scale step at this batch')
   p.add_argument('--worker', default='')
   p.add_argument('--case', default='')
   p.add_argument('--src', default=REPO)
@@ -176,9 +202,26 @@ def main():
       import torch  # pylint: disable=g-import-not-at-top
       torch.set_num_threads(args.threads)
       res = torch_worker(args.case, args.steps)
+    elif args.worker == 'compile':
+      res = compile_worker(args.case, args.src)
     else:
       res = jax_worker(args.case, args.steps, args.src)
     print('RESULT ' + json.dumps(res), flush=True)
+    return
+
+  if args.compile_paper:
+    srcs = [('ours', REPO)] + ([('before', args.baseline_src)] if args.baseline_src else [])
+    rows = []
+    for kind, src in srcs:
+      res = _run_worker('compile', str(args.compile_paper), 0, args.threads, src)
+      rows.append((kind, res))
+      print(f'# {kind}: {res}', file=sys.stderr, flush=True)
+    print(f'# paper-scale ESM train step (configs/default.py, 256², batch {args.compile_paper}), '
+          f'XLA:CPU; {time.strftime("%Y-%m-%d %H:%M")}')
+    print('| tree | lowering (s) | compilation (s) | HLO instructions after optimisation |')
+    print('|---|---|---|---|')
+    for kind, res in rows:
+      print(f"| {kind} | {res['lower_s']:.1f} | {res['compile_s']:.1f} | {res['hlo_ops']} |")
     return
 
   torch_ok = not args.no_torch and _have_torch()

@@ -78,7 +78,9 @@ def _group_norm_bwd(groups, eps, act, out_dtype, res, dout):
   dx = A·dy + B·x + C with per-(example, channel) A, B, C. SiLU's derivative is recomputed from x
   in both passes instead of being stored."""
   del eps, out_dtype
-  x, scale, bias, mean, rstd = res
+  # The barrier keeps XLA from merging this recomputation with the forward pass's (which would
+  # store SiLU's sigmoid, a full-size tensor, from the forward pass to here).
+  x, scale, bias, mean, rstd, dout = jax.lax.optimization_barrier(res + (dout,))
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   c, nd = x.shape[-1], x.ndim
   axes = tuple(range(1, nd - 1))
@@ -148,12 +150,16 @@ def conv(features: int, kernel: int, dtype: Dtype, stride: int = 1, init_scale: 
 
 
 def upsample_nearest(x):
+  """Nearest 2x upsampling as a broadcast and a reshape (jax.image.resize gathers, and its gradient
+  scatters); its gradient is a sum over the 2x2 blocks."""
   b, h, w, c = x.shape
-  return jax.image.resize(x, (b, 2 * h, 2 * w, c), 'nearest')
+  return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
 
 def downsample_avg(x):
-  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+  """2x2 average pooling, stride 2, as a reshape and a mean (the same values as nn.avg_pool)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
 class Upsample(nn.Module):
