@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,6 +62,10 @@ def _jax_config(case: str):
 def jax_worker(case: str, steps: int, src: str):
   sys.path.insert(0, src)
   import jax  # pylint: disable=g-import-not-at-top
+  # Later rounds load the step compiled by the first instead of compiling it again.
+  jax.config.update('jax_compilation_cache_dir', os.path.join(tempfile.gettempdir(),
+                                                              'esm_vs_pytorch_xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from esm import train as train_lib  # pylint: disable=g-import-not-at-top
   from esm.models import dual_stream  # pylint: disable=g-import-not-at-top
