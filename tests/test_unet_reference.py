@@ -23,11 +23,14 @@ if __name__ == '__main__' and len(sys.argv) > 2 and sys.argv[2].startswith('--sr
 
 from esm.models.unet import UNet, UNetConfig  # pylint: disable=wrong-import-position
 
+GRAD_CASES = ('tiny', 'cpu48')
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'unet_reference.npz')
 
 TINY = UNetConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
                   dropout=0.1)
-# name: (config, image size, batch)
+# name: (config, image size, batch). The two ddpm cases cover the separate Upsample/Downsample
+# modules in the forward pass; gradients are checked on the biggan cases (tiny, cpu48), whose
+# blocks resample with the same functions.
 CASES = {
     'tiny': (TINY, 16, 2),
     'tiny_ddpm_conv': (dataclasses.replace(TINY, resblock_type='ddpm'), 16, 2),
@@ -74,7 +77,7 @@ def compute(name):
   shapes = jax.eval_shape(init, jax.random.key(0))
   out = {f'{name}/paths': np.array(_paths(shapes)),
          f'{name}/shapes': np.array([str(tuple(s.shape)) for s in jax.tree.leaves(shapes)])}
-  if name in ('tiny', 'tiny_ddpm_conv'):  # the initial values, by leaf (cheap at this size)
+  if name == 'tiny':  # the initial values, by leaf (cheap at this size)
     init_params = init(jax.random.key(0))
     out[f'{name}/init_sums'] = np.array([np.sum(np.asarray(p), dtype=np.float64) for p in jax.tree.leaves(init_params)])
     out[f'{name}/init_abs'] = np.array([np.sum(np.abs(np.asarray(p)), dtype=np.float64)
@@ -85,15 +88,22 @@ def compute(name):
   # fixed random direction: one number per leaf is enough to see a wrong gradient.
   w = np.random.default_rng(13).standard_normal((batch, size, size, cfg.out_ch)).astype(np.float32)
 
+  grads = name in GRAD_CASES
+
   def run(p, x, t, r):
     y_eval = model.apply({'params': p}, x, t, False)
-    y_train, vjp = jax.vjp(lambda p, x: model.apply({'params': p}, x, t, True, rngs={'dropout': r}),
-                           p, x)
+    train = lambda p, x: model.apply({'params': p}, x, t, True, rngs={'dropout': r})
+    if not grads:
+      return y_eval, train(p, x), None
+    y_train, vjp = jax.vjp(train, p, x)
     return y_eval, y_train, vjp(jnp.asarray(w))
 
-  y_eval, y_train, (gp, gx) = jax.jit(run)(params, x, t, jax.random.key(7))
+  y_eval, y_train, g = jax.jit(run)(params, x, t, jax.random.key(7))
   out[f'{name}/eval'] = np.asarray(y_eval)
   out[f'{name}/train'] = np.asarray(y_train)
+  if not grads:
+    return out
+  gp, gx = g
   leaves = jax.tree.leaves(gp) + [gx]
   out[f'{name}/grad_proj'] = np.array([
       np.sum(np.asarray(g, np.float64) * np.random.default_rng([17, i]).standard_normal(g.shape))
@@ -119,6 +129,8 @@ def test_unet_matches_stored_reference(stored, name):
     ref = stored[f'{name}/{key}']
     assert np.abs(ref).max() > 0.1  # a non-trivial reference
     np.testing.assert_allclose(got[f'{name}/{key}'], ref, rtol=0, atol=1e-5)
+  if name not in GRAD_CASES:
+    return
   # Gradients: equal up to float32 rounding, relative to each leaf's gradient norm.
   norm = stored[f'{name}/grad_norm']
   atol = 1e-6 * norm.max()  # some leaves' gradients are 0 but for rounding (a bias before a norm)

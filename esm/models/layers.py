@@ -140,13 +140,13 @@ def group_norm(channels: int, num_groups: int, dtype: Dtype, act: bool = False) 
   return GroupNorm(num_groups=_groups(channels, num_groups), dtype=dtype, act=act)
 
 
-def conv(features: int, kernel: int, dtype: Dtype, stride: int = 1, init_scale: float = 1.0,
-         name: Optional[str] = None) -> nn.Conv:
+def conv(features: int, kernel: int, dtype: Dtype, stride: int = 1,
+         init_scale: float = 1.0) -> nn.Conv:
   """A 'SAME' conv with DDPM's variance-scaling init (init_scale 0 gives a zero-initialised conv)."""
   init = (nn.initializers.zeros if init_scale == 0 else
           nn.initializers.variance_scaling(init_scale, 'fan_avg', 'uniform'))
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME', dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=init, name=name)
+                 param_dtype=jnp.float32, kernel_init=init)
 
 
 def upsample_nearest(x):
