@@ -481,8 +481,8 @@ def main():
     name = (f'{size}², batch {batch}, ch {ch}, mult {mult}, {blocks} block(s), attention at '
             f'{attn}², groups {groups}')
     theirs = results.get((c, 'torch'))
-    row = (f"| {name} | {ours[0]['params'] / 1e6:.2f} M / "
-           f"{(theirs[0]['params'] / 1e6) if theirs else float('nan'):.2f} M | {fmt(ours)} |")
+    their_params = f"{theirs[0]['params'] / 1e6:.2f} M" if theirs else '-'
+    row = f"| {name} | {ours[0]['params'] / 1e6:.2f} M / {their_params} | {fmt(ours)} |"
     if args.baseline_src:
       before = results[(c, 'before')]
       row += f' {fmt(before)} | {med(ours) / med(before):.2f} |'
