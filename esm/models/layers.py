@@ -33,7 +33,7 @@ def _groups(channels: int, num_groups: int) -> int:
 
 
 def _group_stats(xf, groups: int):
-  """Per-(example, group) mean and 1/sqrt(var + eps) inputs of x [B, ..., C]: the sums run over the
+  """Per-(example, group) mean and variance of x [B, ..., C], each [B, G]: the sums run over the
   spatial axes per channel first (channels stay the contiguous minor dimension), then over the
   channels of a group on the small [B, C] result. Fast variance E[x²] - E[x]², as flax."""
   b, c = xf.shape[0], xf.shape[-1]
@@ -117,7 +117,7 @@ class GroupNorm(nn.Module):
 
   flax's version reshapes to [..., groups, C/groups], whose minor dimension of C/groups (2 at 16
   channels and 8 groups) vectorises poorly; with autodiff through it and through SiLU, GroupNorm was
-  40% of the CPU-scale train step. Here the statistics are per-channel sums over space combined
+  about 40% of the executed-op time of the CPU-scale train step (docs/benchmarks.md, issue 18). Here the statistics are per-channel sums over space combined
   into groups on the small [B, C] result, the normalisation is one elementwise pass with
   per-(example, channel) coefficients, and the gradient is written out (`_group_norm_bwd`).
   """
