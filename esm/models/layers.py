@@ -1,6 +1,7 @@
 """Building blocks of the DDPM++/NCSN++-family U-Net: time embedding, residual blocks, attention,
 resampling. All modules are NHWC and compute in `dtype` with float32 parameters."""
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -31,26 +32,134 @@ def _groups(channels: int, num_groups: int) -> int:
   return g
 
 
-def group_norm(channels: int, num_groups: int, dtype: Dtype) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=_groups(channels, num_groups), dtype=dtype, param_dtype=jnp.float32)
+def _group_stats(xf, groups: int):
+  """Per-(example, group) mean and variance of x [B, ..., C], each [B, G]: the sums run over the
+  spatial axes per channel first (channels stay the contiguous minor dimension), then over the
+  channels of a group on the small [B, C] result. Fast variance E[x²] - E[x]², as flax."""
+  b, c = xf.shape[0], xf.shape[-1]
+  axes = tuple(range(1, xf.ndim - 1))
+  n = math.prod(xf.shape[1:-1]) * (c // groups)
+  s1 = jnp.sum(xf, axis=axes).reshape(b, groups, c // groups).sum(-1)
+  s2 = jnp.sum(xf * xf, axis=axes).reshape(b, groups, c // groups).sum(-1)
+  mean = s1 / n
+  return mean, jnp.maximum(0.0, s2 / n - mean * mean)
 
 
-def conv(features: int, kernel: int, dtype: Dtype, stride: int = 1, init_scale: float = 1.0,
-         name: Optional[str] = None) -> nn.Conv:
+def _per_channel(v, c: int, ndim: int):
+  """[B, G] -> [B, 1, .., 1, C], each group's value repeated over its channels."""
+  v = jnp.repeat(v, c // v.shape[-1], axis=-1)
+  return v.reshape((v.shape[0],) + (1,) * (ndim - 2) + (c,))
+
+
+def _gn_forward(x, scale, bias, groups, eps, act, out_dtype):
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean, var = _group_stats(xf, groups)
+  rstd = jax.lax.rsqrt(var + eps)
+  c = x.shape[-1]
+  y = (xf - _per_channel(mean, c, x.ndim)) * (_per_channel(rstd, c, x.ndim) * scale) + bias
+  if act:
+    y = nn.silu(y)
+  return y.astype(out_dtype), (mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _group_norm(x, scale, bias, groups, eps, act, out_dtype):
+  return _gn_forward(x, scale, bias, groups, eps, act, out_dtype)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps, act, out_dtype):
+  y, (mean, rstd) = _gn_forward(x, scale, bias, groups, eps, act, out_dtype)
+  return y, (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, act, out_dtype, res, dout):
+  """The GroupNorm(+SiLU) gradient in two passes over the activations: one reduction of the
+  per-(example, channel) sums of dy and dy·x over the spatial axes, one elementwise pass
+  dx = A·dy + B·x + C with per-(example, channel) A, B, C. SiLU's derivative is recomputed from x
+  in both passes instead of being stored."""
+  del eps, out_dtype
+  # The barrier keeps XLA from merging this recomputation with the forward pass's (which would
+  # store SiLU's sigmoid, a full-size tensor, from the forward pass to here).
+  x, scale, bias, mean, rstd, dout = jax.lax.optimization_barrier(res + (dout,))
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  c, nd = x.shape[-1], x.ndim
+  axes = tuple(range(1, nd - 1))
+  n = math.prod(x.shape[1:-1]) * (c // groups)
+  mean_c, rstd_c = _per_channel(mean, c, nd), _per_channel(rstd, c, nd)
+  a = rstd_c * scale
+  dy = dout.astype(jnp.float32)
+  if act:
+    y = (xf - mean_c) * a + bias
+    sig = jax.nn.sigmoid(y)
+    dy = dy * (sig * (1.0 + y * (1.0 - sig)))
+  s_dy = jnp.sum(dy, axis=axes)  # [B, C]
+  s_dyx = jnp.sum(dy * xf, axis=axes)  # [B, C]
+  b = x.shape[0]
+  rstd_bc, mean_bc = rstd_c.reshape(b, c), mean_c.reshape(b, c)
+  s_dyxhat = rstd_bc * (s_dyx - mean_bc * s_dy)  # sum over space of dy·x̂
+  dscale = jnp.sum(s_dyxhat, axis=0)
+  dbias = jnp.sum(s_dy, axis=0)
+  group_mean = lambda v: (v.reshape(b, groups, c // groups).sum(-1) / n)
+  m1 = _per_channel(group_mean(scale * s_dy), c, nd)  # mean over the group of dy·γ
+  m2 = _per_channel(group_mean(scale * s_dyxhat), c, nd)  # mean over the group of dy·γ·x̂
+  coef_x = -rstd_c * rstd_c * m2
+  const = -rstd_c * m1 - coef_x * mean_c
+  dx = a * dy + coef_x * xf + const
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over NHWC, optionally followed by SiLU (`act`): the same function and parameters as
+  `nn.GroupNorm` (epsilon 1e-6, fast variance, float32 statistics), laid out for the CPU.
+
+  flax's version reshapes to [..., groups, C/groups], whose minor dimension of C/groups (2 at 16
+  channels and 8 groups) vectorises poorly; with autodiff through it and through SiLU, GroupNorm was
+  about 40% of the executed-op time of the CPU-scale train step (docs/benchmarks.md, issue 18). Here the statistics are per-channel sums over space combined
+  into groups on the small [B, C] result, the normalisation is one elementwise pass with
+  per-(example, channel) coefficients, and the gradient is written out (`_group_norm_bwd`).
+  """
+  num_groups: int
+  dtype: Dtype = jnp.float32
+  epsilon: float = 1e-6
+  act: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    return _group_norm(x, scale, bias, self.num_groups, self.epsilon, self.act, self.dtype)
+
+
+def group_norm(channels: int, num_groups: int, dtype: Dtype, act: bool = False) -> GroupNorm:
+  """GroupNorm with the largest group count <= num_groups dividing the channels; SiLU after it
+  when `act`."""
+  return GroupNorm(num_groups=_groups(channels, num_groups), dtype=dtype, act=act)
+
+
+def conv(features: int, kernel: int, dtype: Dtype, stride: int = 1,
+         init_scale: float = 1.0) -> nn.Conv:
   """A 'SAME' conv with DDPM's variance-scaling init (init_scale 0 gives a zero-initialised conv)."""
   init = (nn.initializers.zeros if init_scale == 0 else
           nn.initializers.variance_scaling(init_scale, 'fan_avg', 'uniform'))
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME', dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=init, name=name)
+                 param_dtype=jnp.float32, kernel_init=init)
 
 
 def upsample_nearest(x):
+  """Nearest 2x upsampling as a broadcast and a reshape (jax.image.resize gathers, and its gradient
+  scatters); its gradient is a sum over the 2x2 blocks."""
   b, h, w, c = x.shape
-  return jax.image.resize(x, (b, 2 * h, 2 * w, c), 'nearest')
+  return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
 
 def downsample_avg(x):
-  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+  """2x2 average pooling, stride 2, as a reshape and a mean (the same values as nn.avg_pool)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
 class Upsample(nn.Module):
@@ -87,11 +196,11 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, train: bool):
     resize = {'up': upsample_nearest, 'down': downsample_avg, None: lambda v: v}[self.resample]
-    h = nn.silu(group_norm(x.shape[-1], self.num_groups, self.dtype)(x))
+    h = group_norm(x.shape[-1], self.num_groups, self.dtype, act=True)(x)
     h, skip = resize(h), resize(x)
     h = conv(self.out_ch, 3, self.dtype)(h)
     h = h + nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32)(nn.silu(temb))[:, None, None]
-    h = nn.silu(group_norm(self.out_ch, self.num_groups, self.dtype)(h))
+    h = group_norm(self.out_ch, self.num_groups, self.dtype, act=True)(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     # Zero-initialised last conv: every block starts as the identity, which stabilises deep U-Nets.
     h = conv(self.out_ch, 3, self.dtype, init_scale=0.0)(h)

@@ -98,6 +98,6 @@ class UNet(nn.Module):
           h = layers.Upsample(c.resamp_with_conv, dtype)(h)
     assert not skips, 'every skip connection must be consumed'
 
-    h = nn.silu(layers.group_norm(h.shape[-1], c.num_groups, dtype)(h))
+    h = layers.group_norm(h.shape[-1], c.num_groups, dtype, act=True)(h)
     h = layers.conv(c.out_ch, 3, dtype, init_scale=0.0)(h)
     return h.astype(jnp.float32)
