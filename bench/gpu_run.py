@@ -38,7 +38,7 @@ EVALS = (('ESM', 'esm', 'literal'), ('ESM^σ literal', 'esm_sigma', 'literal'),
          ('ESM^σ matched', 'esm_sigma', 'matched'))
 
 
-def gpu_config(data_root: str, steps: int, batch: int, res_blocks: int = 2):
+def gpu_config(data_root: str, steps: int, batch: int, res_blocks: int = 1):
   c = mvtec.get_config('bottle')
   c.data.root = data_root
   c.model.num_res_blocks = res_blocks  # the paper's 2; 1 halves the compile time
@@ -103,12 +103,13 @@ def main():
   parser.add_argument('--workdir', required=True, help='checkpoints, data cache and reports')
   parser.add_argument('--out', required=True, help='where gpu_results.json goes')
   parser.add_argument('--data_root', default='', help='folder holding mvtec_ad/bottle')
-  # Measured on an H200 (docs/benchmarks.md): the paper-scale step compiles in about 4 minutes and
-  # then runs at about 81 img/s at batch 32, so 100 steps leave time for the ESM evaluation.
-  parser.add_argument('--steps', type=int, default=100)
-  parser.add_argument('--res_blocks', type=int, default=2, help='residual blocks per U-Net level')
+  # Measured on an H200 (docs/benchmarks.md, 2026-11-30): with one residual block per level the
+  # paper-scale step compiles in about 150 s and trains at about 107 img/s at batch 32, so 300 steps
+  # and one ESM evaluation fit one 9-minute call (476 s); two blocks compile in about 247 s.
+  parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--res_blocks', type=int, default=1, help='residual blocks per U-Net level')
   parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--budget_s', type=float, default=480.0,
+  parser.add_argument('--budget_s', type=float, default=430.0,
                       help='wall-clock budget: evaluations that would not fit are skipped')
   parser.add_argument('--dry_run', action='store_true')
   args = parser.parse_args()
