@@ -264,6 +264,9 @@ def sweep_tuning_candidates(config, workdir: str, tuned: Dict[str, Any]) -> List
     for t_d in tuned['t_d_grid']:
       mine = [c for c in tuned['candidates'] if c['method'] == method and c['t_d'] == t_d]
       best = max(mine, key=lambda c: c['score'])
+      chosen = tuned['by_method'].get(method, {})
+      if chosen.get('t_d') == t_d:  # the tie rule may have picked other weights at this T_d
+        best = next(c for c in mine if c['weights'] == chosen['weights'])
       cfg = override(config, {'sampling.method': method, 'sampling.t_d': t_d,
                               'detect.weights': tuple(best['weights'])})
       scorer = Scorer(cfg, workdir, restored=restored, feature_fn=feature_fn)
