@@ -249,7 +249,8 @@ def evaluate(config, workdir: str, report_dir: Optional[str] = None,
 
 def sweep_tuning_candidates(config, workdir: str, tuned: Dict[str, Any]) -> List[Dict[str, Any]]:
   """Test image and pixel AUROC of each (sampler, T_d) of the tuning grid, each with the detector
-  weights that were best for it on the development set. Read by no choice: report only."""
+  weights that were best for it on the development set (at the sampler's chosen T_d, the chosen
+  weights). Read by no choice: report only."""
   from configs.common import override  # pylint: disable=g-import-not-at-top
   from datasets import pipeline  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
