@@ -62,11 +62,13 @@ def tuned_run(tmp_path_factory):
   workdir = str(base / 'run')
   run.run(cfg, workdir, 'train')
   run.run(cfg, workdir, 'tune')
-  return cfg, workdir
+  with open(os.path.join(workdir, 'detector.json')) as f:
+    state = json.load(f)  # read now: the eval tests below rewrite it
+  return cfg, workdir, state
 
 
 def test_tune_writes_the_choice_and_every_candidate(tuned_run):
-  cfg, workdir = tuned_run
+  cfg, workdir, _ = tuned_run
   tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
   assert tuned['t_d_grid'] == [2, 4] and tuned['methods'] == ['sgm', 'esm']
   # sgm on a dual-stream model: S_RE only (1 subset); esm: S_U, S_KL, S_RE (7 subsets).
@@ -82,7 +84,7 @@ def test_tune_writes_the_choice_and_every_candidate(tuned_run):
 
 
 def test_eval_uses_tuned_values_unless_given_on_the_command_line(tuned_run):
-  cfg, workdir = tuned_run
+  cfg, workdir, _ = tuned_run
   tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
   run.run(cfg, workdir, 'eval')
   result = json.load(open(os.path.join(workdir, 'report', 'results.json')))['object']
@@ -139,9 +141,8 @@ def test_relabelled_test_split_gives_an_identical_tuned_json(tmp_path):
 
 
 def test_tune_writes_the_detector_state_of_its_choice(tuned_run):
-  _, workdir = tuned_run
+  _, workdir, state = tuned_run
   tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
-  state = json.load(open(os.path.join(workdir, 'detector.json')))
   assert state['fields']['sampling.t_d'] == tuned['t_d']
   assert state['fields']['sampling.method'] == tuned['method']
   assert list(state['fields']['detect.weights']) == tuned['weights']
