@@ -18,16 +18,12 @@ from configs import common
 from configs.default import get_default_config
 from esm import run
 from esm.errors import UserError
+import test_run  # pylint: disable=g-bad-import-order  (a sibling test module: its tiny set-up)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {
-    'data.dataset': 'synthetic', 'data.category': 'object', 'data.image_size': 16,
-    'data.synthetic_size': 32, 'data.synthetic_num_train': 16, 'data.synthetic_num_test': 8,
-    'data.val_fraction': 0.25, 'train.batch_size': 4, 'train.warmup_steps': 0, 'train.lr': 1e-3,
-    'train.log_every': 2, 'train.ckpt_every': 4, 'train.num_steps': 4, 'sampling.t_d': 4,
-    'eval.batch_size': 4, 'sampling.snapshot_steps': (4, 2, 0), 'features.model': 'none',
-    'detect.weights': (0, 1, 1, 1), 'eval.figures_per_type': 1, 'sampling.method': 'esm',
-}
+# test_run's synthetic set and sizes; 4 steps, logged every 2, one checkpoint, the esm sampler.
+OVERRIDES = {**test_run.OVERRIDES, 'train.log_every': 2, 'train.ckpt_every': 4,
+             'train.num_steps': 4, 'sampling.method': 'esm'}
 
 
 def micro_config(cache: str, **changes):
