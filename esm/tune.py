@@ -165,12 +165,12 @@ def score_candidate(scorer: evaluate.Scorer, dev: DevSet, stage: int) -> List[Di
   subsets = [s for s in det.ablation_subsets(used) if stage == 1 or needs_features & set(s)]
   scores = {s: np.zeros(n, np.float32) for s in subsets}
   pixels = {s: np.zeros((n, size, size), np.float32) for s in subsets}
+  equal = dataclasses.replace(scorer.detect_cfg, weights=(1.0,) * len(det.DETECTORS))
   for fold in np.unique(dev.folds):
     fit = (dev.folds != fold) & (dev.labels == 0)
     judge = np.flatnonzero(dev.folds == fold)
     stats = det.fit_normaliser({k: v[fit] for k, v in out.maps.items()})
     normed = det.normalise({k: v[judge] for k, v in out.maps.items()}, stats)
-    equal = dataclasses.replace(scorer.detect_cfg, weights=(1.0, 1.0, 1.0, 1.0))
     for subset, p, s in det.iter_ablation(equal, size, normed, used):
       if subset in scores:
         scores[subset][judge], pixels[subset][judge] = s, p
