@@ -48,7 +48,8 @@ _ROOT = flags.DEFINE_string('root', None, 'Folder holding mvtec_ad/ and mpdd/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumable).')
 _STAGES = flags.DEFINE_list('stages', ['train', 'tune', 'eval', 'report'], 'Stages to run.')
 _CATEGORIES = flags.DEFINE_list('categories', ['bottle', 'metal_plate'], 'CPU-scale categories.')
-_MODELS = flags.DEFINE_list('models', ['esm', 'sgm'], 'Models: esm, sgm, hybrid.')
+_MODELS = flags.DEFINE_list('models', ['esm', 'sgm'], 'Models: esm, sgm, hybrid; model@cat1+cat2 '
+                            'trains that model on those categories only.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds (--config.seed).')
 _BUDGETS = flags.DEFINE_list('budgets', ['400', '1600'], 'Steps evaluated on seed 0.')
 _SEED_BUDGET = flags.DEFINE_integer('seed_budget', None, 'Steps of every seed (default: largest '
@@ -72,6 +73,16 @@ COMPARISONS = (('esm/esm', 'sgm/sgm'), ('esm/esm_sigma', 'esm/esm'), ('esm/esm_s
 
 FLOOR_OF = {'esm_sigma_const': 'constant', 'esm_sigma_beta': 'beta'}
 REPORTED = ('esm', 'esm_sigma', 'esm_sigma_const', 'esm_sigma_beta', 'sgm')
+
+
+def models_of(category: str) -> List[str]:
+  """The --models entries that run on `category`."""
+  chosen = []
+  for entry in _MODELS.value:
+    model, _, only = entry.partition('@')
+    if not only or category in only.split('+'):
+      chosen.append(model)
+  return chosen
 
 
 def methods_of(model: str, reported: bool = False) -> Sequence[str]:
@@ -207,7 +218,7 @@ def all_jobs(stages) -> List[Job]:
   jobs = []
   for seed in (int(s) for s in _SEEDS.value):  # seed 0 (the budget curve) of every category first
     for category in _CATEGORIES.value:
-      for model in _MODELS.value:
+      for model in models_of(category):
         if 'train' in stages:
           jobs.append(train_job(category, model, seed))
         for step in budgets_of(seed):
@@ -308,7 +319,7 @@ def budget_table(category: str) -> List[str]:
   budgets = budgets_of(0)
   lines = ['| model / method | ' + ' | '.join(f'{b} steps' for b in budgets) + ' |',
            '|---|' + '---|' * len(budgets)]
-  for model in _MODELS.value:
+  for model in models_of(category):
     for method in methods_of(model, reported=True):
       cells = []
       for step in budgets:
@@ -321,7 +332,7 @@ def budget_table(category: str) -> List[str]:
 def seed_table(category: str, step: int, seeds) -> List[str]:
   lines = ['| model / method | seeds | image AUROC mean ± sd | pixel AUROC mean ± sd | T_d per seed |',
            '|---|---|---|---|---|']
-  for model in _MODELS.value:
+  for model in models_of(category):
     for method in methods_of(model, reported=True):
       rows = rows_at(category, model, method, step, seeds)
       if not rows:
@@ -339,7 +350,7 @@ def interval_table(category: str, step: int, seeds) -> List[str]:
   lines = ['| a − b (image AUROC) | seeds | difference | 95% CI | P(a ≤ b) |', '|---|---|---|---|---|']
   for a, b in COMPARISONS:
     (ma, ka), (mb, kb) = a.split('/'), b.split('/')
-    if ma not in _MODELS.value or mb not in _MODELS.value:
+    if ma not in models_of(category) or mb not in models_of(category):
       continue
     ra, rb = rows_at(category, ma, ka, step, seeds), rows_at(category, mb, kb, step, seeds)
     common = sorted(set(ra) & set(rb))
@@ -358,7 +369,7 @@ def choice_table(category: str, step: int, seeds) -> List[str]:
   """What the development set chose: ESM^σ's floor and each method's detector weights."""
   lines = ['| model | seed | ESM^σ dev score const / β → floor | chosen method | '
            'weights (cos, u, kl, re) per method |', '|---|---|---|---|---|']
-  for model in _MODELS.value:
+  for model in models_of(category):
     for seed in seeds:
       path = tuned_path(category, model, seed, step)
       if not os.path.exists(path):
