@@ -386,6 +386,28 @@ def choice_table(category: str, step: int, seeds) -> List[str]:
   return lines
 
 
+def detector_table(category: str, step: int, seeds) -> List[str]:
+  """Development-set score (mean image/pixel AUROC) of the best detector subset with and without
+  S_KL and S_Cos, at each method's chosen T_d; mean over seeds."""
+  lines = ['| model / method | seeds | best with S_KL / without | best with S_Cos / without |',
+           '|---|---|---|---|']
+  for model in models_of(category):
+    tuned = [read_json(tuned_path(category, model, s, step)) for s in seeds
+             if os.path.exists(tuned_path(category, model, s, step))]
+    for method in (tuned[0]['by_method'] if tuned else ()):
+      best = {}
+      for t in tuned:
+        t_d = t['by_method'][method]['t_d']
+        mine = [c for c in t['candidates'] if c['method'] == method and c['t_d'] == t_d]
+        for name in ('kl', 'cos'):
+          for has in (True, False):
+            scores = [c['score'] for c in mine if (name in c['detectors']) == has]
+            best.setdefault((name, has), []).append(max(scores) if scores else math.nan)
+      cell = lambda n: f'{fmt(np.mean(best[(n, True)]))} / {fmt(np.mean(best[(n, False)]))}'
+      lines.append(f'| {model} / {method} | {len(tuned)} | {cell("kl")} | {cell("cos")} |')
+  return lines
+
+
 def report() -> str:
   seeds = [int(s) for s in _SEEDS.value]
   step = budgets_of(1)[0]
@@ -398,7 +420,8 @@ def report() -> str:
               f'### Paired bootstrap over test images, pooled over seeds ({_RESAMPLES.value} '
               'resamples)', '', *interval_table(category, step, seeds), '',
               f'### Development-set choices at {step} steps', '', *choice_table(category, step, seeds),
-              '']
+              '', f'### Detectors on the development set at {step} steps', '',
+              *detector_table(category, step, seeds), '']
   return '\n'.join(parts)
 
 
