@@ -72,6 +72,7 @@ COMPARISONS = (('esm/esm', 'sgm/sgm'), ('esm/esm_sigma', 'esm/esm'), ('esm/esm_s
 
 
 FLOOR_OF = {'esm_sigma_const': 'constant', 'esm_sigma_beta': 'beta'}
+SAMPLER_OF = {'esm_sigma_const': 'esm_sigma', 'esm_sigma_beta': 'esm_sigma'}
 REPORTED = ('esm', 'esm_sigma', 'esm_sigma_const', 'esm_sigma_beta', 'sgm')
 
 
@@ -192,7 +193,7 @@ def method_settings(category, model, seed, step, method) -> Dict[str, str]:
   """sampling.method, sampling.sigma_floor, sampling.t_d and detect.weights for `method`, as the
   development set chose them."""
   floor = FLOOR_OF.get(method)
-  sampler = 'esm_sigma' if floor else method
+  sampler = SAMPLER_OF.get(method, method)
   chosen = read_json(tuned_path(category, model, seed, step, floor or 'constant'))['by_method'][sampler]
   return {'sampling.method': sampler, 'sampling.sigma_floor': floor or 'constant',
           'sampling.t_d': str(chosen['t_d']),
@@ -315,7 +316,20 @@ def fmt(x: float) -> str:
   return '–' if x is None or not np.isfinite(x) else f'{x:.3f}'
 
 
-def budget_table(category: str) -> List[str]:
+def dev_score(category, model, seed, step, method) -> Optional[float]:
+  """The development-set score (mean of image and pixel AUROC) the tuning gave `method`."""
+  if method == 'esm_sigma':
+    scores = [dev_score(category, model, seed, step, m) for m in FLOOR_OF]
+    return None if None in scores else max(scores)
+  path = tuned_path(category, model, seed, step, FLOOR_OF.get(method, 'constant'))
+  if not os.path.exists(path):
+    return None
+  return read_json(path)['by_method'][SAMPLER_OF.get(method, method)]['score']
+
+
+def budget_table(category: str, development: bool) -> List[str]:
+  """Seed 0 at each budget: the development score (what a budget is chosen on) or the test
+  image / pixel AUROC."""
   budgets = budgets_of(0)
   lines = ['| model / method | ' + ' | '.join(f'{b} steps' for b in budgets) + ' |',
            '|---|' + '---|' * len(budgets)]
@@ -323,8 +337,11 @@ def budget_table(category: str) -> List[str]:
     for method in methods_of(model, reported=True):
       cells = []
       for step in budgets:
-        row = load_row(category, model, 0, step, method)
-        cells.append(f'{fmt(row.image)} / {fmt(row.pixel)} (T_d {row.t_d})' if row else '')
+        if development:
+          cells.append(fmt(dev_score(category, model, 0, step, method)))
+        else:
+          row = load_row(category, model, 0, step, method)
+          cells.append(f'{fmt(row.image)} / {fmt(row.pixel)} (T_d {row.t_d})' if row else '')
       lines.append(f'| {model} / {method} | ' + ' | '.join(cells) + ' |')
   return lines
 
@@ -415,7 +432,11 @@ def report() -> str:
            'Image / pixel AUROC on the test split, each method at the T_d and detector weights its '
            'development set chose (held-out training images; esm/tune.py).', '']
   for category in _CATEGORIES.value:
-    parts += [f'## {category}', '', '### Budget curve (seed 0)', '', *budget_table(category), '',
+    parts += [f'## {category}', '',
+              '### Budget curve on the development set (seed 0; mean of image and pixel AUROC)', '',
+              *budget_table(category, development=True), '',
+              '### Budget curve on the test split (seed 0; image / pixel AUROC)', '',
+              *budget_table(category, development=False), '',
               f'### Seeds at {step} steps', '', *seed_table(category, step, seeds), '',
               f'### Paired bootstrap over test images, pooled over seeds ({_RESAMPLES.value} '
               'resamples)', '', *interval_table(category, step, seeds), '',
