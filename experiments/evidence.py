@@ -428,7 +428,12 @@ def detector_table(category: str, step: int, seeds) -> List[str]:
 def report() -> str:
   seeds = [int(s) for s in _SEEDS.value]
   step = budgets_of(1)[0]
+  jobs = all_jobs({'train', 'tune', 'eval'})
+  finished = sum(os.path.exists(j.done) for j in jobs)
   parts = ['# Evidence: ESM vs ESM^σ vs SGM at CPU scale', '',
+           f'{finished} of {len(jobs)} jobs finished (models {",".join(_MODELS.value)}, seeds '
+           f'{",".join(_SEEDS.value)}, budgets {",".join(_BUDGETS.value)}); empty cells are pending.',
+           '',
            'Image / pixel AUROC on the test split, each method at the T_d and detector weights its '
            'development set chose (held-out training images; esm/tune.py).', '']
   for category in _CATEGORIES.value:
