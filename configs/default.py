@@ -122,6 +122,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   tu.enabled = ml_collections.config_dict.placeholder(bool)  # train_eval tunes; None: folder only
   tu.t_d_fractions = (0.002, 0.01, 0.025, 0.05, 0.1, 0.2)  # T_d grid, fractions of T (cost ∝ sum)
   tu.methods = ()  # samplers to try; () = every one the checkpoint supports
+  tu.sigma_floors = ('constant', 'beta')  # ESM^σ's per-step floors to try (sampling.sigma_floor)
   tu.folds = 3  # cross-fitting folds of the held-out images (normalise on some, judge on others)
   tu.defects_per_image = 2  # painted copies of each held-out image
   tu.defect_kinds = ('scratch', 'hole', 'stain', 'missing', 'extra', 'colour', 'texture')

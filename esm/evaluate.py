@@ -267,9 +267,12 @@ def sweep_tuning_candidates(config, workdir: str, tuned: Dict[str, Any]) -> List
       best = max(mine, key=lambda c: c['score'])
       chosen = tuned['by_method'].get(method, {})
       if chosen.get('t_d') == t_d:  # the tie rule may have picked other weights at this T_d
-        best = next(c for c in mine if c['weights'] == chosen['weights'])
+        best = next(c for c in mine if c['weights'] == chosen['weights']
+                    and c.get('sigma_floor') == chosen.get('sigma_floor'))
       cfg = override(config, {'sampling.method': method, 'sampling.t_d': t_d,
-                              'detect.weights': tuple(best['weights'])})
+                              'detect.weights': tuple(best['weights']),
+                              'sampling.sigma_floor': best.get('sigma_floor',
+                                                               config.sampling.sigma_floor)})
       scorer = Scorer(cfg, workdir, restored=restored, feature_fn=feature_fn)
       scorer.fit_normalisation(val)
       out = scorer.run_split(test, what=f'sweep {method} T_d={t_d}')
@@ -326,6 +329,8 @@ def evaluate_outputs(config, workdir: str) -> Evaluation:
       'checkpoint_step': scorer.checkpoint_step,
       'num_test_images': test.num_examples,
       'weights': list(scorer.detect_cfg.weights),
+      **({'sigma_floor': config.sampling.sigma_floor}
+         if scorer.recon.sampler.reads_sigma_floor else {}),
       'detectors': list(scorer.selection.used),
       'unavailable_detectors': dict(scorer.selection.unavailable),
       'ablation': ablation,

@@ -53,8 +53,10 @@ def settings(result: Dict[str, Any]) -> str:
   source = result.get('settings_source', {})
   tag = lambda field: f" ({source[field]})" if field in source else ''
   weights = ', '.join(f'{w:g}' for w in result.get('weights', ()))
-  return (f"{result['method']}{tag('sampling.method')}, T_d {result['t_d']}{tag('sampling.t_d')}, "
-          f"weights ({weights}){tag('detect.weights')}")
+  floor = (f", floor {result['sigma_floor']}{tag('sampling.sigma_floor')}"
+           if 'sigma_floor' in result else '')
+  return (f"{result['method']}{tag('sampling.method')}, T_d {result['t_d']}{tag('sampling.t_d')}"
+          f"{floor}, weights ({weights}){tag('detect.weights')}")
 
 
 def results_table(results: List[Dict[str, Any]]) -> str:

@@ -106,18 +106,20 @@ class Sampler:
   needs_variance: bool  # reads σ²_θ, so needs a dual-stream model; gives σ²_0, σ²_in (S_U, S_KL)
   # (var_source, T_d) -> image-forwards per image for σ²_0/σ²_in on top of the NFE
   extra_net_calls: Callable[[str, int], int]
+  reads_sigma_floor: bool = False  # sampling.sigma_floor changes it (tune tries tune.sigma_floors)
 
 
 SAMPLERS: Dict[str, Sampler] = {}
 
 
 def register_sampler(name: str, *, nfe: Callable[[int], int], needs_variance: bool,
-                     extra_net_calls: Callable[[str, int], int] = lambda var_source, t_d: 0):
+                     extra_net_calls: Callable[[str, int], int] = lambda var_source, t_d: 0,
+                     reads_sigma_floor: bool = False):
   """Decorator: registers `run` as sampling.method=name. A new sampler is one function and this."""
   def register(run: Callable) -> Callable:
     if name in SAMPLERS:
       raise ValueError(f'sampler {name!r} is registered twice')
-    SAMPLERS[name] = Sampler(name, run, nfe, needs_variance, extra_net_calls)
+    SAMPLERS[name] = Sampler(name, run, nfe, needs_variance, extra_net_calls, reads_sigma_floor)
     return run
   return register
 
@@ -313,7 +315,8 @@ def _sgm_or_esm(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstruct
 
 
 @register_sampler('esm_sigma', nfe=lambda t_d: 2 * t_d, needs_variance=True,
-                  extra_net_calls=lambda var_source, t_d: 0 if var_source == 'mean' else 2)
+                  extra_net_calls=lambda var_source, t_d: 0 if var_source == 'mean' else 2,
+                  reads_sigma_floor=True)
 def _esm_sigma(call, sde, cfg, t_d, x0, keys, slot_of, snap_buf) -> Reconstruction:
   batch = x0.shape[0]
   matched = cfg.sigma_time == 'matched'

@@ -45,7 +45,8 @@ from esm.losses import LossConfig
 
 TUNED_FILE = 'tuned.json'
 CRITERION = 'mean of image and pixel AUROC on the development set (cross-fitted normalisation)'
-TUNED_FIELDS = {'t_d': 'sampling.t_d', 'method': 'sampling.method', 'weights': 'detect.weights'}
+TUNED_FIELDS = {'t_d': 'sampling.t_d', 'method': 'sampling.method', 'weights': 'detect.weights',
+                'sigma_floor': 'sampling.sigma_floor'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class TuneConfig:
   enabled: Optional[bool]  # None: on for the folder dataset only
   t_d_fractions: Tuple[float, ...]
   methods: Tuple[str, ...]  # () = every sampler the checkpoint supports
+  sigma_floors: Tuple[str, ...]  # ESM^σ's per-step floors tried (sampling.sigma_floor)
   folds: int
   defects_per_image: int
   defect_kinds: Tuple[str, ...]
@@ -68,6 +70,9 @@ class TuneConfig:
     if unknown:
       raise UserError(f'tune.methods: unknown samplers {sorted(unknown)}; expected names from '
                       f'{tuple(sampling.SAMPLERS)}')
+    if not self.sigma_floors or set(self.sigma_floors) - set(sampling.SIGMA_FLOORS):
+      raise UserError(f'tune.sigma_floors: expected names from {sampling.SIGMA_FLOORS}, got '
+                      f'{self.sigma_floors}')
     if self.folds < 2:
       raise UserError(f'tune.folds: expected at least 2 (cross-fitting), got {self.folds}')
     if self.defects_per_image < 1:
@@ -82,7 +87,8 @@ class TuneConfig:
   @classmethod
   def from_config(cls, tune_cfg) -> 'TuneConfig':
     return cls(enabled=tune_cfg.enabled, t_d_fractions=tuple(float(f) for f in tune_cfg.t_d_fractions),
-               methods=tuple(tune_cfg.methods), folds=int(tune_cfg.folds),
+               methods=tuple(tune_cfg.methods), sigma_floors=tuple(tune_cfg.sigma_floors),
+               folds=int(tune_cfg.folds),
                defects_per_image=int(tune_cfg.defects_per_image),
                defect_kinds=tuple(tune_cfg.defect_kinds),
                tie_tolerance=float(tune_cfg.tie_tolerance), seed=int(tune_cfg.seed))
@@ -158,7 +164,9 @@ def make_dev_set(config, tc: TuneConfig) -> DevSet:
 def score_candidate(scorer: evaluate.Scorer, dev: DevSet, stage: int) -> List[Dict[str, Any]]:
   """Development AUROCs of every detector subset for one reconstruction (cross-fitted); in stage
   2 only the subsets with a feature detector (stage 1 scored the others on the same maps)."""
-  out = scorer.run_split(dev.data, what=f'tune {scorer.recon.method} T_d={scorer.recon.t_d}')
+  floor = scorer.config.sampling.sigma_floor if scorer.recon.sampler.reads_sigma_floor else None
+  what = f'tune {scorer.recon.method} T_d={scorer.recon.t_d}' + (f' floor={floor}' if floor else '')
+  out = scorer.run_split(dev.data, what=what)
   used = scorer.selection.used
   n, size = dev.labels.shape[0], scorer.image_size
   needs_features = {n for n in used if det.DETECTORS[n].needs_features}
@@ -182,7 +190,8 @@ def score_candidate(scorer: evaluate.Scorer, dev: DevSet, stage: int) -> List[Di
                  'stage': stage, 'detectors': list(subset),
                  'weights': [1.0 if name in subset else 0.0 for name in det.DETECTOR_NAMES],
                  'image_auroc': image_auroc, 'pixel_auroc': pixel_auroc,
-                 'score': 0.5 * (image_auroc + pixel_auroc)})
+                 'score': 0.5 * (image_auroc + pixel_auroc),
+                 **({'sigma_floor': floor} if floor else {})})
   return rows
 
 
@@ -205,38 +214,45 @@ def tune(config, workdir: str) -> Dict[str, Any]:
   methods = supported_methods(config, tc.methods)
   plain = tuple(0.0 if d.needs_features else 1.0 for d in det.DETECTORS.values())
 
-  def run_candidate(method, t_d, stage):
+  def run_candidate(method, t_d, stage, floor=None):
     weights = plain if stage == 1 else (1.0,) * len(det.DETECTORS)
     cfg = override(config, {'sampling.method': method, 'sampling.t_d': t_d,
-                            'detect.weights': weights})
+                            'detect.weights': weights,
+                            'sampling.sigma_floor': floor or config.sampling.sigma_floor})
     scorer = evaluate.Scorer(cfg, workdir, restored=restored,
                              feature_fn=feature_fn if stage == 2 else None)
     rows = score_candidate(scorer, dev, stage)
     if rows:
       top = max(rows, key=lambda r: r['score'])
-      logging.info('tune: %s T_d=%d best %s: image %.3f pixel %.3f', method, t_d,
-                   '+'.join(top['detectors']), top['image_auroc'], top['pixel_auroc'])
+      logging.info('tune: %s T_d=%d%s best %s: image %.3f pixel %.3f', method, t_d,
+                   f' floor={floor}' if floor else '', '+'.join(top['detectors']),
+                   top['image_auroc'], top['pixel_auroc'])
     return rows
 
-  candidates = [row for m in methods for t_d in grid for row in run_candidate(m, t_d, 1)]
+  floors = lambda m: tc.sigma_floors if sampling.SAMPLERS[m].reads_sigma_floor else (None,)
+  candidates = [row for m in methods for floor in floors(m) for t_d in grid
+                for row in run_candidate(m, t_d, 1, floor)]
   if feature_fn is not None:
     for method in methods:
       best = choose([c for c in candidates if c['method'] == method], tc.tie_tolerance)
-      candidates += run_candidate(method, best['t_d'], 2)
+      candidates += run_candidate(method, best['t_d'], 2, best.get('sigma_floor'))
   chosen = choose(candidates, tc.tie_tolerance)
   by_method = {m: choose([c for c in candidates if c['method'] == m], tc.tie_tolerance)
                for m in methods}
+  kept = ('t_d', 'weights', 'image_auroc', 'pixel_auroc', 'score', 'sigma_floor')
   tuned = {
       't_d': chosen['t_d'], 'method': chosen['method'], 'weights': chosen['weights'],
+      # the floor only where the chosen sampler reads it; otherwise the config's stays
+      **({'sigma_floor': chosen['sigma_floor']} if 'sigma_floor' in chosen else {}),
       'criterion': {'name': CRITERION, 'tie_tolerance': tc.tie_tolerance,
                     'image_auroc': chosen['image_auroc'], 'pixel_auroc': chosen['pixel_auroc'],
                     'score': chosen['score']},
-      'by_method': {m: {k: c[k] for k in ('t_d', 'weights', 'image_auroc', 'pixel_auroc', 'score')}
-                    for m, c in by_method.items()},
+      'by_method': {m: {k: c[k] for k in kept if k in c} for m, c in by_method.items()},
       'dev_set': {'held_out_images': int(dev.source.max() + 1), 'images': int(len(dev.labels)),
                   'painted': int(dev.labels.sum()), 'defect_kinds': list(tc.defect_kinds),
                   'folds': tc.folds, 'seed': tc.seed},
-      't_d_grid': grid, 'methods': methods, 'checkpoint_step': restored.step,
+      't_d_grid': grid, 'methods': methods, 'sigma_floors': list(tc.sigma_floors),
+      'checkpoint_step': restored.step,
       'candidates': candidates,
   }
   if jax.process_index() == 0:
@@ -244,7 +260,9 @@ def tune(config, workdir: str) -> Dict[str, Any]:
   # The detector state of the choice, so predict, the API and export can follow tune directly.
   chosen_config = override(config, {'sampling.method': chosen['method'],
                                     'sampling.t_d': chosen['t_d'],
-                                    'detect.weights': tuple(chosen['weights'])})
+                                    'detect.weights': tuple(chosen['weights']),
+                                    'sampling.sigma_floor': chosen.get(
+                                        'sigma_floor', config.sampling.sigma_floor)})
   state = detector_state.fit_state(chosen_config, workdir)
   if jax.process_index() == 0:
     detector_state.save_state(workdir, state)
@@ -264,18 +282,20 @@ def load_tuned(workdir: str) -> Optional[Dict[str, Any]]:
 
 
 def apply_tuned(config, workdir: str, overridden=()) -> Dict[str, str]:
-  """Sets sampling.t_d, sampling.method and detect.weights from DIR/tuned.json, except the fields
-  given on the command line; returns where each of the three comes from (tuned / command line /
-  paper table / config)."""
+  """Sets sampling.t_d, sampling.method, detect.weights and (when the chosen sampler reads it)
+  sampling.sigma_floor from DIR/tuned.json, except the fields given on the command line; returns
+  where each comes from (tuned / command line / paper table / config)."""
   tuned = load_tuned(workdir)
   sources = {}
   for key, field in TUNED_FIELDS.items():
     section, name = field.split('.')
     if field in overridden:
       sources[field] = 'command line'
-    elif tuned is not None:
+    elif tuned is not None and key in tuned:
       config[section][name] = tuple(tuned[key]) if key == 'weights' else tuned[key]
       sources[field] = 'tuned'
+    elif key == 'sigma_floor':
+      continue  # not tuned: the config's floor, which only ESM^σ reads
     elif field == 'sampling.t_d' and config.data.category in dict(config.sampling.t_d_by_category):
       sources[field] = 'paper table'
     else:

@@ -39,6 +39,7 @@ def test_grid_and_tie_rule():
 
 def test_bad_tune_fields_are_named():
   for field, value in (('tune.t_d_fractions', (0.0,)), ('tune.methods', ('ddim',)),
+                       ('tune.sigma_floors', ('none',)), ('tune.sigma_floors', ()),
                        ('tune.folds', 1), ('tune.defect_kinds', ('smudge',))):
     with pytest.raises(UserError, match=field):
       tune.TuneConfig.from_config(common.override(get_default_config(), {field: value}).tune)
@@ -146,3 +147,28 @@ def test_tune_writes_the_detector_state_of_its_choice(tuned_run):
   assert state['fields']['sampling.t_d'] == tuned['t_d']
   assert state['fields']['sampling.method'] == tuned['method']
   assert list(state['fields']['detect.weights']) == tuned['weights']
+
+
+def test_esm_sigma_floor_is_tuned_and_applied(tuned_run, tmp_path):
+  """Both ESM^σ floors are candidates; the choice goes to tuned.json and into evaluation."""
+  cfg, trained, _ = tuned_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns('report', 'tuned.json'))
+  cfg = common.override(cfg, {'tune.methods': ('esm_sigma',), 'tune.t_d_fractions': (0.004,)})
+  run.run(cfg, workdir, 'tune')
+  tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
+  assert tuned['sigma_floors'] == ['constant', 'beta']
+  assert {c['sigma_floor'] for c in tuned['candidates']} == {'constant', 'beta'}
+  best = tune.choose(tuned['candidates'], cfg.tune.tie_tolerance)
+  assert tuned['sigma_floor'] == best['sigma_floor'] == tuned['by_method']['esm_sigma']['sigma_floor']
+
+  run.run(cfg, workdir, 'eval')
+  result = json.load(open(os.path.join(workdir, 'report', 'results.json')))['object']
+  assert result['sigma_floor'] == tuned['sigma_floor']
+  assert result['settings_source']['sampling.sigma_floor'] == 'tuned'
+  other = {'constant': 'beta', 'beta': 'constant'}[tuned['sigma_floor']]
+  run.run(common.override(cfg, {'sampling.sigma_floor': other}), workdir, 'eval',
+          overridden={'sampling.sigma_floor'})
+  result = json.load(open(os.path.join(workdir, 'report', 'results.json')))['object']
+  assert result['sigma_floor'] == other
+  assert result['settings_source']['sampling.sigma_floor'] == 'command line'
