@@ -166,7 +166,8 @@ def tune_jobs(category, model, seed, step) -> List[Job]:
   floors = FLOORS if model != 'sgm' else FLOORS[:1]
   for floor in floors:
     leaf = f'tune_{floor}'
-    extra = [f'--config.sampling.sigma_floor={floor}']
+    # one floor per tune, so that both readings keep their own tuned.json
+    extra = [f'--config.sampling.sigma_floor={floor}', f'--config.tune.sigma_floors=("{floor}",)']
     if floor != 'constant':
       extra.append('--config.tune.methods=("esm_sigma",)')  # only ESM^σ reads the floor
     args = base_args(category, model, seed) + [
