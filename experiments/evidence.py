@@ -447,7 +447,8 @@ def report() -> str:
               f'### Paired bootstrap over test images, pooled over seeds ({_RESAMPLES.value} '
               'resamples)', '', *interval_table(category, step, seeds), '',
               f'### Development-set choices at {step} steps', '', *choice_table(category, step, seeds),
-              '', f'### Detectors on the development set at {step} steps', '',
+              '', f'### Detectors on the development set at {step} steps (ESM^σ: constant floor)',
+              '',
               *detector_table(category, step, seeds), '']
   return '\n'.join(parts)
 
