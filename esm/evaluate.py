@@ -247,11 +247,20 @@ def evaluate(config, workdir: str, report_dir: Optional[str] = None,
   return ev.result
 
 
+def candidate_config(config, candidate: Dict[str, Any]):
+  """config with the sampler, T_d, detector weights and (where the sampler reads it) ESM^σ's floor
+  of a tuning candidate (a row of tuned.json's candidates)."""
+  from configs.common import override  # pylint: disable=g-import-not-at-top
+  return override(config, {'sampling.method': candidate['method'], 'sampling.t_d': candidate['t_d'],
+                           'detect.weights': tuple(candidate['weights']),
+                           'sampling.sigma_floor': candidate.get('sigma_floor',
+                                                                 config.sampling.sigma_floor)})
+
+
 def sweep_tuning_candidates(config, workdir: str, tuned: Dict[str, Any]) -> List[Dict[str, Any]]:
   """Test image and pixel AUROC of each (sampler, T_d) of the tuning grid, each with the detector
   weights that were best for it on the development set (at the sampler's chosen T_d, the chosen
   weights). Read by no choice: report only."""
-  from configs.common import override  # pylint: disable=g-import-not-at-top
   from datasets import pipeline  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   restored = restore_ema_params(config, workdir, mesh)
@@ -269,10 +278,7 @@ def sweep_tuning_candidates(config, workdir: str, tuned: Dict[str, Any]) -> List
       if chosen.get('t_d') == t_d:  # the tie rule may have picked other weights at this T_d
         best = next(c for c in mine if c['weights'] == chosen['weights']
                     and c.get('sigma_floor') == chosen.get('sigma_floor'))
-      cfg = override(config, {'sampling.method': method, 'sampling.t_d': t_d,
-                              'detect.weights': tuple(best['weights']),
-                              'sampling.sigma_floor': best.get('sigma_floor',
-                                                               config.sampling.sigma_floor)})
+      cfg = candidate_config(config, best)
       scorer = Scorer(cfg, workdir, restored=restored, feature_fn=feature_fn)
       scorer.fit_normalisation(val)
       out = scorer.run_split(test, what=f'sweep {method} T_d={t_d}')

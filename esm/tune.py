@@ -258,12 +258,7 @@ def tune(config, workdir: str) -> Dict[str, Any]:
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, TUNED_FILE), json.dumps(tuned, indent=1))
   # The detector state of the choice, so predict, the API and export can follow tune directly.
-  chosen_config = override(config, {'sampling.method': chosen['method'],
-                                    'sampling.t_d': chosen['t_d'],
-                                    'detect.weights': tuple(chosen['weights']),
-                                    'sampling.sigma_floor': chosen.get(
-                                        'sigma_floor', config.sampling.sigma_floor)})
-  state = detector_state.fit_state(chosen_config, workdir)
+  state = detector_state.fit_state(evaluate.candidate_config(config, chosen), workdir)
   if jax.process_index() == 0:
     detector_state.save_state(workdir, state)
   logging.info('tune: chose %s T_d=%d detectors %s (dev image %.3f, pixel %.3f) from %d '

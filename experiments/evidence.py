@@ -33,7 +33,8 @@ import sys
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
@@ -243,12 +244,12 @@ def run_jobs(jobs: List[Job]) -> None:
   os.makedirs(logs, exist_ok=True)
   logging.info('%d of %d jobs to run', len(pending), len(jobs))
   while pending or running:
-    for job, proc in list(running.items()):
+    for job, (proc, started) in list(running.items()):
       if proc.poll() is not None:
         del running[job]
         ok = proc.returncode == 0 and os.path.exists(job.done)
         logging.info('%s %s after %.0f s', 'done' if ok else f'FAILED (rc {proc.returncode})',
-                     job.name, time.time() - proc.start)
+                     job.name, time.time() - started)
         if not ok:
           failed.append(job.done)
     blocked = [j for j in pending if any(d in failed for d in j.deps)]
@@ -267,16 +268,12 @@ def run_jobs(jobs: List[Job]) -> None:
       with open(log, 'a') as out:
         proc = subprocess.Popen([sys.executable, 'main.py', *job.args()], stdout=out,
                                 stderr=subprocess.STDOUT, env=env, cwd=REPO)
-      proc.start = time.time()
-      running[job] = proc
+      running[job] = (proc, time.time())
     if not ready and not running and pending:
       raise RuntimeError(f'{len(pending)} jobs wait for outputs no job makes: {pending[0].name}')
     time.sleep(2)
   if failed:
     raise SystemExit(f'{len(failed)} jobs failed or were skipped; see {logs}')
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- report -------------------------------------------------------------------------------------

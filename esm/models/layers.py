@@ -117,9 +117,10 @@ class GroupNorm(nn.Module):
 
   flax's version reshapes to [..., groups, C/groups], whose minor dimension of C/groups (2 at 16
   channels and 8 groups) vectorises poorly; with autodiff through it and through SiLU, GroupNorm was
-  about 40% of the executed-op time of the CPU-scale train step (docs/benchmarks.md, issue 18). Here the statistics are per-channel sums over space combined
-  into groups on the small [B, C] result, the normalisation is one elementwise pass with
-  per-(example, channel) coefficients, and the gradient is written out (`_group_norm_bwd`).
+  about 40% of the executed-op time of the CPU-scale train step (docs/benchmarks.md, issue 18).
+  Here the statistics are per-channel sums over space combined into groups on the small [B, C]
+  result, the normalisation is one elementwise pass with per-(example, channel) coefficients, and
+  the gradient is written out (`_group_norm_bwd`).
   """
   num_groups: int
   dtype: Dtype = jnp.float32
