@@ -17,7 +17,9 @@ success, so an interrupted prepare never looks finished.
 """
 
 import abc
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import inspect
 import io
@@ -188,25 +190,37 @@ def prepare(builder_cls: type[CategoryBuilder], root: str, category: str, data_d
   fingerprint = listing.fingerprint()
   kwargs = dict(config=config or category, data_dir=data_dir, file_format=FILE_FORMAT)
   builder = builder_cls(**kwargs)
-  if is_prepared(builder) and builder.info.metadata['fingerprint'] == fingerprint:
-    logging.info('Reusing prepared %s/%s at %s', builder.name, builder.builder_config.name,
-                 builder.data_dir)
-    return builder
-  data_path = os.fspath(builder.data_path)
-  if os.path.exists(data_path):
-    fresh = builder_cls(**kwargs)  # another process may have just finished it
-    if is_prepared(fresh) and fresh.info.metadata['fingerprint'] == fingerprint:
-      return fresh
-    logging.warning('Prepared %s at %s is stale or incomplete (source changed); re-preparing',
-                    builder.name, data_path)
-    shutil.rmtree(data_path)  # our own cache folder, never a source folder
-  tfds.disable_progress_bar()  # progress is logged through absl instead
-  try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=root))
-  except OSError:
-    # Another process (multi-host on a shared disk) may have finished the same prepare first.
-    builder = builder_cls(**kwargs)
-    if not (is_prepared(builder) and builder.info.metadata['fingerprint'] == fingerprint):
-      raise
-  return builder_cls(**kwargs)  # re-read, so info comes from the written folder
+  if not _is_current(builder, fingerprint):
+    with _exclusive(os.path.join(data_dir, f'.{builder.name}-{builder.builder_config.name}.lock')):
+      builder = builder_cls(**kwargs)  # another process may have prepared it while we waited
+      if not _is_current(builder, fingerprint):
+        data_path = os.fspath(builder.data_path)
+        if os.path.exists(data_path):
+          logging.warning('Prepared %s at %s is stale or incomplete (source changed); '
+                          're-preparing', builder.name, data_path)
+          shutil.rmtree(data_path)  # our own cache folder, never a source folder
+        tfds.disable_progress_bar()  # progress is logged through absl instead
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=root))
+        return builder_cls(**kwargs)  # re-read, so info comes from the written folder
+  logging.info('Reusing prepared %s/%s at %s', builder.name, builder.builder_config.name,
+               builder.data_dir)
+  return builder
+
+
+def _is_current(builder: tfds.core.DatasetBuilder, fingerprint: str) -> bool:
+  return is_prepared(builder) and builder.info.metadata['fingerprint'] == fingerprint
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+  """Holds an advisory lock on lock_path: processes preparing the same dataset at once (parallel
+  jobs, hosts on a shared disk) take turns, so none deletes a folder another is still writing,
+  and the later ones reuse the first one's result."""
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  with open(lock_path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -54,7 +54,7 @@ class Listing:
 
   def fingerprint(self) -> str:
     """Hash of every listed file's path, size and mtime: changes when the source changes."""
-    h = hashlib.sha256(self.category_root.encode())
+    h = hashlib.sha256(os.path.realpath(self.category_root).encode())  # however root is spelt
     for e in self.entries:
       for path in (e.image_path, e.mask_path):
         if path:

@@ -3,6 +3,8 @@
 import glob
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -76,6 +78,43 @@ def test_prepared_twice_is_not_rebuilt_but_source_change_is(tmp_path, monkeypatc
                                                                '100.png'))
   rebuilt = builder.prepare(mvtec_ad.MvtecAd, root, 'bottle', str(tmp_path / 'tfds'))
   assert calls and rebuilt.info.splits['train'].num_examples == 5
+
+
+def test_concurrent_prepares_take_turns_and_share_one_result(tmp_path, monkeypatch):
+  # Parallel jobs that find the same stale cache must not delete each other's folder mid-write.
+  root, _ = _prepare_bottle_like(tmp_path)
+  data_folders.save(np.zeros((16, 16, 3), np.uint8), os.path.join(root, 'bottle', 'train', 'good',
+                                                               '100.png'))
+  inside, most_inside, lock = [0], [0], threading.Lock()
+  original = builder.CategoryBuilder.download_and_prepare
+
+  def slow_prepare(self, *args, **kwargs):
+    with lock:
+      inside[0] += 1
+      most_inside[0] = max(most_inside[0], inside[0])
+    time.sleep(0.5)  # long enough for the other thread to arrive while this one writes
+    try:
+      return original(self, *args, **kwargs)
+    finally:
+      with lock:
+        inside[0] -= 1
+
+  monkeypatch.setattr(builder.CategoryBuilder, 'download_and_prepare', slow_prepare)
+  results, errors = [], []
+
+  def job():
+    try:
+      results.append(builder.prepare(mvtec_ad.MvtecAd, root, 'bottle', str(tmp_path / 'tfds')))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=job) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors and most_inside[0] == 1
+  assert [r.info.splits['train'].num_examples for r in results] == [5, 5]
 
 
 def test_failed_prepare_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
