@@ -61,14 +61,57 @@ def _jax_config(case: str):
   return c
 
 
+class _Step:
+  """The model, loss, initial state and jitted train step of `config`, through whichever API the
+  imported source tree has: esm.models.utils (since the issue-14 refactor) or esm.train (older
+  trees, e.g. the pre-issue-18 dd5c0b8 of --baseline_src)."""
+
+  def __init__(self, config, size: int, vmapped: bool = False):
+    from esm import train as train_lib  # pylint: disable=g-import-not-at-top
+    try:
+      from esm.models import utils as mutils  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      mutils = None
+    self._config, self._size, self._train_lib, self._mutils = config, size, train_lib, mutils
+    if mutils is not None:
+      self._built = mutils.build(config, size)
+      self.sde, self.model, self.loss_fn = self._built.sde, self._built.model, self._built.loss_fn
+    else:
+      self.sde, self.model, _, self.loss_fn, self._tx = train_lib.build(config, size)
+    if vmapped:
+      self.loss_fn = _vmapped_dual_loss(self.model, self.sde)
+
+  def init_state(self):
+    if self._mutils is not None:
+      return self._mutils.init_state(self._config, self._built, self._size)
+    return self._train_lib.init_state(self._config, self.model, self._tx, self._size)
+
+  def jitted(self):
+    """The train step, jitted with the state donated as in training."""
+    import jax  # pylint: disable=g-import-not-at-top
+    ema = self._config.train.ema_rate
+    fn = (self._train_lib.get_train_step_fn(self.loss_fn, ema) if self._mutils is not None else
+          self._train_lib.get_train_step_fn(self.loss_fn, self._tx, ema))
+    return jax.jit(fn, donate_argnums=(0,))
+
+  def count_params(self) -> int:
+    from esm.models import dual_stream  # pylint: disable=g-import-not-at-top
+    count = self._mutils.count_params if self._mutils is not None else dual_stream.count_params
+    return count(self.model, self._size)
+
+
 def _vmapped_dual_loss(model, sde):
   """The ESM loss with ScoreNet's two U-Nets evaluated as one U-Net vmapped over the two streams'
   stacked parameters (the parameter tree and the function are ScoreNet's; dropout masks would
   differ, the CPU-scale model has no dropout)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from esm.losses import NetOutput, get_loss_fn  # pylint: disable=g-import-not-at-top
+  from esm.losses import get_loss_fn  # pylint: disable=g-import-not-at-top
   from esm.models.dual_stream import variance_from_raw  # pylint: disable=g-import-not-at-top
+  try:
+    from esm.models.dual_stream import NetOutput  # pylint: disable=g-import-not-at-top
+  except ImportError:  # trees before the issue-14 refactor
+    from esm.losses import NetOutput  # pylint: disable=g-import-not-at-top
   from esm.models.unet import UNet  # pylint: disable=g-import-not-at-top
   cfg = model.config
   unet = UNet(cfg.unet)
@@ -93,16 +136,10 @@ def jax_worker(case: str, steps: int, src: str):
                                                               'esm_vs_pytorch_xla_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from esm import train as train_lib  # pylint: disable=g-import-not-at-top
-  from esm.models import dual_stream  # pylint: disable=g-import-not-at-top
   config = _jax_config(case)
   size, batch = config.data.image_size, config.train.batch_size
-  sde, model, _, loss_fn, tx = train_lib.build(config, size)
-  if case == 'esm48v':
-    loss_fn = _vmapped_dual_loss(model, sde)
-  state = train_lib.init_state(config, model, tx, size)
-  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, config.train.ema_rate),
-                 donate_argnums=(0,))
+  parts = _Step(config, size, vmapped=case == 'esm48v')
+  state, step = parts.init_state(), parts.jitted()
   images = jax.random.uniform(jax.random.key(2), (batch, size, size, 3), minval=-1, maxval=1)
   rng = jax.random.key(3)
   t = time.perf_counter()
@@ -119,7 +156,7 @@ def jax_worker(case: str, steps: int, src: str):
     times.append(time.perf_counter() - t)
     cpu.append(time.process_time() - c)
   assert np.isfinite(float(state.metric_sums['loss']))
-  return {'params': dual_stream.count_params(model, size), 'times': times, 'cpu': cpu,
+  return {'params': parts.count_params(), 'times': times, 'cpu': cpu,
           'batch': batch, 'compile_s': compile_s}
 
 
@@ -129,13 +166,12 @@ def compile_worker(case: str, src: str):
   sys.path.insert(0, src)
   import jax  # pylint: disable=g-import-not-at-top
   from configs.default import get_default_config  # pylint: disable=g-import-not-at-top
-  from esm import train as train_lib  # pylint: disable=g-import-not-at-top
   config = get_default_config()
   size, batch = config.data.image_size, int(case)
-  _, model, _, loss_fn, tx = train_lib.build(config, size)
-  state = jax.eval_shape(lambda: train_lib.init_state(config, model, tx, size))
+  parts = _Step(config, size)
+  state = jax.eval_shape(parts.init_state)
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jax.numpy.float32)
-  step = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, config.train.ema_rate), donate_argnums=(0,))
+  step = parts.jitted()
   t = time.perf_counter()
   lowered = step.lower(state, images, jax.random.key(3))
   lower_s = time.perf_counter() - t
@@ -202,15 +238,13 @@ def jax_profile_worker(case: str, steps: int, src: str):
   import glob  # pylint: disable=g-import-not-at-top
   import gzip  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from esm import train as train_lib  # pylint: disable=g-import-not-at-top
   config = _jax_config(case)
   size, batch = config.data.image_size, config.train.batch_size
-  _, model, _, loss_fn, tx = train_lib.build(config, size)
-  state = train_lib.init_state(config, model, tx, size)
+  parts = _Step(config, size)
+  state = parts.init_state()
   images = jax.random.uniform(jax.random.key(2), (batch, size, size, 3), minval=-1, maxval=1)
   rng = jax.random.key(3)
-  compiled = jax.jit(train_lib.get_train_step_fn(loss_fn, tx, config.train.ema_rate),
-                     donate_argnums=(0,)).lower(state, images, rng).compile()
+  compiled = parts.jitted().lower(state, images, rng).compile()
   comps = _hlo_computations(compiled.as_text())
   instrs = {n: (op, line) for lst in comps.values() for n, op, line in lst}
   for _ in range(2):
