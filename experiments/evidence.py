@@ -146,6 +146,9 @@ def read_json(path: str):
 
 # --- jobs ---------------------------------------------------------------------------------------
 
+RESUME_EVERY = 400  # steps: a killed training loses at most this much (configs/cpu's ckpt_every)
+
+
 def budgets_of(seed: int) -> List[int]:
   budgets = sorted(int(b) for b in _BUDGETS.value)
   return budgets if seed == 0 else [_SEED_BUDGET.value or budgets[-1]]
@@ -153,7 +156,7 @@ def budgets_of(seed: int) -> List[int]:
 
 def train_job(category, model, seed) -> Job:
   budgets = budgets_of(seed)
-  every = math.gcd(*budgets)
+  every = math.gcd(*budgets, RESUME_EVERY)
   args = base_args(category, model, seed) + [
       '--mode=train', f'--workdir={train_dir(category, model, seed)}',
       f'--config.train.num_steps={budgets[-1]}', f'--config.train.ckpt_every={every}',
