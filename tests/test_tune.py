@@ -162,10 +162,17 @@ def test_esm_sigma_floor_is_tuned_and_applied(tuned_run, tmp_path):
   best = tune.choose(tuned['candidates'], cfg.tune.tie_tolerance)
   assert tuned['sigma_floor'] == best['sigma_floor'] == tuned['by_method']['esm_sigma']['sigma_floor']
 
-  run.run(cfg, workdir, 'eval')
+  # eval.sweep_t_d adds the test AUROC of every (sampler, T_d); at the tuned choice it must be
+  # the evaluation itself (same floor, weights and T_d).
+  run.run(common.override(cfg, {'eval.sweep_t_d': True}), workdir, 'eval')
   result = json.load(open(os.path.join(workdir, 'report', 'results.json')))['object']
   assert result['sigma_floor'] == tuned['sigma_floor']
   assert result['settings_source']['sampling.sigma_floor'] == 'tuned'
+  [row] = result['t_d_sweep']
+  assert (row['method'], row['t_d']) == ('esm_sigma', tuned['t_d'])
+  assert row['dev_score'] == tuned['by_method']['esm_sigma']['score']
+  assert row['image_auroc'] == pytest.approx(result['image_auroc'], abs=1e-6)
+  assert row['pixel_auroc'] == pytest.approx(result['pixel_auroc'], abs=1e-6)
   other = {'constant': 'beta', 'beta': 'constant'}[tuned['sigma_floor']]
   run.run(common.override(cfg, {'sampling.sigma_floor': other}), workdir, 'eval',
           overridden={'sampling.sigma_floor'})
