@@ -59,6 +59,7 @@ def _jax_config(case: str):
   m.num_groups, m.dropout = groups, 0.0
   return c
 
+
 class _Step:
   """The model, loss, initial state and jitted train step of `config`, through whichever API the
   imported source tree has: esm.models.utils (since the issue-14 refactor) or esm.train (older
