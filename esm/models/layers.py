@@ -102,8 +102,7 @@ def _group_norm_bwd(groups, eps, act, out_dtype, res, dout):
     dy = dy * (sig * (1.0 + y * (1.0 - sig)))
   s_dy = jnp.sum(dy, axis=axes)  # [B, C]
   s_dyx = jnp.sum(dy * xf, axis=axes)  # [B, C]
-  rstd_bc = jnp.repeat(rstd, c // groups, axis=-1)
-  s_dyxhat = rstd_bc * (s_dyx - mean_c.reshape(b, c) * s_dy)  # sum over space of dy·x̂
+  s_dyxhat = _per_channel(rstd, c, 2) * (s_dyx - mean_c.reshape(b, c) * s_dy)  # Σ over space of dy·x̂
   dscale = jnp.sum(s_dyxhat, axis=0)
   dbias = jnp.sum(s_dy, axis=0)
   group_mean = lambda v: (v.reshape(b, groups, c // groups).sum(-1) / n)
