@@ -8,6 +8,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -147,13 +148,50 @@ def group_norm(channels: int, num_groups: int, dtype: Dtype, act: bool = False) 
   return GroupNorm(num_groups=_groups(channels, num_groups), dtype=dtype, act=act)
 
 
-def conv(features: int, kernel: int, dtype: Dtype, stride: int = 1,
-         init_scale: float = 1.0) -> nn.Conv:
-  """A 'SAME' conv with DDPM's variance-scaling init (init_scale 0 gives a zero-initialised conv)."""
-  init = (nn.initializers.zeros if init_scale == 0 else
+def _conv_init(init_scale: float):
+  return (nn.initializers.zeros if init_scale == 0 else
           nn.initializers.variance_scaling(init_scale, 'fan_avg', 'uniform'))
+
+
+def conv(features: int, kernel: int, dtype: Dtype, stride: int = 1, init_scale: float = 1.0,
+         name: Optional[str] = None) -> nn.Conv:
+  """A 'SAME' conv with DDPM's variance-scaling init (init_scale 0 gives a zero-initialised conv)."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME', dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=init)
+                 param_dtype=jnp.float32, kernel_init=_conv_init(init_scale), name=name)
+
+
+# _TAPS[a, t, k]: 1 where row k of a 3x3 kernel, applied to a nearest-2x-upsampled image at an output
+# row of parity a, reads low-resolution row i - 1 + a + t (t = 0, 1) for output row 2i + a.
+_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+class UpsampleConv(nn.Module):
+  """conv(features, 3)(upsample_nearest(x)) computed on the low-resolution grid: the same parameters
+  (kernel [3, 3, C_in, C_out] and bias, same initialisation) and the same function.
+
+  After nearest upsampling, each of the four output phases (row and column parity) of a 3x3 conv
+  reads only a 2x2 window of the input, with weights that are sums of the 3x3 kernel's taps
+  (`_TAPS`). So one 2x2 conv with 4·C_out outputs over the input padded by one pixel, interleaved
+  into the 2x-sized output, does 16 multiply-adds per output pixel and channel pair instead of 36,
+  and its gradients never touch the upsampled input (docs/benchmarks.md, issue 18)."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    co = self.features
+    kernel = self.param('kernel', _conv_init(1.0), (3, 3, c, co), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (co,), jnp.float32)
+    # [tap row, tap col, C_in, (row parity, col parity, C_out)]; exact sums of kernel taps
+    phases = jnp.einsum('atk,bsl,klio->tsiabo', _TAPS, _TAPS, kernel,
+                        precision=jax.lax.Precision.HIGHEST).reshape(2, 2, c, 4 * co)
+    x = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = jax.lax.conv_general_dilated(x, phases.astype(self.dtype), (1, 1), 'VALID',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = y.reshape(b, h + 1, w + 1, 2, 2, co)  # phase (a, a') of output (2i+a, 2j+a') is at (i+a, j+a')
+    rows = [jnp.stack([y[:, a:a + h, p:p + w, a, p] for p in range(2)], axis=3) for a in range(2)]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, co) + bias.astype(self.dtype)
 
 
 def upsample_nearest(x):
@@ -176,8 +214,9 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = upsample_nearest(x)
-    return conv(x.shape[-1], 3, self.dtype)(x) if self.with_conv else x
+    if self.with_conv:
+      return UpsampleConv(x.shape[-1], self.dtype, name='Conv_0')(x)
+    return upsample_nearest(x)
 
 
 class Downsample(nn.Module):
@@ -204,16 +243,29 @@ class ResnetBlock(nn.Module):
   def __call__(self, x, temb, train: bool):
     resize = {'up': upsample_nearest, 'down': downsample_avg, None: lambda v: v}[self.resample]
     h = group_norm(x.shape[-1], self.num_groups, self.dtype, act=True)(x)
-    h, skip = resize(h), resize(x)
-    h = conv(self.out_ch, 3, self.dtype)(h)
+    skip = resize(x)
+    if self.resample == 'up':
+      h = UpsampleConv(self.out_ch, self.dtype, name='Conv_0')(h)
+    else:
+      h = conv(self.out_ch, 3, self.dtype, name='Conv_0')(resize(h))
     h = h + nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32)(nn.silu(temb))[:, None, None]
     h = group_norm(self.out_ch, self.num_groups, self.dtype, act=True)(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     # Zero-initialised last conv: every block starts as the identity, which stabilises deep U-Nets.
-    h = conv(self.out_ch, 3, self.dtype, init_scale=0.0)(h)
+    h = conv(self.out_ch, 3, self.dtype, init_scale=0.0, name='Conv_1')(h)
     if skip.shape[-1] != self.out_ch:
-      skip = conv(self.out_ch, 1, self.dtype)(skip)
+      skip = conv(self.out_ch, 1, self.dtype, name='Conv_2')(skip)
     return (skip + h) / math.sqrt(2.0)
+
+
+def attention(q, k, v):
+  """Single-head softmax(q kᵀ / √C) v over [B, T, C] inputs: the function of
+  jax.nn.dot_product_attention with one head (logits and softmax in float32, the probabilities cast
+  back to v's dtype), written out because that function's general path, vmapped over head groups,
+  was 5x slower on CPU (docs/benchmarks.md, issue 18)."""
+  logits = jnp.einsum('btc,bsc->bts', q, k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits * (1.0 / math.sqrt(q.shape[-1])), axis=-1)
+  return jnp.einsum('bts,bsc->btc', probs.astype(v.dtype), v)
 
 
 class AttnBlock(nn.Module):
@@ -229,6 +281,5 @@ class AttnBlock(nn.Module):
         c, dtype=self.dtype, param_dtype=jnp.float32, name=name,
         kernel_init=(nn.initializers.zeros if scale == 0 else nn.initializers.lecun_normal()))
     q, k, v = dense('q')(y), dense('k')(y), dense('v')(y)
-    y = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
-    y = dense('out', scale=0.0)(y)
+    y = dense('out', scale=0.0)(attention(q, k, v))
     return (x + y.reshape(b, h, w, c)) / math.sqrt(2.0)
