@@ -86,3 +86,32 @@ def test_time_embedding():
   assert emb.shape == (2, 9)
   np.testing.assert_allclose(emb[0, :4], 0.0)  # sin(0)
   np.testing.assert_allclose(emb[0, 4:8], 1.0)  # cos(0)
+
+
+@pytest.mark.parametrize('shape,features', [((2, 5, 7, 3), 4), ((1, 4, 4, 6), 6)])
+def test_upsample_conv_is_a_conv_of_the_upsampled_input(shape, features):
+  """UpsampleConv (the conv on the low-resolution grid) against nn.Conv on upsample_nearest(x), with
+  the same parameters: equal outputs and gradients, on non-square sizes and C_in != C_out."""
+  from esm.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), shape)
+  fast = layers.UpsampleConv(features)
+  params = fast.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+  plain = layers.conv(features, 3, jnp.float32)
+  assert jax.tree.map(jnp.shape, plain.init(jax.random.key(1), layers.upsample_nearest(x))) == \
+      jax.tree.map(jnp.shape, params)
+  w = jax.random.normal(jax.random.key(3), (shape[0], 2 * shape[1], 2 * shape[2], features))
+  loss_fast = lambda p, x: jnp.sum(fast.apply(p, x) * w)
+  loss_plain = lambda p, x: jnp.sum(plain.apply(p, layers.upsample_nearest(x)) * w)
+  np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, layers.upsample_nearest(x)),
+                             atol=1e-5)
+  for got, want in zip(jax.tree.leaves(jax.grad(loss_fast, (0, 1))(params, x)),
+                       jax.tree.leaves(jax.grad(loss_plain, (0, 1))(params, x))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_attention_is_single_head_dot_product_attention():
+  from esm.models import layers  # pylint: disable=g-import-not-at-top
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 9, 5)) for i in range(3))
+  want = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
+  np.testing.assert_allclose(layers.attention(q, k, v), want, atol=1e-6)
