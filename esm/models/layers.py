@@ -183,7 +183,7 @@ class UpsampleConv(nn.Module):
     co = self.features
     kernel = self.param('kernel', _conv_init(1.0), (3, 3, c, co), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (co,), jnp.float32)
-    # [tap row, tap col, C_in, (row parity, col parity, C_out)]; exact sums of kernel taps
+    # [tap row, tap col, C_in, (row parity, col parity, C_out)]: sums of 1-4 kernel taps
     phases = jnp.einsum('atk,bsl,klio->tsiabo', _TAPS, _TAPS, kernel,
                         precision=jax.lax.Precision.HIGHEST).reshape(2, 2, c, 4 * co)
     x = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -244,6 +244,7 @@ class ResnetBlock(nn.Module):
     resize = {'up': upsample_nearest, 'down': downsample_avg, None: lambda v: v}[self.resample]
     h = group_norm(x.shape[-1], self.num_groups, self.dtype, act=True)(x)
     skip = resize(x)
+    # Explicit names keep the parameter tree (Conv_0..2) whichever module computes the first conv.
     if self.resample == 'up':
       h = UpsampleConv(self.out_ch, self.dtype, name='Conv_0')(h)
     else:
@@ -262,7 +263,7 @@ def attention(q, k, v):
   """Single-head softmax(q kᵀ / √C) v over [B, T, C] inputs: the function of
   jax.nn.dot_product_attention with one head (logits and softmax in float32, the probabilities cast
   back to v's dtype), written out because that function's general path, vmapped over head groups,
-  was 5x slower on CPU (docs/benchmarks.md, issue 18)."""
+  made the attention block's forward + backward 5x slower on CPU (docs/benchmarks.md, issue 18)."""
   logits = jnp.einsum('btc,bsc->bts', q, k, preferred_element_type=jnp.float32)
   probs = jax.nn.softmax(logits * (1.0 / math.sqrt(q.shape[-1])), axis=-1)
   return jnp.einsum('bts,bsc->btc', probs.astype(v.dtype), v)
