@@ -24,6 +24,7 @@ Stages (--stages, default all):
 Test labels are read only by the report, after every choice is made.
 """
 
+import importlib
 import json
 import math
 import os
@@ -146,9 +147,6 @@ def read_json(path: str):
 
 # --- jobs ---------------------------------------------------------------------------------------
 
-RESUME_EVERY = 400  # steps: a killed training loses at most this much (configs/cpu's ckpt_every)
-
-
 def budgets_of(seed: int) -> List[int]:
   budgets = sorted(int(b) for b in _BUDGETS.value)
   return budgets if seed == 0 else [_SEED_BUDGET.value or budgets[-1]]
@@ -156,7 +154,10 @@ def budgets_of(seed: int) -> List[int]:
 
 def train_job(category, model, seed) -> Job:
   budgets = budgets_of(seed)
-  every = math.gcd(*budgets, RESUME_EVERY)
+  # Checkpoints at every budget and at least as often as the config's own ckpt_every, so that a
+  # killed training loses at most that many steps.
+  config = importlib.import_module(f'configs.cpu.{category}').get_config()
+  every = math.gcd(*budgets, int(config.train.ckpt_every))
   args = base_args(category, model, seed) + [
       '--mode=train', f'--workdir={train_dir(category, model, seed)}',
       f'--config.train.num_steps={budgets[-1]}', f'--config.train.ckpt_every={every}',
