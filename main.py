@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from esm import host_memory
 from esm.errors import UserError
 from esm.validate import MODES
 
@@ -23,6 +24,9 @@ flags.DEFINE_enum('mode', 'train_eval', MODES, 'What to run.')
 flags.DEFINE_string('input', None, 'predict: folder of images to score.')
 flags.DEFINE_string('output', None, 'predict: output folder (default: a new DIR/predict/run_NNN).')
 flags.DEFINE_bool('traceback', False, 'Show the full traceback of input errors.')
+flags.DEFINE_bool('reuse_host_memory', True, 'Keep freed host memory for reuse (glibc), so that '
+                  'XLA:CPU does not page-fault its buffers in again at every call; the resident '
+                  'size then stays at its peak. See esm/host_memory.py.')
 FLAGS = flags.FLAGS
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,6 +63,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required')
+  if FLAGS.reuse_host_memory:  # before anything starts XLA's threads
+    host_memory.reuse_freed_memory()
   logging.get_absl_handler().addFilter(_ProjectInfoOnly())
   from esm import run  # pylint: disable=g-import-not-at-top  (keeps --help fast)
   try:

@@ -27,6 +27,7 @@ from absl import logging
 from configs import common
 from configs import mvtec
 from esm import evaluate as evaluate_lib
+from esm import host_memory
 from esm import run as run_lib
 from esm import train as train_lib
 from esm.models import utils as mutils
@@ -113,6 +114,7 @@ def main():
                       help='wall-clock budget: evaluations that would not fit are skipped')
   parser.add_argument('--dry_run', action='store_true')
   args = parser.parse_args()
+  host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   logging.set_verbosity(logging.INFO)
   start = time.time()
 

@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from esm import host_memory  # pylint: disable=wrong-import-position
 from esm import sampling  # pylint: disable=wrong-import-position
 from esm.models import dual_stream  # pylint: disable=wrong-import-position
 from esm.models import utils as mutils  # pylint: disable=wrong-import-position
@@ -65,6 +66,7 @@ def main():
   ap.add_argument('--compile_t_d', default='', help='extra T_d values compiled for esm only')
   ap.add_argument('--repeats', type=int, default=5)
   args = ap.parse_args()
+  host_memory.reuse_freed_memory()  # as main.py, before XLA starts
 
   sde = VPSDE(SDEConfig())
   x0 = jax.random.uniform(jax.random.key(1), (args.batch, args.image_size, args.image_size, 3),

@@ -21,6 +21,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from configs import common  # pylint: disable=wrong-import-position
 from configs import demo  # pylint: disable=wrong-import-position
 from configs.default import get_default_config  # pylint: disable=wrong-import-position
+from esm import host_memory  # pylint: disable=wrong-import-position
 from esm import train as train_lib  # pylint: disable=wrong-import-position
 from esm.models import utils as mutils  # pylint: disable=wrong-import-position
 
@@ -83,6 +84,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--steps', type=int, default=20)
   args = parser.parse_args()
+  host_memory.reuse_freed_memory()  # as main.py, before XLA starts
 
   cpu = common.set_cpu_model(get_default_config())
   cpu.data.image_size, cpu.train.batch_size = 48, 16
