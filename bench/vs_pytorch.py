@@ -11,10 +11,12 @@ the frameworks alternate within each round, so machine noise hits both alike. A 
 median of `--steps` timed train steps after warm-up. Both sides run the same step: DSM loss on a
 noised batch (uniform integer time, linear β schedule), backward, global-norm clipping at 1, Adam,
 and an EMA update of the parameters. Ours is the project's own train step (esm/train.py, state
-donated as in training); theirs is a plain PyTorch loop around UNet2DModel.
+donated as in training); theirs is a plain PyTorch loop around UNet2DModel. Our process is set up
+as main.py sets it up: glibc's malloc keeps freed memory for reuse (esm/host_memory.py).
 
 --baseline_src=DIR also times the JAX step of another source tree (e.g. `git archive <commit> | tar
--x -C DIR`) in the same rounds, for before/after ratios. --esm adds the CPU-scale study step
+-x -C DIR`) in the same rounds, for before/after ratios; a tree without esm/host_memory.py runs
+with glibc's defaults, as it did. --esm adds the CPU-scale study step
 (configs/cpu/common.py model, 48², batch 16): the dual-stream ESM step against the single-stream
 DSM step of the same U-Net, ours only. Prints one table; without torch the diffusers columns are
 skipped with a message (exit 0).

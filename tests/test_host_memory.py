@@ -12,7 +12,8 @@ from esm import host_memory
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Minor page faults of each of 20 calls whose 64 MiB output XLA allocates with malloc and frees
-# when the array is dropped. Each side runs in a fresh process: the setting must precede XLA's threads.
+# when the array is dropped. Each side runs in a fresh process: the setting must precede XLA's
+# threads.
 _PROBE = """
 import resource, sys
 from esm import host_memory
