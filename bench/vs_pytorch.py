@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -140,6 +141,24 @@ def _as_main_does(src: str):
   host_memory.reuse_freed_memory()
 
 
+def _timed(step_once, steps: int) -> dict:
+  """Two warm-up calls of step_once, then `steps` timed ones: wall and CPU seconds of each, and the
+  kernel time and minor page faults per step over them (getrusage), where memory that the process
+  returns to the system and touches again shows up."""
+  for _ in range(2):
+    step_once()
+  times, cpu = [], []
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  for _ in range(steps):
+    t, c = time.perf_counter(), time.process_time()
+    step_once()
+    times.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return {'times': times, 'cpu': cpu, 'sys_s': (after.ru_stime - before.ru_stime) / steps,
+          'minflt': (after.ru_minflt - before.ru_minflt) / steps}
+
+
 def jax_worker(case: str, steps: int, src: str):
   _as_main_does(src)
   import jax  # pylint: disable=g-import-not-at-top
@@ -157,19 +176,15 @@ def jax_worker(case: str, steps: int, src: str):
   t = time.perf_counter()
   compiled = step.lower(state, images, rng).compile()
   compile_s = time.perf_counter() - t
-  for _ in range(2):  # warm-up
-    state = compiled(state, images, rng)
-  jax.block_until_ready(state)
-  times, cpu = [], []
-  for _ in range(steps):
-    t, c = time.perf_counter(), time.process_time()
+
+  def step_once():
+    nonlocal state
     state = compiled(state, images, rng)
     jax.block_until_ready(state.step)
-    times.append(time.perf_counter() - t)
-    cpu.append(time.process_time() - c)
+
+  timed = _timed(step_once, steps)
   assert np.isfinite(float(state.metric_sums['loss']))
-  return {'params': parts.count_params(), 'times': times, 'cpu': cpu,
-          'batch': batch, 'compile_s': compile_s}
+  return {'params': parts.count_params(), 'batch': batch, 'compile_s': compile_s, **timed}
 
 
 def compile_worker(case: str, src: str):
@@ -361,15 +376,7 @@ def torch_worker(case: str, steps: int):
   import torch  # pylint: disable=g-import-not-at-top
   step, n_params = _torch_step(case)
   batch = CASES[case][1]
-  for _ in range(2):  # warm-up
-    step()
-  times, cpu = [], []
-  for _ in range(steps):
-    t, c = time.perf_counter(), time.process_time()
-    step()
-    times.append(time.perf_counter() - t)
-    cpu.append(time.process_time() - c)
-  return {'params': n_params, 'times': times, 'cpu': cpu, 'batch': batch,
+  return {'params': n_params, 'batch': batch, **_timed(step, steps),
           'versions': f'torch {torch.__version__}, diffusers {__import__("diffusers").__version__}'}
 
 
@@ -562,6 +569,13 @@ def main():
       for c in esm_cases[1:]:
         ratio = med(results[('dsm48', kind)]) / med(results[(c, kind)])
         print(f'{kind}: {labels[c]} step time / single-stream step time = {ratio:.2f}')
+  print('\nKernel time and minor page faults per timed step (median over rounds):')
+  print('| case | tree | kernel ms per step | minor page faults per step |')
+  print('|---|---|---|---|')
+  for (c, kind), rs in results.items():
+    print(f"| {c} | {'diffusers' if kind == 'torch' else kind} | "
+          f"{statistics.median(x['sys_s'] for x in rs) * 1e3:.1f} | "
+          f"{statistics.median(x['minflt'] for x in rs):.0f} |")
 
 
 if __name__ == '__main__':

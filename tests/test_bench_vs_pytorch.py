@@ -20,3 +20,17 @@ def test_study_step_builds_and_lowers():
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jax.numpy.float32)
   lowered = parts.jitted().lower(state, images, jax.random.key(0))
   assert 'convolution' in lowered.as_text()
+
+
+def test_timed_counts_the_page_faults_of_memory_touched_anew():
+  import mmap  # pylint: disable=g-import-not-at-top
+  pages = 1024
+
+  def step_once():  # a fresh anonymous mapping each call: every page faults on first touch
+    with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+      for i in range(pages):
+        m[i * mmap.PAGESIZE] = 1
+
+  timed = vs_pytorch._timed(step_once, 3)
+  assert len(timed['times']) == len(timed['cpu']) == 3
+  assert timed['minflt'] >= pages and timed['sys_s'] >= 0
