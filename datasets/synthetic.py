@@ -11,7 +11,6 @@ exactly the set of pixels the defect changed. Everything is seeded: the same arg
 same bytes. The folder is written to a temporary sibling and renamed, so it is never half there.
 """
 
-import functools
 import math
 import os
 import shutil
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from datasets import catalog
+from esm.defects import blob, grid, noise, paint, stroke, uniform
 from esm.errors import UserError
 
 CATEGORIES = catalog.SYNTHETIC_CATEGORIES
@@ -39,76 +39,35 @@ def dataset_dir(base: str, *, size: int, num_train: int, num_test: int, seed: in
                       f'v{GENERATOR_VERSION}_train{num_train}_test{num_test}_seed{seed}')
 
 
-@functools.lru_cache(maxsize=4)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-  y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-  y.flags.writeable = x.flags.writeable = False
-  return y, x
-
-
-def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
-  return float(rng.uniform(low, high))  # a Python float keeps the float32 maths in float32
-
-
-def _noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-  return rng.standard_normal((size, size, 1), dtype=np.float32) * np.float32(sigma)
-
-
 def good_texture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]:
   """A plain weave: threads alternate over and under every half period."""
-  y, x = _grid(size)
+  y, x = grid(size)
   half = size / 16.0
-  fy, fx = (y + _uniform(rng, 0, 2 * half)) / half, (x + _uniform(rng, 0, 2 * half)) / half
+  fy, fx = (y + uniform(rng, 0, 2 * half)) / half, (x + uniform(rng, 0, 2 * half)) / half
   over = (np.floor(fx) + np.floor(fy)) % 2 == 0  # which thread is on top in this cell
   # A thread is brightest along its middle and dark at its edges (rounded-thread shading).
   profile = np.where(over, np.sin(np.pi * (fy % 1.0)), np.sin(np.pi * (fx % 1.0))) ** 0.7
   warp, weft = np.array([196, 162, 110], np.float32), np.array([172, 140, 96], np.float32)
   colour = np.where(over[..., None], warp, weft)
-  gain = _uniform(rng, 0.95, 1.05)
-  img = colour * (0.45 + 0.55 * profile[..., None]) * gain + _noise(rng, size, 3.0)
+  gain = uniform(rng, 0.95, 1.05)
+  img = colour * (0.45 + 0.55 * profile[..., None]) * gain + noise(rng, size, 3.0)
   return np.clip(img, 0, 255), {}
 
 
 def good_object(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]:
   """A lit metal washer (outer rim, groove, centre hole) on a dark, slightly vignetted table."""
-  y, x = _grid(size)
-  cy, cx = (size / 2 + _uniform(rng, -0.02, 0.02) * size for _ in range(2))
+  y, x = grid(size)
+  cy, cx = (size / 2 + uniform(rng, -0.02, 0.02) * size for _ in range(2))
   r = np.hypot(y - cy, x - cx) / size
-  outer = 0.33 * _uniform(rng, 0.98, 1.02)
+  outer = 0.33 * uniform(rng, 0.98, 1.02)
   light = ((cx - x) + (cy - y)) / (size * outer * 2.0)  # lit from the top left
   metal = 150 + 45 * light + 20 * np.cos(r * 60.0)  # fine concentric machining rings
   metal = np.where(np.abs(r - 0.22) < 0.012, metal - 60, metal)  # the groove
   table = 38 - 10 * (np.hypot(y - size / 2, x - size / 2) / size)
   on = (r < outer) & (r > 0.09)
   img = np.where(on, metal, table)[..., None] * np.array([1.0, 1.0, 1.04], np.float32)
-  img = img * _uniform(rng, 0.95, 1.05) + _noise(rng, size, 3.0)
+  img = img * uniform(rng, 0.95, 1.05) + noise(rng, size, 3.0)
   return np.clip(img, 0, 255), {'on': on, 'centre': (cy, cx), 'outer': outer * size}
-
-
-def _blob(rng: np.random.Generator, size: int, centre, radius: float) -> np.ndarray:
-  """An irregular blob: a circle whose radius wobbles with the angle."""
-  y, x = _grid(size)
-  angle = np.arctan2(y - centre[0], x - centre[1])
-  wobble = sum(_uniform(rng, 0.05, 0.18) * np.cos(k * angle + _uniform(rng, 0, 2 * np.pi))
-               for k in (2, 3, 5))
-  return np.hypot(y - centre[0], x - centre[1]) < radius * (1 + wobble)
-
-
-def _stroke(rng: np.random.Generator, size: int, centre, length: float, width: float) -> np.ndarray:
-  """A straight stroke of the given width through `centre` at a random angle."""
-  y, x = _grid(size)
-  theta = _uniform(rng, 0, np.pi)
-  dy, dx = y - centre[0], x - centre[1]
-  along = dx * math.cos(theta) + dy * math.sin(theta)
-  across = -dx * math.sin(theta) + dy * math.cos(theta)
-  return (np.abs(along) < length / 2) & (np.abs(across) < width / 2)
-
-
-def _paint(img: np.ndarray, region: np.ndarray, colour, alpha: float,
-           rng: np.random.Generator) -> np.ndarray:
-  size = img.shape[0]
-  target = np.asarray(colour, np.float32) + _noise(rng, size, 4.0)
-  return np.where(region[..., None], (1 - alpha) * img + alpha * target, img)
 
 
 def add_defect(img: np.ndarray, geometry: dict, category: str, defect_type: str,
@@ -119,75 +78,31 @@ def add_defect(img: np.ndarray, geometry: dict, category: str, defect_type: str,
   """
   size = img.shape[0]
   if category == 'texture':
-    centre = (_uniform(rng, 0.25, 0.75) * size, _uniform(rng, 0.25, 0.75) * size)
+    centre = (uniform(rng, 0.25, 0.75) * size, uniform(rng, 0.25, 0.75) * size)
     if defect_type == 'scratch':
-      region = _stroke(rng, size, centre, _uniform(rng, 0.35, 0.55) * size, size / 24)
-      return _paint(img, region, (45, 35, 30), 0.9, rng)
+      region = stroke(rng, size, centre, uniform(rng, 0.35, 0.55) * size, size / 24)
+      return paint(img, region, (45, 35, 30), 0.9, rng)
     if defect_type == 'hole':
-      return _paint(img, _blob(rng, size, centre, _uniform(rng, 0.07, 0.1) * size), (18, 18, 22),
+      return paint(img, blob(rng, size, centre, uniform(rng, 0.07, 0.1) * size), (18, 18, 22),
                     1.0, rng)
-    return _paint(img, _blob(rng, size, centre, _uniform(rng, 0.09, 0.14) * size), (60, 70, 150),
+    return paint(img, blob(rng, size, centre, uniform(rng, 0.09, 0.14) * size), (60, 70, 150),
                   0.65, rng)
   on, (cy, cx), outer = geometry['on'], geometry['centre'], geometry['outer']
-  angle = _uniform(rng, 0, 2 * np.pi)
+  angle = uniform(rng, 0, 2 * np.pi)
   rim = (cy + outer * math.sin(angle), cx + outer * math.cos(angle))
   if defect_type == 'scratch':
     mid = (cy + 0.24 * size * math.sin(angle), cx + 0.24 * size * math.cos(angle))
-    region = _stroke(rng, size, mid, _uniform(rng, 0.18, 0.26) * size, size / 24) & on
-    return _paint(img, region, (250, 245, 235), 0.9, rng)
+    region = stroke(rng, size, mid, uniform(rng, 0.18, 0.26) * size, size / 24) & on
+    return paint(img, region, (250, 245, 235), 0.9, rng)
   if defect_type == 'missing':
-    return _paint(img, _blob(rng, size, rim, _uniform(rng, 0.08, 0.11) * size) & on, (30, 30, 31),
+    return paint(img, blob(rng, size, rim, uniform(rng, 0.08, 0.11) * size) & on, (30, 30, 31),
                   1.0, rng)
   if defect_type == 'extra':
-    lump = _blob(rng, size, rim, _uniform(rng, 0.06, 0.085) * size) & ~on
-    return _paint(img, lump, (165, 165, 172), 1.0, rng)
+    lump = blob(rng, size, rim, uniform(rng, 0.06, 0.085) * size) & ~on
+    return paint(img, lump, (165, 165, 172), 1.0, rng)
   mid = (cy + 0.16 * size * math.sin(angle), cx + 0.16 * size * math.cos(angle))
-  return _paint(img, _blob(rng, size, mid, _uniform(rng, 0.07, 0.1) * size) & on, (150, 60, 30),
+  return paint(img, blob(rng, size, mid, uniform(rng, 0.07, 0.1) * size) & on, (150, 60, 30),
                 0.7, rng)
-
-
-# Defects painted on real images for the label-free development set (esm/tune.py): each kind is
-# generic, needing no knowledge of the object, and sized relative to the image side.
-PAINTED_DEFECTS = ('scratch', 'hole', 'stain', 'missing', 'extra', 'colour', 'texture')
-
-
-def paint_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """(defective image, mask) for a square float RGB image in 0..255; the mask is exactly the
-  pixels that changed. scratch: a thin dark or bright stroke; hole: a dark blob; stain: a
-  translucent coloured blob; missing: a blob filled with the image's border (background) colour;
-  extra: a blob filled with another part of the image's colour; colour: a blob whose colour
-  balance shifts; texture: a blob showing the image's content from elsewhere, noised."""
-  size = img.shape[0]
-  centre = (_uniform(rng, 0.25, 0.75) * size, _uniform(rng, 0.25, 0.75) * size)
-  blob = lambda lo, hi: _blob(rng, size, centre, _uniform(rng, lo, hi) * size)
-  if kind == 'scratch':
-    region = _stroke(rng, size, centre, _uniform(rng, 0.3, 0.5) * size, max(1.0, size / 24))
-    shade = (235, 230, 220) if rng.random() < 0.5 else (35, 30, 28)
-    bad = _paint(img, region, shade, 0.9, rng)
-  elif kind == 'hole':
-    bad = _paint(img, blob(0.06, 0.1), (18, 18, 22), 1.0, rng)
-  elif kind == 'stain':
-    colour = rng.uniform(40, 220, 3)
-    bad = _paint(img, blob(0.08, 0.13), colour, 0.6, rng)
-  elif kind == 'missing':
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    bad = _paint(img, blob(0.07, 0.11), np.median(border, axis=0), 1.0, rng)
-  elif kind == 'extra':
-    y, x = (int(v) for v in rng.integers(0, size, 2))
-    bad = _paint(img, blob(0.05, 0.09), img[y, x], 1.0, rng)
-  elif kind == 'colour':
-    region = blob(0.08, 0.13)
-    gains = np.asarray(rng.permutation([0.55, 1.0, 1.45]), np.float32)
-    bad = np.where(region[..., None], img * gains + 25 * (gains - 1), img)
-  elif kind == 'texture':
-    region = blob(0.08, 0.13)
-    shift = tuple(int(v) for v in rng.integers(size // 4, 3 * size // 4, 2))
-    elsewhere = np.roll(img, shift, axis=(0, 1)) + _noise(rng, size, 12.0)
-    bad = np.where(region[..., None], elsewhere, img)
-  else:
-    raise ValueError(f'unknown painted defect {kind!r}; expected one of {PAINTED_DEFECTS}')
-  bad = np.clip(bad, 0, 255)
-  return bad, np.any(np.abs(bad - img) > 0.5, axis=-1)
 
 
 _GOOD: dict[str, Callable[[np.random.Generator, int], tuple[np.ndarray, dict]]] = {

@@ -36,14 +36,16 @@ def _first_line(e: Exception) -> str:
 
 
 class Checkpointer:
-  """Saves and restores a TrainState pytree under `directory`, keeping the last `keep`.
+  """Saves and restores a TrainState pytree under `directory`; the owner keeps the last `keep`.
 
   owner=True for the training process (removes unfinished temporary folders, moves unreadable
   checkpoints aside); owner=False for readers such as evaluation, which may run while another
   process trains into the same folder.
   """
 
-  def __init__(self, directory: str, keep: int, *, owner: bool = False):
+  def __init__(self, directory: str, keep: Optional[int] = None, *, owner: bool = False):
+    if owner and not keep:
+      raise ValueError('Checkpointer: the owner (the trainer) must say how many to keep')
     self.directory = os.path.abspath(directory)
     self._keep = keep
     self._owner = owner

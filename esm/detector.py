@@ -19,8 +19,14 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from datasets import folder
+from esm import config as config_lib
 from esm import detector_state
+from esm import detectors as det
+from esm import preprocess
 from esm.errors import UserError
+from esm.image_set import ImageSet
+from esm.scoring import Scorer
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 
@@ -37,7 +43,6 @@ class Prediction:
 
 def to_rgb(image: ImageInput) -> np.ndarray:
   """uint8 HxWx3 from a file path or an HxW / HxWx1 / HxWx3 / HxWx4 uint8 array (alpha dropped)."""
-  from datasets import folder  # pylint: disable=g-import-not-at-top
   if isinstance(image, (str, os.PathLike)):
     return folder.read_image(os.fspath(image))
   a = np.asarray(image)
@@ -71,16 +76,14 @@ class Detector:
   def load(cls, workdir: str, batch_size: Optional[int] = None) -> 'Detector':
     """The detector of workdir: its newest checkpoint, config.json and detector.json. batch_size
     (default the workdir's eval.batch_size) changes speed and memory only, never a score."""
-    from esm import detectors as det  # pylint: disable=g-import-not-at-top
-    from esm import evaluate  # pylint: disable=g-import-not-at-top
     state = detector_state.load_state(workdir)
     config = detector_state.saved_config(workdir, state)
-    if batch_size is not None:
-      config.eval.batch_size = int(batch_size)
-    if config.eval.batch_size < 1 or config.eval.batch_size % jax.device_count():
-      raise UserError(f'batch_size: {config.eval.batch_size} must be a positive multiple of the '
+    batch = config.eval.batch_size if batch_size is None else int(batch_size)
+    if batch < 1 or batch % jax.device_count():
+      raise UserError(f'batch_size: {batch} must be a positive multiple of the '
                       f'{jax.device_count()} devices')
-    scorer = evaluate.Scorer(config, workdir)
+    config = config_lib.with_fields(config, {'eval.batch_size': batch})
+    scorer = Scorer(config, workdir)
     if scorer.checkpoint_step != state['checkpoint_step']:
       raise UserError(f'{detector_state.state_path(workdir)} belongs to checkpoint step '
                       f'{state["checkpoint_step"]} but the newest checkpoint is step '
@@ -96,19 +99,18 @@ class Detector:
 
   def predict(self, images: Sequence[ImageInput], names: Optional[Sequence[str]] = None) -> Prediction:
     """Scores images (arrays or paths); names label them in the log only."""
-    from datasets import pipeline  # pylint: disable=g-import-not-at-top
     rgbs = [to_rgb(x) for x in images]
     if not rgbs:
       raise UserError('Detector.predict: no images given')
     size = self.image_size
-    inputs = [pipeline.to_float(pipeline.resize_rgb(r, size)) for r in rgbs]
+    inputs = [preprocess.to_float(folder.resize_rgb(r, size)) for r in rgbs]
     names = list(names) if names is not None else [f'image {k}' for k in range(len(rgbs))]
     records = [{'filename': n, 'defect_type': '', 'label': -1} for n in names]
 
     def load(i: int) -> Dict[str, np.ndarray]:
       return {'image': inputs[i], 'mask': np.zeros((size, size), np.uint8), 'label': np.int32(-1)}
 
-    data = pipeline.EvalData(len(inputs), False, records, size, self.config.eval.batch_size, load)
+    data = ImageSet(len(inputs), False, records, size, self.config.eval.batch_size, load)
     out = self.scorer.run_split(data, what='predict')
     pixel, scores = self.scorer.score(self.scorer.normalise(out.maps))
     maps = [resize_map(pixel[k], *rgbs[k].shape[:2]) for k in range(len(rgbs))]

@@ -1,6 +1,7 @@
-"""DIR/detector.json: everything inference needs besides the checkpoint, written by evaluation.
+"""DIR/detector.json: everything inference needs besides the checkpoint; its one writer and reader.
 
-Predict, the Python API (esm.detector.Detector) and export read it and never recompute the
+Evaluation, tuning and predict's refit write it (`fit_and_save`); predict, the Python API
+(esm.detector.Detector) and export read it and never recompute the
 normalisation or the thresholds from the current flags. It holds the preprocessing, the sampler and
 its T_d (after DIR/tuned.json was applied), the detector weights, blur and N_a, the feature
 extractor's identity, the normalisation statistics of the held-out train/good images, the image
@@ -13,11 +14,17 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
+import jax
 import numpy as np
 
 import esm
+from esm import config as config_lib
 from esm import files
+from esm import validate
+from esm import workdir as workdir_lib
+from esm.config import Config, get_field, plain
 from esm.errors import UserError
+from esm.scoring import Scorer, SplitOutputs
 
 STATE_FILE = 'detector.json'
 PREPROCESSING = ('RGB (grey repeated, alpha dropped), resized to image_size x image_size with an '
@@ -37,14 +44,8 @@ def state_path(workdir: str) -> str:
   return os.path.join(workdir, STATE_FILE)
 
 
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split('.'):
-    node = node[part]
-  return list(node) if isinstance(node, (list, tuple)) else node
-
-
-def build_state(config, scorer, val_pixel_maps: np.ndarray, val_scores: np.ndarray) -> Dict[str, Any]:
+def build_state(config: Config, scorer: Scorer, val_pixel_maps: np.ndarray,
+                val_scores: np.ndarray) -> Dict[str, Any]:
   """The saved state of a scorer whose normalisation was fitted on the held-out good images, whose
   combined maps and image scores are val_pixel_maps [N,H,W] and val_scores [N]."""
   pct = float(config.detect.threshold_percentile)
@@ -55,7 +56,8 @@ def build_state(config, scorer, val_pixel_maps: np.ndarray, val_scores: np.ndarr
       'version': esm.__version__,
       'checkpoint_step': int(scorer.checkpoint_step),
       'preprocessing': PREPROCESSING,
-      'fields': {f: _get(config, f) for f in SAVED_FIELDS + (FEATURE_FIELDS if uses_features else ())},
+      'fields': {f: plain(get_field(config, f))
+                 for f in SAVED_FIELDS + (FEATURE_FIELDS if uses_features else ())},
       'method': scorer.recon.method, 'nfe': int(scorer.recon.nfe),
       'detectors': list(scorer.selection.used),
       'normalisation': scorer.stats.to_dict(),
@@ -68,10 +70,6 @@ def build_state(config, scorer, val_pixel_maps: np.ndarray, val_scores: np.ndarr
   }
 
 
-def save_state(workdir: str, state: Dict[str, Any]) -> None:
-  files.write_text(state_path(workdir), json.dumps(state, indent=1))
-
-
 def load_state(workdir: str) -> Dict[str, Any]:
   """DIR/detector.json, or a one-line UserError saying how to make it."""
   path = state_path(workdir)
@@ -82,17 +80,17 @@ def load_state(workdir: str) -> Dict[str, Any]:
     return json.load(f)
 
 
-def differences(state: Dict[str, Any], config) -> List[str]:
+def differences(state: Dict[str, Any], config: Config) -> List[str]:
   """'field: saved X, given Y' for every saved field that the current config contradicts."""
   out = []
   for field, saved in state['fields'].items():
-    given = _get(config, field)
+    given = plain(get_field(config, field))
     if given != saved:
       out.append(f'{field} (saved {saved!r}, given {given!r})')
   return out
 
 
-def check_config_matches(state: Dict[str, Any], config, workdir: str) -> None:
+def check_config_matches(state: Dict[str, Any], config: Config, workdir: str) -> None:
   """A one-line UserError naming every field where the flags contradict DIR/detector.json."""
   diffs = differences(state, config)
   if diffs:
@@ -102,50 +100,32 @@ def check_config_matches(state: Dict[str, Any], config, workdir: str) -> None:
                     'normalisation and thresholds with them')
 
 
-def apply_state(config, state: Dict[str, Any]) -> None:
-  """Sets the saved fields on config (the workdir's config.json read back)."""
-  for field, value in state['fields'].items():
-    *path, leaf = field.split('.')
-    node = config
-    for part in path:
-      node = node[part]
-    node[leaf] = tuple(value) if isinstance(value, list) else value
+def load_checked(config: Config, workdir: str) -> Dict[str, Any]:
+  """DIR/detector.json, refusing a config whose model or saved fields contradict the workdir's."""
+  validate.check_checkpoint_compatible(workdir_lib.load_saved_config(workdir), config, workdir)
+  state = load_state(workdir)
+  check_config_matches(state, config, workdir)
+  return state
 
 
-def fit_state(config, workdir: str, scorer=None, val_out=None) -> Dict[str, Any]:
-  """Fits the normalisation on the held-out good images of config's dataset (unless scorer already
-  did, with val_out its outputs) and returns the state; evaluation and predict.refit use it."""
-  # pylint: disable=g-import-not-at-top
-  from datasets import pipeline
-  from esm import evaluate
-  # pylint: enable=g-import-not-at-top
-  if scorer is None:
-    scorer = evaluate.Scorer(config, workdir)
-    val_out = scorer.fit_normalisation(pipeline.get_eval_data(
-        config.data, 'val', global_batch_size=config.eval.batch_size))
+def fit_and_save(config: Config, workdir: str, scorer: Scorer,
+                 val_out: SplitOutputs) -> Dict[str, Any]:
+  """The state of a scorer whose normalisation was fitted on the held-out good images (val_out,
+  their outputs), written to DIR/detector.json by process 0; evaluation, tuning and predict's
+  refit call it."""
   val_pixel_maps, val_scores = scorer.score(scorer.normalise(val_out.maps))
-  return build_state(config, scorer, val_pixel_maps, val_scores)
+  state = build_state(config, scorer, val_pixel_maps, val_scores)
+  if jax.process_index() == 0:
+    files.write_text(state_path(workdir), json.dumps(state, indent=1))
+  return state
 
 
-def saved_config(workdir: str, state: Optional[Dict[str, Any]] = None):
-  """The workdir's config (config.json over the defaults) with the saved state's fields applied."""
-  # pylint: disable=g-import-not-at-top
-  from configs.default import get_default_config
-  from esm import workdir as workdir_lib
-  # pylint: enable=g-import-not-at-top
+def saved_config(workdir: str, state: Optional[Dict[str, Any]] = None) -> Config:
+  """The workdir's config (config.json) with the saved state's fields applied."""
   saved = workdir_lib.load_saved_config(workdir)
   if saved is None:
     raise UserError(f'{workdir}: no config.json; train a model there first (--mode=train)')
-  config = get_default_config()
-  for section, fields in saved.items():
-    if not isinstance(fields, dict):
-      if section in config:
-        config[section] = fields
-      continue
-    for name, value in fields.items():
-      if section in config and name in config[section]:
-        default = config[section][name]
-        config[section][name] = tuple(value) if isinstance(default, tuple) else value
+  config = config_lib.from_dict(saved)
   if state is not None:
-    apply_state(config, state)
+    config = config_lib.with_fields(config, state['fields'])
   return config

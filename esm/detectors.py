@@ -23,7 +23,6 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from esm.errors import UserError
@@ -46,27 +45,24 @@ class DetectConfig:
   top_n: int = 250
   re_kind: str = 'absolute'
   var_floor: float = 1e-8
+  threshold_percentile: float = 99.0  # predict's decision threshold over held-out good scores
 
-  @classmethod
-  def from_config(cls, detect: ml_collections.ConfigDict) -> 'DetectConfig':
-    """Reads and checks config.detect; bad values raise UserError naming the field."""
-    weights = tuple(detect.weights)
+  def __post_init__(self):
+    weights = self.weights
     if len(weights) != 4 or not all(math.isfinite(float(x)) for x in weights):
       raise UserError(f'detect.weights: expected 4 finite numbers (u, v, w, r), '
                       f'got {weights!r}')
-    blur_sigma = float(detect.blur_sigma)
-    if not blur_sigma >= 0.0:
-      raise UserError(f'detect.blur_sigma: expected a number >= 0, got {blur_sigma!r}')
-    top_n = detect.top_n
-    if int(top_n) != top_n or top_n < 1:
-      raise UserError(f'detect.top_n: expected an integer >= 1, got {top_n!r}')
-    re_kind = detect.re_kind
-    if re_kind not in RE_KINDS:
-      raise UserError(f'detect.re_kind: expected one of {RE_KINDS}, got {re_kind!r}')
-    var_floor = float(detect.var_floor)
-    if not var_floor > 0.0:
-      raise UserError(f'detect.var_floor: expected a number > 0, got {var_floor!r}')
-    return cls(tuple(float(x) for x in weights), blur_sigma, int(top_n), re_kind, var_floor)
+    if not self.blur_sigma >= 0.0:
+      raise UserError(f'detect.blur_sigma: expected a number >= 0, got {self.blur_sigma!r}')
+    if int(self.top_n) != self.top_n or self.top_n < 1:
+      raise UserError(f'detect.top_n: expected an integer >= 1, got {self.top_n!r}')
+    if self.re_kind not in RE_KINDS:
+      raise UserError(f'detect.re_kind: expected one of {RE_KINDS}, got {self.re_kind!r}')
+    if not self.var_floor > 0.0:
+      raise UserError(f'detect.var_floor: expected a number > 0, got {self.var_floor!r}')
+    if not 0.0 <= self.threshold_percentile <= 100.0:
+      raise UserError(f'detect.threshold_percentile: expected a percentile in [0, 100], got '
+                      f'{self.threshold_percentile!r}')
 
   def weights_by_name(self) -> dict[str, float]:
     return dict(zip(DETECTOR_NAMES, self.weights))
@@ -136,7 +132,7 @@ class MapInputs(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Detector:
+class RegisteredDetector:
   """A registered detector: its eq. 14 weight slot is its position in DETECTORS."""
   name: str
   label: str  # as the paper writes it
@@ -152,14 +148,14 @@ class Detector:
     return None
 
 
-DETECTORS: dict[str, Detector] = {}  # in the order of the eq. 14 weights (u, v, w, r)
+DETECTORS: dict[str, RegisteredDetector] = {}  # in the order of the eq. 14 weights (u, v, w, r)
 
 
 def register_detector(name: str, label: str, *, needs_variance: bool = False,
                       needs_features: bool = False):
   """Decorator: registers map_fn(MapInputs) -> [B,H,W] as the next detector."""
   def register(map_fn):
-    DETECTORS[name] = Detector(name, label, map_fn, needs_variance, needs_features)
+    DETECTORS[name] = RegisteredDetector(name, label, map_fn, needs_variance, needs_features)
     return map_fn
   return register
 

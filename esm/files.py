@@ -1,10 +1,17 @@
-"""Atomic file writes: a reader never sees half a file, and a killed writer leaves the old one."""
+"""Atomic file writes (a reader never sees half a file, and a killed writer leaves the old one),
+and the cache folder of prepared data and converted weights."""
 
 import contextlib
 import os
 from typing import Iterator, Union
 
 PathLike = Union[str, 'os.PathLike[str]']
+
+
+def default_cache_dir() -> str:
+  """Where prepared datasets, synthetic data and converted weights go (never the source folders)."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'esm_ad')
 
 
 @contextlib.contextmanager

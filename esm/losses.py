@@ -32,10 +32,6 @@ class LossConfig:
   def dual_stream(self) -> bool:
     return self.kind in ('esm', 'hybrid')
 
-  @classmethod
-  def from_config(cls, loss_cfg) -> 'LossConfig':
-    return cls(kind=loss_cfg.kind)
-
 
 def _mean_per_example(x):
   return jnp.mean(x.reshape(x.shape[0], -1), axis=1)

@@ -15,6 +15,15 @@ DATA_AXIS = 'data'
 _initialised = False
 
 
+def local_batch_size(global_batch_size: int) -> int:
+  """This process's rows of a global batch, which must split evenly over the processes."""
+  count = jax.process_count()
+  if global_batch_size < 1 or global_batch_size % count:
+    raise UserError(f'batch size {global_batch_size}: expected a positive multiple of the '
+                    f'process count {count}')
+  return global_batch_size // count
+
+
 def initialise(parallel_cfg) -> None:
   """Joins a multi-process run when config.parallel names a coordinator (idempotent).
 
@@ -22,11 +31,7 @@ def initialise(parallel_cfg) -> None:
   num_processes > 1; a plain single process needs no initialisation.
   """
   global _initialised
-  num_processes, process_id = int(parallel_cfg.num_processes), int(parallel_cfg.process_id)
-  # Checked on every call: an earlier run in the same Python process must not hide a bad config.
-  if parallel_cfg.coordinator and not 0 <= process_id < num_processes:
-    raise UserError(f'parallel.process_id={process_id}: expected 0 <= process_id < '
-                    f'parallel.num_processes={num_processes}')
+  num_processes, process_id = parallel_cfg.num_processes, parallel_cfg.process_id
   if _initialised:
     return
   if parallel_cfg.coordinator:

@@ -9,12 +9,17 @@ a binary mask from the saved pixel threshold; scores.csv with each decision. Out
 import os
 from typing import List, Optional, Sequence, Tuple
 
+import jax
 import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
+from datasets import folder
 from esm import detector_state
 from esm import plotting
+from esm import report
+from esm.config import Config
+from esm.detector import Detector, to_rgb
 from esm.errors import UserError
 
 _BAR_WIDTH = 24  # colour bar strip, pixels
@@ -23,7 +28,6 @@ _BAR_WIDTH = 24  # colour bar strip, pixels
 def list_inputs(input_dir: Optional[str]) -> Tuple[List[str], List[str]]:
   """(image file names, skipped non-image names) of a folder; hidden files and sub-folders are
   ignored, every image is checked to parse (before any model is built)."""
-  from datasets import folder  # pylint: disable=g-import-not-at-top
   if not input_dir:
     raise UserError('--input: predict needs a folder of images (--input=FOLDER)')
   if not os.path.isdir(input_dir):
@@ -76,7 +80,6 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> Image.Im
 
 def write_outputs(out_dir: str, names: Sequence[str], rgbs, result, state) -> None:
   """overlays/, masks/ and scores.csv (file, score, threshold, decision)."""
-  from esm import report  # pylint: disable=g-import-not-at-top
   lo, hi = state['map_colour_range']
   for sub in ('overlays', 'masks'):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
@@ -94,38 +97,19 @@ def write_outputs(out_dir: str, names: Sequence[str], rgbs, result, state) -> No
                state['threshold_percentile'], out_dir)
 
 
-def checked_state(config, workdir: str):
-  """DIR/detector.json after predict.refit (if asked), refusing flags that contradict it."""
-  # pylint: disable=g-import-not-at-top
-  from esm import validate
-  from esm import workdir as workdir_lib
-  # pylint: enable=g-import-not-at-top
-  validate.check_checkpoint_compatible(workdir_lib.load_saved_config(workdir), config, workdir)
-  if config.predict.refit:
-    logging.warning('predict.refit: re-fitting the normalisation and thresholds of %s on the '
-                    'held-out images of %s/%s', workdir, config.data.dataset, config.data.category)
-    state = detector_state.fit_state(config, workdir)
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:
-      detector_state.save_state(workdir, state)
-  state = detector_state.load_state(workdir)
-  detector_state.check_config_matches(state, config, workdir)
-  return state
-
-
-def predict(config, workdir: str, input_dir: Optional[str], output_dir: Optional[str] = None):
-  """Scores a folder with the saved detector; returns the Prediction and the output folder."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from esm.detector import Detector, to_rgb  # pylint: disable=g-import-not-at-top
+def predict(config: Config, workdir: str):
+  """--mode=predict: scores config.predict.input_dir with the saved detector; returns the
+  Prediction and the output folder (None on processes other than 0)."""
+  input_dir = config.predict.input_dir
   names, _ = list_inputs(input_dir)
-  state = checked_state(config, workdir)
+  state = detector_state.load_checked(config, workdir)
   detector = Detector.load(workdir, batch_size=config.eval.batch_size)
   paths = [os.path.join(input_dir, n) for n in names]
   rgbs = [to_rgb(p) for p in paths]
   result = detector.predict(rgbs, names=names)
   if jax.process_index() != 0:
     return result, None
-  out_dir = output_dir or new_output_dir(workdir)
+  out_dir = config.predict.output_dir or new_output_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   write_outputs(out_dir, names, rgbs, result, state)
   return result, out_dir

@@ -1,8 +1,10 @@
-"""Train / tune / evaluate / predict / export orchestration, nothing else."""
+"""The entry below main.py: the config file's ConfigDict is typed here, then each category of it
+runs the requested modes. MODES maps a mode's name to its function `fn(config, workdir)`; the modes
+are siblings and never import each other. train_eval is train, then tune when tune.enabled says so,
+then eval; the modes that score images use DIR/tuned.json's choice (esm/tuned.py)."""
 
-import copy
-import math
 import os
+from typing import Any, List, Tuple
 
 import jax
 from absl import logging
@@ -10,16 +12,33 @@ from absl import logging
 from datasets import catalog
 from datasets import folder
 from datasets import pipeline
+from esm import config as config_lib
+from esm import detector_state
 from esm import evaluate
-from esm import export as export_lib
+from esm import exporter
 from esm import parallel
-from esm import predict as predict_lib
+from esm import predict
 from esm import report
-from esm import train as train_lib
-from esm import tune as tune_lib
+from esm import scoring
+from esm import train
+from esm import tune
+from esm import tuned as tuned_lib
 from esm import validate
 from esm import workdir as workdir_lib
+from esm.config import Config
 from esm.errors import UserError
+
+MODES = {'train': train.train, 'tune': tune.tune, 'eval': evaluate.evaluate,
+         'predict': predict.predict, 'export': exporter.export}
+SCORING_MODES = ('eval', 'predict', 'export')  # these score with DIR/tuned.json's choice
+STATE_READERS = ('predict', 'export')  # these read DIR/detector.json (predict.refit re-fits it)
+
+
+def mode_steps(mode: str, config: Config) -> List[str]:
+  """The modes `mode` runs, in order; the one place that decides whether train_eval tunes."""
+  if mode == 'train_eval':
+    return ['train'] + (['tune'] if config.tune.is_enabled(config.data.dataset) else []) + ['eval']
+  return [mode]
 
 
 def categories(config) -> list:
@@ -44,23 +63,12 @@ def categories(config) -> list:
   return names
 
 
-def category_config(config, category: str):
-  """A copy of config for one category, with that category's T_d from the dataset's table."""
-  c = copy.deepcopy(config)
-  c.data.category = category
-  table = dict(config.sampling.t_d_by_category)
-  if category in table:
-    c.sampling.t_d = table[category]
-  return c
-
-
-def resolve_num_steps(config, num_train: int) -> None:
-  """config.train.num_epochs > 0 sets num_steps from the size of the training split."""
-  if config.train.num_epochs > 0:
-    config.train.num_steps = max(1, math.ceil(config.train.num_epochs * num_train /
-                                              config.train.batch_size))
-    logging.info('%d epochs of %d images at batch %d = %d steps', config.train.num_epochs,
-                 num_train, config.train.batch_size, config.train.num_steps)
+def category_config(config: Config, category: str) -> Config:
+  """config for one category, with that category's T_d from the dataset's table."""
+  changes = {'data.category': category}
+  if category in config.sampling.t_d_by_category:
+    changes['sampling.t_d'] = config.sampling.t_d_by_category[category]
+  return config_lib.with_fields(config, changes)
 
 
 def prepare_data_on_main_process_first(config) -> None:
@@ -73,24 +81,6 @@ def prepare_data_on_main_process_first(config) -> None:
   parallel.barrier('dataset prepared')
 
 
-def train(config, workdir: str):
-  # The data are listed, checked and prepared first: a bad dataset leaves no workdir behind.
-  num_train = pipeline.num_train_examples(config.data)
-  if num_train < 1:
-    raise UserError(f'data.val_fraction={config.data.val_fraction}: no training image is left '
-                    f'in {config.data.dataset}/{config.data.category} after the held-out slice')
-  with workdir_lib.training_lock(workdir):
-    validate.check_checkpoint_compatible(workdir_lib.load_saved_config(workdir), config, workdir)
-    resolve_num_steps(config, num_train)
-    workdir_lib.save_config(config, workdir)  # after every check: a failed start writes nothing
-
-    def train_iter(start_step):
-      return pipeline.get_train_iterator(config.data, global_batch_size=config.train.batch_size,
-                                         seed=config.seed, start_step=start_step)
-
-    return train_lib.train_and_checkpoint(config, workdir, train_iter)
-
-
 def enable_compilation_cache(path: str) -> None:
   """jax's persistent compilation cache in `path` ('' = off), so that a rerun skips compiling;
   a cache folder already set (JAX_COMPILATION_CACHE_DIR, a test session) is kept."""
@@ -98,9 +88,46 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update('jax_compilation_cache_dir', path)
 
 
-def run(config, workdir: str, mode: str, input_dir=None, overridden=(), output_dir=None) -> None:
+def refit_state(config: Config, workdir: str) -> None:
+  """predict.refit: DIR/detector.json fitted anew, with these flags, on the held-out images."""
+  logging.warning('predict.refit: re-fitting the normalisation and thresholds of %s on the '
+                  'held-out images of %s/%s', workdir, config.data.dataset, config.data.category)
+  validate.check_checkpoint_compatible(workdir_lib.load_saved_config(workdir), config, workdir)
+  scorer = scoring.Scorer(config, workdir)
+  val = pipeline.get_eval_data(config.data, 'val', global_batch_size=config.eval.batch_size)
+  detector_state.fit_and_save(config, workdir, scorer, scorer.fit_normalisation(val))
+
+
+def run_category(config: Config, workdir: str, mode: str) -> Tuple[bool, Any]:
+  """Runs the modes of `mode` on one category: (False, None) when training was preempted (its
+  checkpoint is saved; a rerun resumes), else (True, the last mode's result)."""
+  prepare_data_on_main_process_first(config)
+  result = None
+  for step in mode_steps(mode, config):
+    if step in SCORING_MODES:
+      config = tuned_lib.apply(config, workdir)
+    if step in STATE_READERS and config.predict.refit:
+      refit_state(config, workdir)
+    result = MODES[step](config, workdir)
+    if step == 'train' and result is None:
+      return False, None
+  return True, result
+
+
+def typed_config(config_dict, overridden=(), input_dir=None, output_dir=None) -> Config:
+  """The config file's ConfigDict as a checked Config; main.py's --input and --output fill the
+  predict fields, `overridden` names the fields given on the command line."""
+  config = config_lib.from_configdict(config_dict, overridden)
+  changes = {k: v for k, v in (('predict.input_dir', input_dir), ('predict.output_dir', output_dir))
+             if v is not None}
+  return config_lib.with_fields(config, changes) if changes else config
+
+
+def run(config_dict, workdir: str, mode: str, input_dir=None, overridden=(),
+        output_dir=None) -> None:
   """Runs `mode` on every category the config names. `overridden`: the dotted config fields given
-  on the command line, which win over DIR/tuned.json; output_dir: predict's output folder."""
+  on the command line, which win over DIR/tuned.json; input_dir, output_dir: predict's folders."""
+  config = typed_config(config_dict, overridden, input_dir, output_dir)
   validate.validate_config(config, mode)
   enable_compilation_cache(config.compilation_cache_dir)
   parallel.initialise(config.parallel)
@@ -108,28 +135,18 @@ def run(config, workdir: str, mode: str, input_dir=None, overridden=(), output_d
   cats = categories(config)
   multi = config.data.category == 'all'
   results = []
-  for category in cats:
+  for k, category in enumerate(cats):
     cfg = category_config(config, category)
     wd = os.path.join(workdir, category) if multi else workdir
     if multi:
-      logging.info('=== category %s (%d/%d) -> %s', category, cats.index(category) + 1, len(cats), wd)
-    prepare_data_on_main_process_first(cfg)
-    if mode in ('train', 'train_eval'):
-      if train(cfg, wd) is None:
-        return  # preempted: the checkpoint is saved, the rerun resumes
-    tune_cfg = tune_lib.TuneConfig.from_config(cfg.tune)
-    if mode == 'tune' or (mode == 'train_eval' and tune_cfg.is_enabled(cfg.data.dataset)):
-      tune_lib.tune(cfg, wd)
-    if mode in ('eval', 'train_eval', 'predict', 'export'):
-      sources = tune_lib.apply_tuned(cfg, wd, overridden)
-      if mode == 'predict':
-        out = os.path.join(output_dir, category) if output_dir and multi else output_dir
-        predict_lib.predict(cfg, wd, input_dir, out)
-      elif mode == 'export':
-        predict_lib.checked_state(cfg, wd)
-        export_lib.export_detector(wd, cfg.eval.batch_size)
-      else:
-        results.append(evaluate.evaluate(cfg, wd, settings_source=sources,
-                                         tuned=tune_lib.load_tuned(wd)))
+      logging.info('=== category %s (%d/%d) -> %s', category, k + 1, len(cats), wd)
+      if cfg.predict.output_dir:
+        cfg = config_lib.with_fields(cfg, {'predict.output_dir': os.path.join(
+            cfg.predict.output_dir, category)})
+    finished, result = run_category(cfg, wd, mode)
+    if not finished:
+      return  # preempted: the checkpoint is saved, the rerun resumes
+    if mode_steps(mode, cfg)[-1] == 'eval':
+      results.append(result)
   if multi and results and jax.process_index() == 0:
     report.write_combined(results, workdir)

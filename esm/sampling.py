@@ -57,6 +57,9 @@ class SamplingConfig:
   sigma_floor: str = 'constant'
   var_source: str = 't_d'
   snapshot_steps: Tuple[int, ...] = (200, 150, 100, 80, 50, 20, 0)
+  # A dataset config's per-category T_d (esm/run.py picks t_d from it); not part of equality or
+  # the hash, since it never changes a reconstruction.
+  t_d_by_category: Dict[str, int] = dataclasses.field(default_factory=dict, compare=False)
 
   def __post_init__(self):
     if self.method not in SAMPLERS:
@@ -75,15 +78,6 @@ class SamplingConfig:
       raise UserError(f'sampling.esm_min_var: expected 0 <= esm_min_var < 1, got {self.esm_min_var}')
     if any(s < 0 for s in self.snapshot_steps):
       raise UserError(f'sampling.snapshot_steps: expected steps >= 0, got {self.snapshot_steps}')
-
-  @classmethod
-  def from_config(cls, cfg) -> 'SamplingConfig':
-    """From config.sampling (an ml_collections ConfigDict)."""
-    return cls(method=cfg.method, t_d=int(cfg.t_d), esm_min_var=float(cfg.esm_min_var),
-               sigma_min_var=float(cfg.sigma_min_var), sigma_max_var=float(cfg.sigma_max_var),
-               sigma_time=cfg.sigma_time, sigma_floor=cfg.sigma_floor,
-               var_source=cfg.var_source,
-               snapshot_steps=tuple(int(s) for s in cfg.snapshot_steps))
 
   @property
   def sampler(self) -> 'Sampler':

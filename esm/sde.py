@@ -29,11 +29,10 @@ class SDEConfig:
       raise UserError(f'sde.num_steps: expected a positive number of steps, got {self.num_steps}')
     if self.schedule not in SCHEDULES:
       raise UserError(f'sde.schedule: expected one of {SCHEDULES}, got {self.schedule!r}')
+    if not 0.0 < self.beta_min <= self.beta_max < 1.0:
+      raise UserError(f'sde.beta_min/beta_max: expected 0 < beta_min <= beta_max < 1, got '
+                      f'{self.beta_min} and {self.beta_max}')
 
-  @classmethod
-  def from_config(cls, cfg) -> 'SDEConfig':
-    return cls(schedule=cfg.schedule, beta_min=float(cfg.beta_min), beta_max=float(cfg.beta_max),
-               num_steps=int(cfg.num_steps))
 
 
 def linear_betas(beta_min: float, beta_max: float, num_steps: int) -> np.ndarray:
@@ -121,6 +120,6 @@ def variance_ode_solution(var0, t):
   return var0 * et / (1.0 - var0 + var0 * et)
 
 
-def get_sde(cfg) -> VPSDE:
-  """The schedule from config.sde (an ml_collections ConfigDict) or an SDEConfig."""
-  return VPSDE(cfg if isinstance(cfg, SDEConfig) else SDEConfig.from_config(cfg))
+def get_sde(cfg: SDEConfig) -> VPSDE:
+  """The schedule of config.sde."""
+  return VPSDE(cfg)

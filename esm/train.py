@@ -1,52 +1,29 @@
-"""The train-step factory and the training loop."""
+"""--mode=train: the train-step factory, the training loop, and the mode that feeds it a dataset."""
 
-import dataclasses
 import os
 import signal
+import math
 import time
 from typing import Callable, Optional
 
-import numpy as np
 
 import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
 
+from datasets import pipeline
+from esm import config as config_lib
 from esm import parallel
+from esm import validate
+from esm import workdir as workdir_lib
 from esm.checkpoint import Checkpointer
+from esm.config import Config
 from esm.errors import UserError
 from esm.metric_writer import MetricWriter
 from esm.models import utils as mutils
 from esm.train_state import TrainState
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-_POSITIVE_INTS = ('num_steps', 'batch_size', 'log_every', 'ckpt_every', 'keep', 'max_bad_steps',
-                  'inject_nonfinite_count')
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """The checked fields of config.train (the loop reads the ConfigDict itself)."""
-  lr: float
-  num_steps: int
-  batch_size: int
-  log_every: int
-  ckpt_every: int
-  keep: int
-  max_bad_steps: int
-  inject_nonfinite_count: int
-
-  def __post_init__(self):
-    if not 0 < self.lr < FLOAT32_MAX:
-      raise UserError(f'train.lr: expected a positive float32 value, got {self.lr}')
-    for name in _POSITIVE_INTS:
-      if getattr(self, name) < 1:
-        raise UserError(f'train.{name}: expected a positive integer, got {getattr(self, name)}')
-
-  @classmethod
-  def from_config(cls, train_cfg) -> 'TrainConfig':
-    return cls(lr=float(train_cfg.lr), **{k: int(train_cfg[k]) for k in _POSITIVE_INTS})
 
 
 def get_train_step_fn(loss_fn: Callable, ema_rate: float, inject_nonfinite_step: int = -1,
@@ -231,3 +208,34 @@ def _train_loop(config, built: mutils.Built, state: TrainState, start: int, batc
       logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', done)
       return None
   return state
+
+
+def resolve_num_steps(config: Config, num_train: int) -> Config:
+  """config with train.num_steps from train.num_epochs when that is > 0 (the size of the
+  training split sets it)."""
+  tc = config.train
+  if tc.num_epochs <= 0:
+    return config
+  num_steps = max(1, math.ceil(tc.num_epochs * num_train / tc.batch_size))
+  logging.info('%d epochs of %d images at batch %d = %d steps', tc.num_epochs, num_train,
+               tc.batch_size, num_steps)
+  return config_lib.with_fields(config, {'train.num_steps': num_steps})
+
+
+def train(config: Config, workdir: str) -> Optional[TrainState]:
+  """--mode=train on config's dataset: the final state, or None after a SIGTERM."""
+  # The data are listed, checked and prepared first: a bad dataset leaves no workdir behind.
+  num_train = pipeline.num_train_examples(config.data)
+  if num_train < 1:
+    raise UserError(f'data.val_fraction={config.data.val_fraction}: no training image is left '
+                    f'in {config.data.dataset}/{config.data.category} after the held-out slice')
+  with workdir_lib.training_lock(workdir):
+    validate.check_checkpoint_compatible(workdir_lib.load_saved_config(workdir), config, workdir)
+    config = resolve_num_steps(config, num_train)
+    workdir_lib.save_config(config, workdir)  # after every check: a failed start writes nothing
+
+    def train_iter(start_step):
+      return pipeline.get_train_iterator(config.data, global_batch_size=config.train.batch_size,
+                                         seed=config.seed, start_step=start_step)
+
+    return train_and_checkpoint(config, workdir, train_iter)

@@ -11,6 +11,7 @@ import jax
 from absl import logging
 
 from esm import files
+from esm.config import Config, to_dict
 from esm.errors import UserError
 
 # Fields renamed since workdirs were first written: old dotted name -> new dotted name.
@@ -19,20 +20,26 @@ RENAMED_FIELDS = {
     'sampling.min_var': 'sampling.sigma_min_var',
     'sampling.max_var': 'sampling.sigma_max_var',
 }
+# Fields added since: dotted name -> the value that older workdirs behaved as.
+ADDED_FIELDS = {
+    'predict.input_dir': '',
+    'predict.output_dir': '',
+}
 
 
 def config_path(workdir: str) -> str:
   return os.path.join(workdir, 'config.json')
 
 
-def save_config(config, workdir: str) -> None:
+def save_config(config: Config, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    files.write_text(config_path(workdir), config.to_json_best_effort(indent=2))
+    files.write_text(config_path(workdir), json.dumps(to_dict(config), indent=2, sort_keys=True))
 
 
 def upgrade_saved_config(saved: dict, source: str = 'config.json') -> dict:
-  """Moves renamed fields of a saved config dict to their new names, one warning line each."""
+  """Moves renamed fields of a saved config dict to their new names, one warning line each, and
+  gives the fields added since it was written the values it behaved as."""
   saved = json.loads(json.dumps(saved))  # a deep copy
   for old, new in RENAMED_FIELDS.items():
     old_section, old_field = old.split('.')
@@ -42,6 +49,9 @@ def upgrade_saved_config(saved: dict, source: str = 'config.json') -> dict:
     new_section, new_field = new.split('.')
     saved.setdefault(new_section, {}).setdefault(new_field, value)
     logging.warning('%s: %s is deprecated, read as %s', source, old, new)
+  for dotted, value in ADDED_FIELDS.items():
+    section, field = dotted.split('.')
+    saved.setdefault(section, {}).setdefault(field, value)
   return saved
 
 

@@ -18,11 +18,11 @@ from conftest import shared_data_dir
 from tests.test_run import tiny_config
 
 
-@pytest.mark.parametrize('kind', synthetic.PAINTED_DEFECTS)
+@pytest.mark.parametrize('kind', defects.PAINTED_DEFECTS)
 def test_painted_defect_mask_is_exactly_the_changed_pixels(kind):
   rng = np.random.default_rng(0)
   img = np.random.default_rng(1).uniform(60, 200, (32, 32, 3)).astype(np.float32)
-  bad, mask = synthetic.paint_defect(img, kind, rng)
+  bad, mask = defects.paint_defect(img, kind, rng)
   assert mask.any() and bad.shape == img.shape
   assert np.array_equal(mask, np.any(np.abs(bad - img) > 0.5, axis=-1))
 

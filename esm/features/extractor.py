@@ -139,29 +139,17 @@ def _trim_blocks(params: dict[str, Any], last: int) -> dict[str, Any]:
           if not (k.startswith('block_') and int(k.split('_')[1]) > last)}
 
 
-def get_feature_fn(features_cfg: Any) -> Optional[FeatureFn]:
+def get_feature_fn(features_cfg: vit.FeaturesConfig) -> Optional[FeatureFn]:
   """Pretrained feature extractor for S_Cos, or None when config.features.model is 'none'.
 
-  Reads model, weights, layers, image_size, cache_dir and norm of
-  config.features. The returned fn maps NHWC float images in [-1, 1] of any size to one
-  [B, h, w, C] map of patch tokens per chosen layer. It is jitted, closes over the parameters
-  (passed as arguments, not baked in), and runs on batches sharded over a device mesh.
+  The returned fn maps NHWC float images in [-1, 1] of any size to one [B, h, w, C] map of patch
+  tokens per chosen layer. It is jitted, closes over the parameters (passed as arguments, not
+  baked in), and runs on batches sharded over a device mesh.
   """
-  model = str(features_cfg.model)
+  model = features_cfg.model
   if model == 'none':
     return None
-  if model not in vit.LAYOUTS:
-    raise UserError(f'config.features.model={model!r}: expected one of '
-                    f'{", ".join(sorted(vit.LAYOUTS))} or none')
-  base = vit.LAYOUTS[model]
-  layers = tuple(int(i) for i in features_cfg.layers)
-  if not layers or any(not 0 <= i < base.depth for i in layers):
-    raise UserError(f'config.features.layers={layers}: expected block indices in '
-                    f'0..{base.depth - 1} for {model}')
-  size = int(features_cfg.image_size)
-  if size <= 0 or size % base.patch_size:
-    raise UserError(f'config.features.image_size={size}: expected a positive multiple of the '
-                    f'{model} patch size {base.patch_size}')
+  layers, size = features_cfg.layers, features_cfg.image_size
   params, offset = load_params(model, str(features_cfg.weights), features_cfg.cache_dir,
                                random_depth=max(layers) + 1)
   cfg = vit.layout(model, layers, norm_outputs=bool(features_cfg.norm),

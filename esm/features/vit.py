@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esm.errors import UserError
+
 # ImageNet statistics used by every DINO-family checkpoint.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,6 +63,31 @@ LAYOUTS = {
                             layer_scale=False, pos_grid=28),
 }
 
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesConfig:
+  """config.features: the backbone of S_Cos, its weights and the tapped blocks (extractor.py)."""
+  model: str  # a name in LAYOUTS, or 'none'
+  weights: str
+  layers: tuple[int, ...]
+  image_size: int
+  cache_dir: str
+  norm: bool
+
+  def __post_init__(self):
+    if self.model == 'none':
+      return
+    if self.model not in LAYOUTS:
+      raise UserError(f'config.features.model={self.model!r}: expected one of '
+                      f'{", ".join(sorted(LAYOUTS))} or none')
+    base = LAYOUTS[self.model]
+    if not self.layers or any(not 0 <= i < base.depth for i in self.layers):
+      raise UserError(f'config.features.layers={self.layers}: expected block indices in '
+                      f'0..{base.depth - 1} for {self.model}')
+    if self.image_size <= 0 or self.image_size % base.patch_size:
+      raise UserError(f'config.features.image_size={self.image_size}: expected a positive '
+                      f'multiple of the {self.model} patch size {base.patch_size}')
 
 def bicubic_resize_matrix(in_size: int, out_size: int, offset: float = 0.0) -> np.ndarray:
   """[out_size, in_size] weights of PyTorch/ONNX bicubic resizing (a=-0.75, half-pixel, clamped

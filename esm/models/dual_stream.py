@@ -5,14 +5,14 @@ Stream 1 predicts the noise expectation ε_θ; stream 2 is an independent copy o
 """
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from esm.errors import UserError
-from esm.models.unet import UNet, UNetConfig
+from esm.models.unet import DTYPES, RESBLOCK_TYPES, UNet, UNetConfig
 from esm.sde import VPSDE, per_example
 
 VAR_PARAMS = ('scaled', 'direct')
@@ -32,28 +32,64 @@ MAX_LOG_VAR_BOUND = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """config.model, typed and checked, plus whether the loss wants the second stream."""
-  unet: UNetConfig
-  dual: bool  # True: ESM dual stream; False: the single-stream DSM (SGM) baseline
-  var_param: str = 'scaled'
-  log_var_bound: float = 12.0
+  """config.model: the U-Net of each stream and the variance stream's parameterisation."""
+  ch: int
+  ch_mult: Tuple[int, ...]
+  num_res_blocks: int
+  attn_resolutions: Tuple[int, ...]
+  dropout: float
+  resblock_type: str
+  resamp_with_conv: bool
+  num_groups: int
+  var_param: str
+  log_var_bound: float
+  dtype: str
 
   def __post_init__(self):
+    if self.resblock_type not in RESBLOCK_TYPES:
+      raise UserError(f'model.resblock_type: expected one of {RESBLOCK_TYPES}, got '
+                      f'{self.resblock_type!r}')
+    if self.dtype not in DTYPES:
+      raise UserError(f'model.dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}')
     if self.var_param not in VAR_PARAMS:
       raise UserError(f'model.var_param: expected one of {VAR_PARAMS}, got {self.var_param!r}')
     if not 0 < self.log_var_bound <= MAX_LOG_VAR_BOUND:
       raise UserError(f'model.log_var_bound: expected 0 < bound <= {MAX_LOG_VAR_BOUND:g} '
                       f'(exp(±log σ²) must stay finite in float32/bfloat16), got {self.log_var_bound}')
+    for name in ('ch', 'num_res_blocks', 'num_groups'):
+      if getattr(self, name) < 1:
+        raise UserError(f'model.{name}: expected a positive integer, got {getattr(self, name)}')
+    if not self.ch_mult or min(self.ch_mult) < 1:
+      raise UserError(f'model.ch_mult: expected positive multipliers, got {self.ch_mult}')
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f'model.dropout: expected a rate in [0, 1), got {self.dropout}')
+
+  @property
+  def unet(self) -> UNetConfig:
+    """The U-Net of one stream."""
+    return UNetConfig(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
+                      attn_resolutions=self.attn_resolutions, dropout=self.dropout,
+                      resblock_type=self.resblock_type, resamp_with_conv=self.resamp_with_conv,
+                      num_groups=self.num_groups, dtype=self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreNetConfig:
+  """What ScoreNet builds: one U-Net per stream, and whether there is a variance stream."""
+  unet: UNetConfig
+  dual: bool  # True: ESM dual stream; False: the single-stream DSM (SGM) baseline
+  var_param: str = 'scaled'
+  log_var_bound: float = 12.0
 
   @classmethod
-  def from_config(cls, model_cfg, dual: bool) -> 'ModelConfig':
-    return cls(unet=UNetConfig.from_config(model_cfg), dual=dual, var_param=model_cfg.var_param,
-               log_var_bound=float(model_cfg.log_var_bound))
+  def from_model_config(cls, model: ModelConfig, dual: bool) -> 'ScoreNetConfig':
+    return cls(unet=model.unet, dual=dual, var_param=model.var_param,
+               log_var_bound=model.log_var_bound)
 
 
 class ScoreNet(nn.Module):
   """x_i, t -> (ε, raw v) for the dual stream, or (ε, None) for the single stream."""
-  config: ModelConfig
+  config: ScoreNetConfig
 
   @nn.compact
   def __call__(self, x, t, train: bool = False):

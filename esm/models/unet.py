@@ -26,20 +26,6 @@ class UNetConfig:
   dtype: str = 'float32'
   out_ch: int = 3
 
-  @classmethod
-  def from_config(cls, cfg) -> 'UNetConfig':
-    """From config.model; validates the fields that a typo would otherwise turn into a crash."""
-    if cfg.resblock_type not in RESBLOCK_TYPES:
-      raise UserError(f'model.resblock_type: expected one of {RESBLOCK_TYPES}, got {cfg.resblock_type!r}')
-    if cfg.dtype not in DTYPES:
-      raise UserError(f'model.dtype: expected one of {tuple(DTYPES)}, got {cfg.dtype!r}')
-    return cls(ch=int(cfg.ch), ch_mult=tuple(int(m) for m in cfg.ch_mult),
-               num_res_blocks=int(cfg.num_res_blocks),
-               attn_resolutions=tuple(int(r) for r in cfg.attn_resolutions),
-               dropout=float(cfg.dropout), resblock_type=cfg.resblock_type,
-               resamp_with_conv=bool(cfg.resamp_with_conv), num_groups=int(cfg.num_groups),
-               dtype=cfg.dtype)
-
   @property
   def downsampling_factor(self) -> int:
     return 2 ** (len(self.ch_mult) - 1)

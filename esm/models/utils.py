@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from esm.losses import LossConfig, get_loss_fn
-from esm.models.dual_stream import ModelConfig, ScoreNet, get_net_fn
+from esm.losses import get_loss_fn
+from esm.models.dual_stream import ScoreNet, ScoreNetConfig, get_net_fn
 from esm.models.unet import check_image_size
 from esm.sde import VPSDE, get_sde
 from esm.train_state import TrainState, make_optimiser
@@ -29,8 +29,7 @@ class Built(NamedTuple):
 
 
 def create_model(config, image_size: int) -> ScoreNet:
-  loss = LossConfig.from_config(config.loss)
-  model_cfg = ModelConfig.from_config(config.model, dual=loss.dual_stream)
+  model_cfg = ScoreNetConfig.from_model_config(config.model, dual=config.loss.dual_stream)
   check_image_size(model_cfg.unet, image_size)
   return ScoreNet(model_cfg)
 

@@ -1,0 +1,91 @@
+"""DIR/tuned.json: what label-free tuning (esm/tune.py) chose, and every candidate it scored.
+
+The one reader and writer of the file. Tuning writes it; the category loop (esm/run.py) applies its
+choice to the config of the modes that score images; evaluation reads the candidates for the
+report's sweep; a candidate becomes a config in one place (`candidate_config`).
+"""
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import jax
+
+from esm import config as config_lib
+from esm import files
+
+TUNED_FILE = 'tuned.json'
+# Key of tuned.json -> the config field it sets.
+TUNED_FIELDS = {'t_d': 'sampling.t_d', 'method': 'sampling.method', 'weights': 'detect.weights',
+                'sigma_floor': 'sampling.sigma_floor'}
+
+
+def path(workdir: str) -> str:
+  return os.path.join(workdir, TUNED_FILE)
+
+
+def load(workdir: str) -> Optional[Dict[str, Any]]:
+  """DIR/tuned.json, or None when the workdir was never tuned."""
+  if not os.path.exists(path(workdir)):
+    return None
+  with open(path(workdir)) as f:
+    return json.load(f)
+
+
+def write(workdir: str, tuned: Dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    files.write_text(path(workdir), json.dumps(tuned, indent=1))
+
+
+def candidate_config(config: config_lib.Config, candidate: Dict[str, Any]) -> config_lib.Config:
+  """config with the sampler, T_d, detector weights and (where the sampler reads it) ESM^σ's floor
+  of a tuning candidate (a row of tuned.json's candidates)."""
+  return config_lib.with_fields(config, {
+      'sampling.method': candidate['method'], 'sampling.t_d': candidate['t_d'],
+      'detect.weights': tuple(candidate['weights']),
+      'sampling.sigma_floor': candidate.get('sigma_floor', config.sampling.sigma_floor)})
+
+
+def apply(config: config_lib.Config, workdir: str) -> config_lib.Config:
+  """config with DIR/tuned.json's choice, except the fields given on the command line."""
+  tuned = load(workdir)
+  if tuned is None:
+    return config
+  changes = {field: tuned[key] for key, field in TUNED_FIELDS.items()
+             if key in tuned and field not in config.command_line}
+  return config_lib.with_fields(config, changes)
+
+
+def settings_source(config: config_lib.Config, workdir: str) -> Dict[str, str]:
+  """Where sampling.t_d, sampling.method, detect.weights and (when tuning chose it) ESM^σ's floor
+  come from: 'command line', 'tuned', 'paper table' or 'config'."""
+  tuned = load(workdir) or {}
+  sources = {}
+  for key, field in TUNED_FIELDS.items():
+    if field in config.command_line:
+      sources[field] = 'command line'
+    elif key in tuned:
+      sources[field] = 'tuned'
+    elif key == 'sigma_floor':
+      continue  # not tuned: the config's floor, which only ESM^σ reads
+    elif field == 'sampling.t_d' and config.data.category in config.sampling.t_d_by_category:
+      sources[field] = 'paper table'
+    else:
+      sources[field] = 'config'
+  return sources
+
+
+def sweep_candidates(tuned: Dict[str, Any]) -> List[Dict[str, Any]]:
+  """One candidate per (sampler, T_d) of the grid: the detector weights that scored best there on
+  the development set, or, at each sampler's chosen T_d, the ones the choice rule took."""
+  out = []
+  for method in tuned['methods']:
+    chosen = tuned['by_method'].get(method, {})
+    for t_d in tuned['t_d_grid']:
+      mine = [c for c in tuned['candidates'] if c['method'] == method and c['t_d'] == t_d]
+      best = max(mine, key=lambda c: c['score'])
+      if chosen.get('t_d') == t_d:
+        best = next(c for c in mine if c['weights'] == chosen['weights']
+                    and c.get('sigma_floor') == chosen.get('sigma_floor'))
+      out.append(best)
+  return out
