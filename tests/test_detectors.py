@@ -10,6 +10,7 @@ import scipy.ndimage
 
 from configs import default
 from esm import detectors
+from esm.config import section_from_dict
 from esm.errors import UserError
 
 B, H, W, C = 2, 16, 16, 3
@@ -35,16 +36,17 @@ def _random_conv_features(images):
 
 
 def test_config_from_default_and_bad_fields():
-  cfg = detectors.DetectConfig.from_config(default.get_default_config().detect)
-  assert cfg == detectors.DetectConfig((1.0, 1.0, 1.0, 1.0), 4.0, 250, 'absolute', 1e-8)
+  cfg = section_from_dict(detectors.DetectConfig, default.get_default_config().detect.to_dict(),
+                          'detect')
+  assert cfg == detectors.DetectConfig((1.0, 1.0, 1.0, 1.0), 4.0, 250, 'absolute', 1e-8, 99.0)
   assert cfg == detectors.DetectConfig()  # the dataclass and the config agree
   bad = {'weights': (1.0, 1.0), 're_kind': 'cubed', 'top_n': 0, 'blur_sigma': -1.0,
-         'var_floor': 0.0}
+         'var_floor': 0.0, 'threshold_percentile': 101.0}
   for field, value in bad.items():
-    detect = default.get_default_config().detect
+    detect = default.get_default_config().detect.to_dict()
     detect[field] = value
     with pytest.raises(UserError, match=f'^detect.{field}'):
-      detectors.DetectConfig.from_config(detect)
+      section_from_dict(detectors.DetectConfig, detect, 'detect')
 
 
 def test_scaling_with_image_size():

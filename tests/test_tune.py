@@ -11,8 +11,11 @@ import pytest
 from configs import common
 from configs.default import get_default_config
 from datasets import synthetic
+from esm import defects
+from esm import dev_set
 from esm import run
 from esm import tune
+from esm.config import from_configdict
 from esm.errors import UserError
 from conftest import shared_data_dir
 from tests.test_run import tiny_config
@@ -33,8 +36,8 @@ def test_grid_and_tie_rule():
   rows = [{'score': 0.900, 'nfe': 50, 't_d': 50, 'detectors': ['re']},
           {'score': 0.897, 'nfe': 25, 't_d': 25, 'detectors': ['u', 're']},
           {'score': 0.800, 'nfe': 6, 't_d': 6, 'detectors': ['re']}]
-  assert tune.choose(rows, 0.005)['t_d'] == 25  # a tie with the best: fewer NFE wins
-  assert tune.choose(rows, 0.0)['t_d'] == 50
+  assert dev_set.choose(rows, 0.005)['t_d'] == 25  # a tie with the best: fewer NFE wins
+  assert dev_set.choose(rows, 0.0)['t_d'] == 50
 
 
 def test_bad_tune_fields_are_named():
@@ -42,14 +45,14 @@ def test_bad_tune_fields_are_named():
                        ('tune.sigma_floors', ('none',)), ('tune.sigma_floors', ()),
                        ('tune.folds', 1), ('tune.defect_kinds', ('smudge',))):
     with pytest.raises(UserError, match=field):
-      tune.TuneConfig.from_config(common.override(get_default_config(), {field: value}).tune)
+      from_configdict(common.override(get_default_config(), {field: value}))
 
 
 def test_supported_methods_follow_the_model():
   c = get_default_config()
-  assert tune.supported_methods(c) == ['sgm', 'esm', 'esm_sigma']
+  assert tune.supported_methods(from_configdict(c)) == ['sgm', 'esm', 'esm_sigma']
   c.loss.kind = 'dsm'
-  assert tune.supported_methods(c) == ['sgm']
+  assert tune.supported_methods(from_configdict(c)) == ['sgm']
 
 
 TUNE_OVERRIDES = {'tune.t_d_fractions': (0.002, 0.004), 'tune.methods': ('sgm', 'esm'),
@@ -76,7 +79,7 @@ def test_tune_writes_the_choice_and_every_candidate(tuned_run):
   assert len(tuned['candidates']) == 2 * 1 + 2 * 7
   assert tuned['dev_set'] == {'held_out_images': 4, 'images': 12, 'painted': 8,
                               'defect_kinds': list(cfg.tune.defect_kinds), 'folds': 2, 'seed': 0}
-  best = tune.choose(tuned['candidates'], cfg.tune.tie_tolerance)
+  best = dev_set.choose(tuned['candidates'], cfg.tune.tie_tolerance)
   assert (tuned['method'], tuned['t_d'], tuned['weights']) == (best['method'], best['t_d'],
                                                                best['weights'])
   assert set(tuned['by_method']) == {'sgm', 'esm'}
@@ -159,7 +162,7 @@ def test_esm_sigma_floor_is_tuned_and_applied(tuned_run, tmp_path):
   tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
   assert tuned['sigma_floors'] == ['constant', 'beta']
   assert {c['sigma_floor'] for c in tuned['candidates']} == {'constant', 'beta'}
-  best = tune.choose(tuned['candidates'], cfg.tune.tie_tolerance)
+  best = dev_set.choose(tuned['candidates'], cfg.tune.tie_tolerance)
   assert tuned['sigma_floor'] == best['sigma_floor'] == tuned['by_method']['esm_sigma']['sigma_floor']
 
   # eval.sweep_t_d adds the test AUROC of every (sampler, T_d); at the tuned choice it must be

@@ -6,8 +6,14 @@ import pytest
 
 from configs import common, mpdd, mvtec
 from configs.default import get_default_config
+from esm import config as config_lib
 from esm import validate, workdir
 from esm.errors import UserError
+
+
+def check(config_dict, mode):
+  """What the entry does before any compute: type every section, then the checks across them."""
+  validate.validate_config(config_lib.from_configdict(config_dict), mode)
 
 
 @pytest.mark.parametrize('field, value, match', [
@@ -24,26 +30,26 @@ from esm.errors import UserError
 def test_bad_field_is_named(field, value, match):
   c = common.override(get_default_config(), {field: value})
   with pytest.raises(UserError, match=match) as e:
-    validate.validate_config(c, 'train_eval')
+    check(c, 'train_eval')
   assert '\n' not in str(e.value)
 
 
 def test_unknown_mode_and_category():
   with pytest.raises(UserError, match='--mode'):
-    validate.validate_config(get_default_config(), 'fit')
+    check(get_default_config(), 'fit')
   with pytest.raises(UserError, match="unknown mpdd category 'tube'.*tubes"):
-    validate.validate_config(mpdd.get_config('tube'), 'train')
-  validate.validate_config(mvtec.get_config('bottle'), 'train')
-  validate.validate_config(mvtec.get_config(), 'train')  # all categories
+    check(mpdd.get_config('tube'), 'train')
+  check(mvtec.get_config('bottle'), 'train')
+  check(mvtec.get_config(), 'train')  # all categories
 
 
 def test_esm_sampling_needs_a_dual_stream_model():
   c = get_default_config()
   c.loss.kind = 'dsm'
   with pytest.raises(UserError, match="needs a dual-stream model"):
-    validate.validate_config(c, 'eval')
+    check(c, 'eval')
   c.sampling.method = 'sgm'
-  validate.validate_config(c, 'eval')
+  check(c, 'eval')
 
 
 def test_paper_t_d_tables():
@@ -59,11 +65,11 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path):
   c.model.ch = 64
   c.model.var_param = 'direct'
   with pytest.raises(UserError, match='model.ch, model.var_param'):
-    validate.check_checkpoint_compatible(saved, c, str(tmp_path))
+    validate.check_checkpoint_compatible(saved, config_lib.from_configdict(c), str(tmp_path))
   c = get_default_config()
   c.model.dropout = 0.3  # does not change the parameters
   c.train.lr = 1.0
-  validate.check_checkpoint_compatible(saved, c, str(tmp_path))
+  validate.check_checkpoint_compatible(saved, config_lib.from_configdict(c), str(tmp_path))
 
 
 def test_builders_offer_every_catalogue_category():
