@@ -39,7 +39,7 @@ class MetricWriter:
     if not self._enabled:
       return
     try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (optional)
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     except ImportError:
       logging.warning('tensorboardX is not installed: metrics go to %s only', self.path)

@@ -7,6 +7,7 @@ sharded along the batch axis, parameters and optimiser state are replicated.
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from esm.errors import UserError
@@ -88,7 +89,6 @@ def gather(tree):
   """Every process gets the full (global) value of each array, as numpy."""
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, jax.device_get(tree))
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
@@ -100,12 +100,10 @@ def any_process(flag: bool) -> bool:
   """True on every process when `flag` is true on any (e.g. a SIGTERM that reached one host)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.bool_))))
 
 
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier of this name (no-op in a single process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+      multihost_utils.sync_global_devices(name)
