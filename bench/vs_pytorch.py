@@ -65,8 +65,8 @@ def _jax_config(case: str):
 
 class _Step:
   """The model, loss, initial state and jitted train step of `config`, through whichever API the
-  imported source tree has: esm.models.utils (since the issue-14 refactor) or esm.train (older
-  trees, e.g. the pre-issue-18 dd5c0b8 of --baseline_src)."""
+  imported source tree has: esm.models.utils (since commit 08c8d24) or esm.train (older trees,
+  e.g. dd5c0b8 as --baseline_src)."""
 
   def __init__(self, config, size: int, vmapped: bool = False):
     from esm import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -112,7 +112,7 @@ def _vmapped_dual_loss(model, sde):
   from esm.models.dual_stream import variance_from_raw  # pylint: disable=g-import-not-at-top
   try:
     from esm.models.dual_stream import NetOutput  # pylint: disable=g-import-not-at-top
-  except ImportError:  # trees before the issue-14 refactor
+  except ImportError:  # trees before commit 08c8d24
     from esm.losses import NetOutput  # pylint: disable=g-import-not-at-top
   from esm.models.unet import UNet  # pylint: disable=g-import-not-at-top
   cfg = model.config
@@ -132,7 +132,7 @@ def _vmapped_dual_loss(model, sde):
 
 def _as_main_does(src: str):
   """The tree at `src` on the path, and its host-memory setting applied as main.py applies it,
-  before XLA starts (trees before issue 18's fourth pass have none: measured as they ran)."""
+  before XLA starts (trees before commit 9844b86 have none: measured as they ran)."""
   sys.path.insert(0, src)
   try:
     from esm import host_memory  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""ESM vs ESM^σ vs SGM over training budgets and seeds, with paired bootstrap intervals (issue 17).
+"""ESM vs ESM^σ vs SGM over training budgets and seeds, with paired bootstrap intervals.
 
   python3 experiments/evidence.py --root=../shared/data --workdir=/tmp/evidence
   python3 experiments/evidence.py --root=../shared/data --workdir=/tmp/evidence --stages=report
