@@ -2,7 +2,7 @@
 
 Each method is one `jax.lax.scan` over the steps (two for ESM^σ: forward, then reverse), jitted once
 per (network, method, T_d) and, by jax.jit itself, once per batch shape. The equations are those of
-DESIGN.md "Equations in discrete form":
+docs/design.md "Equations in discrete form":
 
 * sgm / esm: start at x_{T_d} = √ᾱ_{T_d} x_0 + √(1-ᾱ_{T_d}) z, then for i = T_d..1
   x_{i-1} = x_i + β_i (x_i/2 + score_i); sgm uses the DSM score (eq. 4), esm the ESM score (eq. 3)

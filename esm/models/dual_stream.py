@@ -100,7 +100,7 @@ class ScoreNet(nn.Module):
 
 
 def variance_from_raw(v, alpha_bar, var_param: str, bound: float):
-  """log σ²_θ from the raw stream-2 output v (DESIGN, ambiguity 1).
+  """log σ²_θ from the raw stream-2 output v (docs/method.md, the variance parameterisation).
 
   'direct': σ² = exp(v); 'scaled': σ² = (1-ᾱ_i) exp(v), so v = 0 reproduces DSM. v is soft-clipped
   to (-bound, bound) with bound·tanh(v/bound), which keeps σ² finite and positive by construction.
