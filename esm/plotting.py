@@ -147,9 +147,8 @@ def _legend_below(fig: Figure, num_entries: int) -> None:
 
 
 def line_plot(series: Series, title: str, xlabel: str, ylabel: str,
-              size: Tuple[int, int] = (560, 420), xlim: Optional[Range] = None,
-              ylim: Optional[Range] = None, log_y: bool = False, integer_x: bool = False,
-              styles: Optional[Dict[str, dict]] = None) -> Figure:
+              size: Tuple[int, int] = (560, 420), ylim: Optional[Range] = None,
+              integer_x: bool = False, styles: Optional[Dict[str, dict]] = None) -> Figure:
   """Lines (name -> (x, y)) on labelled axes with tick values, a grid and a legend below;
   styles[name] holds extra Axes.plot arguments of a line (colour, linestyle)."""
   fig = new_figure(*size)
@@ -158,12 +157,9 @@ def line_plot(series: Series, title: str, xlabel: str, ylabel: str,
     x = np.asarray(x, np.float64)
     ax.plot(x, np.asarray(y, np.float64), label=name, linewidth=1.5,
             marker='o' if x.size < 30 else None, markersize=4, **(styles or {}).get(name, {}))
-  if log_y:
-    ax.set_yscale('log')
   if integer_x:
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-  ax.set_xlim(xlim)
   ax.set_ylim(ylim)
   ax.grid(True, alpha=0.3)
   _legend_below(fig, len(series))

@@ -170,7 +170,7 @@ def write_category(result, report_dir, records, out, pixel_maps, scores, tuned=N
     rows.append(row)
   if rows:
     plotting.save(plotting.stack_rows(rows), os.path.join(fig_dir, 'examples.png'))
-  if out.trajectory is not None:
+  if out.trajectory is not None and len(out.trajectory['snapshots']):
     plotting.save(trajectory_figure(out.trajectory, scale), os.path.join(fig_dir, 'trajectory.png'))
   curves = {}
   if len(set(out.labels.tolist())) == 2:
