@@ -7,7 +7,7 @@ Trains, per dimension, a two-stream MLP with the project's esm_loss and a one-st
 dsm_loss (schedule and variance bound from configs/default.py), then measures at a few step labels
 ESM_l and DSM_l (l = 2, 3, 4) of four score estimators on common Monte-Carlo samples, and their
 error against the closed-form marginal score. Prints one table; writes it as markdown and JSON and
-draws the figure (PIL) under --out_dir.
+draws the figure under --out_dir.
 """
 
 import argparse

@@ -312,15 +312,15 @@ def _figure(cases: Cases, methods: list, path: str) -> None:
   rows = []
   for k in range(len(first['index'])):
     tiles = [plotting.to_uint8(first['input'][k], -1, 1), first['mask'][k] * 255]
-    titles = [str(first['defect_type'][k]), 'truth']
+    titles, ranges = [str(first['defect_type'][k]), 'truth'], [None, None]
     for m in methods:
       p = panels[m]
       lo, hi = p['scale']
       tiles += [plotting.to_uint8(p['x0_hat'][k], -1, 1), plotting.heatmap(p['map'][k], lo, hi)]
-      titles += [m.replace('^σ', '-sigma'), 'map']  # PIL's default font has no σ
-    rows.append(plotting.panel_row(tiles, titles, scale=2))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  plotting.stack_rows(rows).save(path)
+      titles += [m, 'map']
+      ranges += [None, (float(lo), float(hi))]
+    rows.append(plotting.to_image(plotting.image_row(tiles, titles, 2, ranges)))
+  plotting.save(plotting.stack_rows(rows), path)
   logging.info('figure: %s', path)
 
 
