@@ -1,7 +1,7 @@
 """The JAX side of bench/vs_pytorch.py: our train step at a case's shape, timed, profiled, compiled.
 
-Each worker runs in its own process, set up as main.py sets it up: glibc's malloc keeps freed
-memory for reuse (esm/host_memory.py), before XLA starts.
+Each worker runs in its own process; the timing and profile workers set it up as main.py does:
+glibc's malloc keeps freed memory for reuse (esm/host_memory.py), before XLA starts.
 """
 
 import glob
