@@ -39,21 +39,18 @@ from esm import evaluate as evaluate_lib
 from esm import plotting
 from esm import run as run_lib
 from esm import validate
+from experiments.models import DATASETS, MODELS
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-CATEGORIES = {'bottle': ('configs.cpu.bottle', 'mvtec_ad'),
-              'metal_plate': ('configs.cpu.metal_plate', 'mpdd')}
 DEV_CATEGORY = 'bottle'
-MODELS = {'esm': {}, 'sgm': {'loss.kind': 'dsm', 'sampling.method': 'sgm'},
-          'esm_direct': {'model.var_param': 'direct'}}
+DEV_MODELS = ('esm', 'sgm', 'esm_direct')  # trained on the development category
 NO_COS = {'features.model': 'none', 'detect.weights': (0.0, 1.0, 1.0, 1.0)}
 DEV_DEFECTS = ('scratch', 'hole', 'stain')
 
 
 def base_config(category: str, root: str):
-  module, dataset = CATEGORIES[category]
-  c = importlib.import_module(module).get_config()
-  c.data.root = os.path.join(root, {'mvtec_ad': 'mvtec_ad', 'mpdd': 'mpdd'}[dataset])
+  c = importlib.import_module(f'configs.cpu.{category}').get_config()
+  c.data.root = os.path.join(root, DATASETS[category])
   return c
 
 
@@ -324,7 +321,7 @@ def _figure(cases: Cases, methods: list, path: str) -> None:
   logging.info('figure: %s', path)
 
 
-_CATEGORY = flags.DEFINE_enum('category', None, sorted(CATEGORIES), 'Category to study.')
+_CATEGORY = flags.DEFINE_enum('category', None, sorted(DATASETS), 'Category to study.')
 _ROOT = flags.DEFINE_string('root', None, 'Folder holding mvtec_ad/ and mpdd/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the study (resumable).')
 _STAGES = flags.DEFINE_list('stages', ['train', 'select', 'report'], 'Stages to run.')
@@ -341,7 +338,7 @@ def main(argv):
   cases = Cases(workdir, category)
   sections = []
   if 'train' in stages:
-    models = list(MODELS) if dev else ['esm', 'sgm']
+    models = list(DEV_MODELS) if dev else ['esm', 'sgm']
     if not dev and os.path.exists(os.path.join(workdir, 'choices.json')):
       with open(os.path.join(workdir, 'choices.json')) as f:
         models = ['esm_direct' if json.load(f)['var_param'] == 'direct' else 'esm', 'sgm']
