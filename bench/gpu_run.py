@@ -26,9 +26,9 @@ from absl import flags
 from absl import logging
 
 from bench.gpu_configs import dry_run_config, gpu_config
+from esm import config as config_lib
 from esm import evaluate as evaluate_lib
 from esm import host_memory
-from esm import run as run_lib
 from esm import train as train_lib
 from esm.models import utils as mutils
 from esm import validate
@@ -89,6 +89,7 @@ def main(argv):
   else:
     config = gpu_config(os.path.join(_DATA_ROOT.value, 'mvtec_ad'), _STEPS.value, _BATCH.value,
                         _RES_BLOCKS.value)
+  config = config_lib.from_configdict(config)
   wd = os.path.join(_WORKDIR.value, 'run')
   validate.validate_config(config, 'train_eval')
   platform = jax.devices()[0].platform
@@ -96,7 +97,7 @@ def main(argv):
         f'jax {jax.__version__}', flush=True)
 
   t = time.time()
-  run_lib.train(config, wd)
+  train_lib.train(config, wd)
   train_wall = time.time() - t
   img_s = steady_images_per_second(wd)
   print(f'# trained {config.train.num_steps} steps in {train_wall:.0f} s: {img_s:.1f} img/s',
@@ -136,8 +137,8 @@ def run_evals(config, wd: str, evals, start: float, budget_s: float) -> list:
       print(f'# skipped {name}: {elapsed:.0f} s used, about {need:.0f} s needed, budget '
             f'{budget_s:.0f} s', flush=True)
       continue
-    cfg = run_lib.category_config(config, config.data.category)
-    cfg.sampling.method, cfg.sampling.sigma_time = method, sigma_time
+    cfg = config_lib.with_fields(config, {'sampling.method': method,
+                                          'sampling.sigma_time': sigma_time})
     t = time.time()
     result = evaluate_lib.evaluate(cfg, wd, report_dir=os.path.join(wd, f'report_{method}_{sigma_time}'))
     rows.append(dict(result, name=name, wall_seconds=time.time() - t))

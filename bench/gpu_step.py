@@ -17,6 +17,7 @@ import numpy as np
 from absl import app
 
 from bench.gpu_configs import gpu_config
+from esm import config as config_lib
 from esm import train as train_lib
 from esm.models import utils as mutils
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -26,7 +27,7 @@ SIZE, BATCH, STEPS = 256, 32, 20
 
 def main(argv):
   del argv
-  cfg = gpu_config('', 100, BATCH, res_blocks=1)
+  cfg = config_lib.from_configdict(gpu_config('', 100, BATCH, res_blocks=1))
   built = mutils.build(cfg, SIZE)
   state = mutils.init_state(cfg, built, SIZE)
   step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, cfg.train.ema_rate), donate_argnums=(0,))

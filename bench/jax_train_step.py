@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import numpy as np
 from bench.train_step_cases import CASES, timed
 from configs.cpu.common import cpu_config
 from configs.default import get_default_config
+from esm import config as config_lib
 from esm import host_memory
 from esm import train as train_lib
 from esm.losses import get_loss_fn
@@ -28,12 +29,12 @@ from esm.models.dual_stream import NetOutput, variance_from_raw
 from esm.models.unet import UNet
 
 
-def case_config(case: str):
-  """The config of a case: CASES' U-Net shapes with the DSM loss, or the CPU-scale study model."""
-  if case in ('esm48', 'dsm48', 'esm48v'):  # the CPU-scale study model, from its own config
+def case_config(case: str) -> config_lib.Config:
+  """The config of a case: CASES' U-Net shapes with the DSM loss, or the CPU-scale model."""
+  if case in ('esm48', 'dsm48', 'esm48v'):  # the CPU-scale model, from its own config
     c = cpu_config('mvtec_ad', 'bottle', 63)
     c.loss.kind = case[:3]  # esm48v: the ESM step with the two streams as one vmapped U-Net
-    return c
+    return config_lib.from_configdict(c)
   c = get_default_config()
   size, batch, ch, mult, blocks, attn, groups = CASES[case]
   c.loss.kind = 'dsm'
@@ -41,12 +42,12 @@ def case_config(case: str):
   m = c.model
   m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = ch, mult, blocks, (attn,)
   m.num_groups, m.dropout = groups, 0.0
-  return c
+  return config_lib.from_configdict(c)
 
 
 class TrainStep(NamedTuple):
   """The model, initial state and train step of `config`, built as esm/train.py builds them."""
-  config: Any
+  config: config_lib.Config
   built: mutils.Built
 
   @classmethod

@@ -57,7 +57,7 @@ def timed(fn):
 def build(dual, sde, image_size):
   """net_fn, random parameters, parameter count. Shapes come from eval_shape and values from numpy,
   because compiling the U-Net's init costs more CPU time than the whole benchmark."""
-  model = dual_stream.ScoreNet(dual_stream.ModelConfig(unet=CPU_UNET, dual=dual))
+  model = dual_stream.ScoreNet(dual_stream.ScoreNetConfig(unet=CPU_UNET, dual=dual))
   shapes = jax.eval_shape(lambda: mutils.init_params(model, jax.random.key(0), image_size))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.05, s.shape), s.dtype), shapes)

@@ -31,6 +31,7 @@ from absl import flags
 
 from configs import common
 from configs.default import get_default_config
+from esm import config as config_lib
 from esm import parallel
 from esm import train as train_lib
 from esm.models import utils as mutils
@@ -60,6 +61,7 @@ def worker() -> None:
   config.parallel.coordinator = _COORDINATOR.value
   config.parallel.num_processes = _NUM_PROCESSES.value
   config.parallel.process_id = _PROCESS_ID.value
+  config = config_lib.from_configdict(config)
   parallel.initialise(config.parallel)
   size, global_batch = _IMAGE_SIZE.value, _PER_DEVICE_BATCH.value * jax.device_count()
   mesh = parallel.make_mesh()

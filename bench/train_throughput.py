@@ -22,6 +22,7 @@ from absl import flags  # pylint: disable=wrong-import-position
 from configs import common  # pylint: disable=wrong-import-position
 from configs import demo  # pylint: disable=wrong-import-position
 from configs.default import get_default_config  # pylint: disable=wrong-import-position
+from esm import config as config_lib  # pylint: disable=wrong-import-position
 from esm import host_memory  # pylint: disable=wrong-import-position
 from esm import train as train_lib  # pylint: disable=wrong-import-position
 from esm.models import utils as mutils  # pylint: disable=wrong-import-position
@@ -59,6 +60,7 @@ def conv_reference(steps: int):
 
 
 def train_step_case(name: str, config, steps: int):
+  config = config_lib.from_configdict(config)
   size, batch = config.data.image_size, config.train.batch_size
   built = mutils.build(config, size)
   state = mutils.init_state(config, built, size)

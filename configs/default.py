@@ -126,6 +126,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   tu.tie_tolerance = 0.005  # candidates this close to the best tie: fewer NFE, then smaller T_d
   tu.seed = 0  # defects, their placement and the folds
 
+  # --- baselines: esm/baselines.py BaselinesConfig, fitted by train, reported by eval -------------
+  c.baselines = b = ml_collections.ConfigDict()
+  b.methods = ('zscore', 'knn')  # detectors without a diffusion model, beside it in every report
+  b.knn_layers = (2, 5, 8, 11)  # ViT blocks (config.features' backbone) of the kNN patch features
+  b.knn_bank_size = 16384  # most training patches the kNN memory bank keeps (greedy coreset)
+
   # --- eval: esm/config.py EvalConfig, read by esm/evaluate.py and esm/report.py ------------------
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 8  # global batch of evaluation and predict (padded; split over devices)

@@ -31,5 +31,6 @@ def get_config(arg=None):
   c.train.log_every = 100
   c.train.ckpt_every = 500
   c.features.model = 'none'  # pretrained DINO is optional for the demo (see docs/method.md)
+  c.baselines.methods = ('zscore',)  # the kNN baseline needs the ViT
   c.detect.weights = (0.0, 1.0, 1.0, 1.0)
   return c

@@ -1,4 +1,4 @@
-"""grain loaders over the prepared (array_record) datasets: train, eval ('test' | 'val').
+"""grain loaders over the prepared (array_record) datasets: train, eval ('test' | 'val' | 'train').
 
 * Train: an infinite stream. Global sample g = step * global_batch + j reads example
   perm_e[g mod n] of epoch e = g // n, where perm_e is drawn from (seed, e); flips come from
@@ -196,16 +196,18 @@ def _text(value) -> str:
 
 
 def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> ImageSet:
-  """The 'test' split, or 'val' (the held-out slice of train/good), in a fixed order."""
-  if split not in ('test', 'val'):
-    raise UserError(f'split={split!r}: expected test or val')
+  """The 'test' split, 'val' (the held-out slice of train/good) or 'train' (the rest of
+  train/good, what the model trains on), in a fixed order."""
+  if split not in ('test', 'val', 'train'):
+    raise UserError(f'split={split!r}: expected test, val or train')
   parallel.local_batch_size(global_batch_size)
   built = prepare_dataset(data_cfg)
-  source = built.as_data_source(split='train' if split == 'val' else 'test', decoders=_RAW)
-  if split == 'val':
-    _, indices = split_train_val(len(source), data_cfg.val_fraction, data_cfg.val_seed)
-  else:
+  source = built.as_data_source(split='test' if split == 'test' else 'train', decoders=_RAW)
+  if split == 'test':
     indices = np.arange(len(source))
+  else:
+    train, val = split_train_val(len(source), data_cfg.val_fraction, data_cfg.val_seed)
+    indices = val if split == 'val' else train
   if not len(indices):
     raise UserError(f'{split} split of {data_cfg.dataset}/{data_cfg.category} is empty; expected '
                     'at least one image (data.val_fraction > 0 for val)')

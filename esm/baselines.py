@@ -206,15 +206,20 @@ def state_path(workdir: str, name: str) -> str:
   return os.path.join(workdir, 'baselines', f'{name}.npz')
 
 
+NO_FEATURES = "no ViT (features.model is 'none')"
+
+
+def available(config) -> Dict[str, Optional[str]]:
+  """Each baseline of config.baselines.methods -> None when it can run, else why not."""
+  return {n: NO_FEATURES if BASELINES[n].needs_features and config.features.model == 'none'
+          else None for n in config.baselines.methods}
+
+
 def make_context(config) -> Context:
-  """The context of config's baselines (the ViT only when a baseline needs it)."""
-  needs = any(BASELINES[n].needs_features for n in config.baselines.methods)
+  """The context of config's baselines (the ViT only when a runnable baseline needs it)."""
   features: FeaturesConfig = config.features
   feature_fn = None
-  if needs:
-    if features.model == 'none':
-      raise UserError("baselines.methods: knn needs a ViT (features.model is 'none'); drop knn "
-                      'or set features.model')
+  if any(BASELINES[n].needs_features and not why for n, why in available(config).items()):
     feature_fn = get_feature_fn(dataclasses.replace(features, layers=config.baselines.knn_layers))
   return Context(config.baselines, config.detect, feature_fn)
 
@@ -223,18 +228,29 @@ def _images(image_set: ImageSet) -> np.ndarray:
   return np.stack([image_set.load(i)['image'] for i in range(image_set.num_examples)])
 
 
-def fit_and_save(config, workdir: str, train_images: ImageSet) -> None:
-  """Fits every baseline of config.baselines.methods on the training images; DIR/baselines/."""
-  if not config.baselines.methods:
+def fit_and_save(config, workdir: str, train_images: ImageSet, names=None) -> None:
+  """Fits the runnable baselines of config.baselines.methods (or `names`) on the training images
+  and writes DIR/baselines/<name>.npz."""
+  names = [n for n, why in available(config).items() if not why and (names is None or n in names)]
+  if not names:
     return
   context, images = make_context(config), _images(train_images)
-  for name in config.baselines.methods:
+  for name in names:
     state = BASELINES[name].fit(images, context)
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(state_path(workdir, name)), exist_ok=True)
       with files.atomic_path(state_path(workdir, name)) as tmp:
         np.savez(tmp, **state)
     logging.info('baseline %s fitted on %d training images', name, len(images))
+
+
+def fit_missing(config, workdir: str, train_images: Callable[[], ImageSet]) -> None:
+  """Fits the baselines whose DIR/baselines/<name>.npz is missing; train_images() gives the
+  training images (read only when one is missing)."""
+  missing = [n for n, why in available(config).items()
+             if not why and load_state(workdir, n) is None]
+  if missing:
+    fit_and_save(config, workdir, train_images(), missing)
 
 
 def load_state(workdir: str, name: str) -> Optional[Dict[str, np.ndarray]]:

@@ -17,6 +17,7 @@ import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from datasets.catalog import DataConfig
+from esm.baselines import BaselinesConfig
 from esm.defects import PAINTED_DEFECTS
 from esm.detectors import DetectConfig
 from esm.errors import UserError
@@ -155,6 +156,7 @@ class Config:
   detect: DetectConfig
   features: FeaturesConfig
   tune: TuneConfig
+  baselines: BaselinesConfig
   eval: EvalConfig
   predict: PredictConfig
   # Dotted fields given on the command line (main.py); DIR/tuned.json never overrides them.

@@ -7,6 +7,7 @@ thresholds (esm/detector_state.py); the test split is reconstructed once, and ev
 
 import dataclasses
 import os
+import time
 from typing import Any, Dict, List, Optional
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from datasets import pipeline
+from esm import baselines
 from esm import detector_state
 from esm import detectors as det
 from esm import metrics
@@ -49,6 +51,7 @@ def evaluate(config: Config, workdir: str, report_dir: Optional[str] = None) -> 
   beside it (for the reader only)."""
   ev = evaluate_outputs(config, workdir)
   ev.result['settings_source'] = tuned_lib.settings_source(config, workdir)
+  ev.result['baselines'] = evaluate_baselines(config, workdir, ev.outputs)
   tuned = tuned_lib.load(workdir)
   if tuned is not None and config.eval.sweep_t_d:
     ev.result['t_d_sweep'] = sweep_tuning_candidates(config, workdir, tuned)
@@ -58,10 +61,40 @@ def evaluate(config: Config, workdir: str, report_dir: Optional[str] = None) -> 
   return ev.result
 
 
-def sweep_tuning_candidates(config: Config, workdir: str,
-                            tuned: Dict[str, Any]) -> List[Dict[str, Any]]:
-  """Test image and pixel AUROC of each (sampler, T_d) of the tuning grid, with the detector
-  weights of tuned.sweep_candidates. Read by no choice: report only."""
+def evaluate_baselines(config: Config, workdir: str,
+                       outputs: scoring.SplitOutputs) -> Dict[str, Dict[str, Any]]:
+  """The model-free baselines on the same test split, with the same metrics; a baseline trained
+  before this workdir had one is fitted now, on the training images."""
+  gb = config.eval.batch_size
+  baselines.fit_missing(config, workdir,
+                        lambda: pipeline.get_eval_data(config.data, 'train', global_batch_size=gb))
+  test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
+  context = baselines.make_context(config)
+  pixel_labels = metrics.prepare_pixel_labels(outputs.masks) if test.has_masks else None
+  rows = {}
+  for name, why in baselines.available(config).items():
+    if why:
+      rows[name] = {'label': baselines.BASELINES[name].label, 'unavailable': why}
+      logging.warning('baseline %s: %s', name, why)
+      continue
+    start = time.time()
+    pixel_maps, scores = baselines.score_image_set(name, baselines.load_state(workdir, name), test,
+                                                   context)
+    image_m = metrics.ranking_metrics(scores, outputs.labels)
+    pixel_m = metrics.pixel_metrics(pixel_maps, pixel_labels) if pixel_labels is not None else {}
+    rows[name] = {'label': baselines.BASELINES[name].label, 'image_auroc': image_m['auroc'],
+                  'pixel_auroc': pixel_m.get('auroc', float('nan')),
+                  'aupro': pixel_m.get('aupro', float('nan')),
+                  'seconds_per_image': (time.time() - start) / max(test.num_examples, 1)}
+    logging.info('baseline %s: image AUROC %.4f, pixel AUROC %.4f', name, rows[name]['image_auroc'],
+                 rows[name]['pixel_auroc'])
+  return rows
+
+
+def sweep(config: Config, workdir: str, candidates: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """Test image and pixel AUROC of each candidate (a dict with method, t_d, weights and, for
+  ESM^σ, sigma_floor: tuned.candidate_config's input), all from one restored checkpoint and one
+  feature extractor, each normalised on the held-out images as evaluation is."""
   restored = scoring.restore_ema_params(config, workdir, parallel.make_mesh())
   feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
   gb = config.eval.batch_size
@@ -69,7 +102,7 @@ def sweep_tuning_candidates(config: Config, workdir: str,
   test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
   pixel_labels = None
   rows = []
-  for candidate in tuned_lib.sweep_candidates(tuned):
+  for candidate in candidates:
     method, t_d = candidate['method'], candidate['t_d']
     scorer = scoring.Scorer(tuned_lib.candidate_config(config, candidate), workdir,
                             restored=restored, feature_fn=feature_fn)
@@ -78,10 +111,21 @@ def sweep_tuning_candidates(config: Config, workdir: str,
     pixel_maps, scores = scorer.score(scorer.normalise(out.maps))
     if pixel_labels is None and test.has_masks:
       pixel_labels = metrics.prepare_pixel_labels(out.masks)
-    rows.append({'method': method, 't_d': t_d, 'detectors': candidate['detectors'],
-                 'dev_score': candidate['score'], 'image_auroc': metrics.auroc(scores, out.labels),
+    rows.append({'method': method, 't_d': t_d, 'detectors': list(scorer.selection.used),
+                 'image_auroc': metrics.auroc(scores, out.labels),
                  'pixel_auroc': (metrics.pixel_metrics(pixel_maps, pixel_labels)['auroc']
                                  if pixel_labels is not None else float('nan'))})
+  return rows
+
+
+def sweep_tuning_candidates(config: Config, workdir: str,
+                            tuned: Dict[str, Any]) -> List[Dict[str, Any]]:
+  """The sweep of every (sampler, T_d) of the tuning grid, with the detector weights of
+  tuned.sweep_candidates and their development score. Read by no choice: report only."""
+  candidates = tuned_lib.sweep_candidates(tuned)
+  rows = sweep(config, workdir, candidates)
+  for row, candidate in zip(rows, candidates):
+    row.update(detectors=candidate['detectors'], dev_score=candidate['score'])
   return rows
 
 

@@ -61,12 +61,20 @@ def settings(result: Dict[str, Any]) -> str:
 
 def results_table(results: List[Dict[str, Any]]) -> str:
   """Image/pixel AUROC per category with a mean row, as in paper tables 1-3, and the settings
-  (with their source) that each row was measured with."""
+  (with their source) that each row was measured with; under each category, its model-free
+  baselines (esm/baselines.py) on the same test split."""
   lines = ['| Category | image/pixel AUROC | AUPRO | NFE | s/image | settings |',
            '|---|---|---|---|---|---|']
   for r in results:
     lines.append(f"| {r['category']} | {_pct(r['image_auroc'])}/{_pct(r['pixel_auroc'])} | "
                  f"{_pct(r['aupro'])} | {r['nfe']} | {r['seconds_per_image']:.3f} | {settings(r)} |")
+    for b in r.get('baselines', {}).values():
+      if 'unavailable' in b:
+        lines.append(f"| {r['category']}, {b['label']} | n/a | | | | {b['unavailable']} |")
+      else:
+        lines.append(f"| {r['category']}, {b['label']} | {_pct(b['image_auroc'])}/"
+                     f"{_pct(b['pixel_auroc'])} | {_pct(b['aupro'])} | 0 | "
+                     f"{b['seconds_per_image']:.3f} | baseline without a diffusion model |")
   if len(results) > 1:
     lines.append(f"| **Mean** | {_pct(_mean(r['image_auroc'] for r in results))}/"
                  f"{_pct(_mean(r['pixel_auroc'] for r in results))} | "

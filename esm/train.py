@@ -1,4 +1,5 @@
-"""--mode=train: the train-step factory, the training loop, and the mode that feeds it a dataset."""
+"""--mode=train: the train-step factory, the training loop, and the mode that feeds it a dataset
+and fits the model-free baselines beside the model."""
 
 import os
 import signal
@@ -13,6 +14,7 @@ import optax
 from absl import logging
 
 from datasets import pipeline
+from esm import baselines
 from esm import config as config_lib
 from esm import parallel
 from esm import validate
@@ -238,4 +240,8 @@ def train(config: Config, workdir: str) -> Optional[TrainState]:
       return pipeline.get_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                          seed=config.seed, start_step=start_step)
 
-    return train_and_checkpoint(config, workdir, train_iter)
+    state = train_and_checkpoint(config, workdir, train_iter)
+    if state is not None:  # the model-free baselines beside the model, once per workdir
+      baselines.fit_missing(config, workdir, lambda: pipeline.get_eval_data(
+          config.data, 'train', global_batch_size=config.eval.batch_size))
+    return state

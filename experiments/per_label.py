@@ -31,8 +31,8 @@ from absl import flags
 
 from datasets import pipeline
 from esm import detector_state
-from esm import evaluate
 from esm import parallel
+from esm import scoring
 from esm.models import utils as mutils
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -80,7 +80,7 @@ def get_label_stats_fn(net_fn, sde, esm_min_var: float):
 def measure(name: str, workdir: str, labels, draws: int, seed: int):
   config = detector_state.saved_config(workdir)
   mesh = parallel.make_mesh()
-  params, step = evaluate.restore_ema_params(config, workdir, mesh)
+  params, step = scoring.restore_ema_params(config, workdir, mesh)
   built = mutils.build(config, config.data.image_size)
   stats_fn = get_label_stats_fn(built.net_fn, built.sde, float(config.sampling.esm_min_var))
   images = jnp.asarray(held_out_images(config))

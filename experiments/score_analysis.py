@@ -24,11 +24,11 @@ from absl import flags
 
 from configs.default import get_default_config
 from esm import files
-from esm.analysis import plot, study
+from esm.analysis import plot, score_error
 from esm.sde import get_sde
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_DEFAULTS = study.StudyConfig()
+_DEFAULTS = score_error.ScoreErrorConfig()
 _TRAIN_STEPS = flags.DEFINE_integer('train_steps', _DEFAULTS.train.num_steps, 'Training steps.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', _DEFAULTS.num_samples, 'Monte-Carlo samples.')
 _DIMS = flags.DEFINE_list('dims', [str(d) for d in _DEFAULTS.dims], 'Data dimensions.')
@@ -43,15 +43,15 @@ def main(argv):
       _DEFAULTS, dims=tuple(int(d) for d in _DIMS.value), num_samples=_NUM_SAMPLES.value,
       seed=_SEED.value, train=dataclasses.replace(_DEFAULTS.train, num_steps=_TRAIN_STEPS.value))
   start, start_cpu = time.perf_counter(), time.process_time()
-  result = study.run_study(cfg, get_sde(config.sde), float(config.model.log_var_bound))
+  result = score_error.measure_score_errors(cfg, get_sde(config.sde), float(config.model.log_var_bound))
   wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
 
-  table = study.markdown_table(result['rows'], cfg.powers)
+  table = score_error.markdown_table(result['rows'], cfg.powers)
   print(table)
   out_dir = _OUT_DIR.value
   os.makedirs(out_dir, exist_ok=True)
   figure = os.path.join(out_dir, 'score_analysis.png')
-  plot.study_figure(result['rows'], figure, cfg.powers)
+  plot.score_error_figure(result['rows'], figure, cfg.powers)
   command = 'python3 experiments/score_analysis.py ' + ' '.join(sys.argv[1:])
   files.write_text(os.path.join(out_dir, 'score_analysis.md'),
          f'Command: `{command.strip()}`; wall {wall:.0f} s, process CPU {cpu:.0f} s.\n\n'

@@ -6,9 +6,9 @@
 Stages (--stages, default all, each resumable: finished trainings and evaluations are skipped):
   train   ESM (dual stream, eq. 10) and SGM (single stream, DSM) with the same backbone, steps and
           batch (configs/cpu/); on the development category also ESM with var_param='direct'.
-  select  development category only (bottle): the ambiguous readings of the paper (DESIGN, "Where
-          the paper is ambiguous") are chosen on a development set made from TRAINING images only:
-          the held-out train/good slice, clean and with painted defects (scratch, hole, stain).
+  select  development category only (bottle): the ambiguous readings of the paper ("Choices where
+          the paper is ambiguous" in docs/method.md) are chosen on the development set of
+          --mode=tune (esm/dev_set.py: TRAINING images only), scored and chosen by its rule.
           Test labels are never looked at. The choices go to WORKDIR/choices.json; other
           categories reuse them (metal_plate is only reported, never tuned on).
   report  the test split: SGM, ESM, ESM^σ (both time labellings) with all detectors incl. DINO
@@ -31,13 +31,15 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
-from PIL import Image
 
 from configs.common import override
-
+from datasets import pipeline
+from esm import config as config_lib
+from esm import dev_set
 from esm import evaluate as evaluate_lib
 from esm import plotting
 from esm import run as run_lib
+from esm import scoring
 from esm import validate
 from experiments.models import DATASETS, MODELS
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -45,7 +47,6 @@ from experiments.models import DATASETS, MODELS
 DEV_CATEGORY = 'bottle'
 DEV_MODELS = ('esm', 'sgm', 'esm_direct')  # trained on the development category
 NO_COS = {'features.model': 'none', 'detect.weights': (0.0, 1.0, 1.0, 1.0)}
-DEV_DEFECTS = ('scratch', 'hole', 'stain')
 
 
 def base_config(category: str, root: str):
@@ -64,48 +65,27 @@ def train_models(base, workdir: str, category: str, models) -> dict:
   seconds = {}
   for name in models:
     cfg = override(base, MODELS[name])
-    validate.validate_config(cfg, 'train')
     t = time.time()
     logging.info('=== training %s/%s', category, name)
-    run_lib.train(cfg, model_dir(workdir, category, name))
+    run_lib.run(cfg, model_dir(workdir, category, name), 'train')
     seconds[name] = time.time() - t
   return seconds
 
 
-# --- the development set (training images only) ---------------------------------------------------
+# --- the development set (training images only: esm/dev_set.py, as --mode=tune builds it) --------
 
-def build_dev_set(base, out_root: str, seed: int = 0) -> str:
-  """A folder dataset: train/good = the real train/good; test = the held-out val images, clean and
-  with one painted defect each. The val slice (same files, same seed) is what the model never saw."""
-  from datasets import pipeline  # pylint: disable=g-import-not-at-top
-  from datasets import synthetic  # pylint: disable=g-import-not-at-top
-  category = base.data.category
-  src = os.path.join(base.data.root, category)
-  dst = os.path.join(out_root, category)
-  done = os.path.join(dst, '.complete')
-  if os.path.exists(done):
-    return out_root
-  val = pipeline.get_eval_data(base.data, 'val', global_batch_size=base.eval.batch_size)
-  os.makedirs(os.path.join(dst, 'train'), exist_ok=True)
-  if not os.path.exists(os.path.join(dst, 'train', 'good')):
-    os.symlink(os.path.join(src, 'train', 'good'), os.path.join(dst, 'train', 'good'))
-  rng = np.random.default_rng(seed)
-  for k, rec in enumerate(val.records):
-    stem = os.path.splitext(os.path.basename(rec['filename']))[0]
-    with Image.open(os.path.join(src, rec['filename'])) as im:
-      img = np.asarray(im.convert('RGB'), np.float32)
-    os.makedirs(os.path.join(dst, 'test', 'good'), exist_ok=True)
-    Image.fromarray(img.astype(np.uint8)).save(os.path.join(dst, 'test', 'good', f'{stem}.png'))
-    kind = DEV_DEFECTS[k % len(DEV_DEFECTS)]
-    bad = synthetic.add_defect(img, {}, 'texture', kind, rng)
-    mask = np.any(np.abs(bad - img) > 0.5, axis=-1)
-    for folder, array in (('test', np.clip(bad, 0, 255).astype(np.uint8)),
-                          ('ground_truth', (mask * 255).astype(np.uint8))):
-      os.makedirs(os.path.join(dst, folder, kind), exist_ok=True)
-      name = f'{stem}.png' if folder == 'test' else f'{stem}_mask.png'
-      Image.fromarray(array).save(os.path.join(dst, folder, kind, name))
-  open(done, 'w').close()
-  return out_root
+def make_dev_set(base) -> dev_set.DevSet:
+  config = config_lib.from_configdict(base)
+  val = pipeline.get_eval_data(config.data, 'val', global_batch_size=config.eval.batch_size)
+  return dev_set.make_dev_set(val, config.tune)
+
+
+def dev_score(config_dict, model_wd: str, dev: dev_set.DevSet) -> dict:
+  """Development image and pixel AUROC of one reading, with every available detector but S_Cos
+  (cross-fitted normalisation, as tuning scores a candidate)."""
+  config = config_lib.from_configdict(config_dict)
+  rows = dev_set.score_candidate(scoring.Scorer(config, model_wd), dev, stage=1)
+  return max(rows, key=lambda r: len(r['detectors']))
 
 
 # --- evaluation cases ---------------------------------------------------------------------------
@@ -133,15 +113,16 @@ class Cases:
     if case in self.rows and (not figure or os.path.exists(self.panels_path(case))):
       logging.info('case %s: done before', case)
       return self.rows[case]
-    key = json.dumps([model_wd, json.loads(config.to_json_best_effort())], sort_keys=True)
+    key = json.dumps([model_wd, config.to_dict()], sort_keys=True, default=list)
     same = next((r for r in self.rows.values() if r.get('key') == key), None)
     if same is not None and not figure:  # another name for a configuration evaluated before
       row = dict(same, case=case)
       self._append(row)
       return row
-    validate.validate_config(config, 'eval')
+    typed = config_lib.from_configdict(config)
+    validate.validate_config(typed, 'eval')
     t = time.time()
-    ev = evaluate_lib.evaluate_outputs(config, model_wd)
+    ev = evaluate_lib.evaluate_outputs(typed, model_wd)
     row = dict(ev.result, case=case, wall_seconds=time.time() - t,
                sigma_time=config.sampling.sigma_time, var_source=config.sampling.var_source,
                re_kind=config.detect.re_kind, var_param=config.model.var_param,
@@ -164,34 +145,28 @@ class Cases:
     return row
 
 
+  def add(self, row: dict) -> None:
+    """Stores a row measured elsewhere (a T_d sweep)."""
+    self._append(row)
+
   def _append(self, row: dict) -> None:
     with open(self.path, 'a') as f:
       f.write(json.dumps(row, default=float) + '\n')
     self.rows[row['case']] = row
 
 
-def _score(row) -> float:
-  """The selection criterion on the development set: mean of image and pixel AUROC."""
-  return 0.5 * (row['image_auroc'] + row['pixel_auroc'])
-
-
-def _pick(options: dict) -> str:
-  """The option with the best score; ties go to the first (the default reading)."""
-  best = max(options, key=lambda k: (_score(options[k]), -list(options).index(k)))
-  return best
-
-
-def select(base, workdir: str, cases: Cases) -> dict:
-  """Chooses the ambiguous readings on the development set, one at a time, in a fixed order."""
-  dev_root = build_dev_set(base, os.path.join(workdir, 'dev_data'))
-  dev = override(base, dict(NO_COS, **{'data.dataset': 'folder', 'data.root': dev_root}))
+def select(base, workdir: str) -> dict:
+  """Chooses the ambiguous readings on the development set, one at a time, in a fixed order, by
+  tuning's choice rule (ties go to the first option, the default reading)."""
+  dev = make_dev_set(base)
+  no_cos = override(base, NO_COS)
   esm_wd = model_dir(workdir, base.data.category, 'esm')
   table = []
 
   def compare(what: str, options: dict, wd_of=lambda name: esm_wd) -> str:
-    rows = {name: cases.run(f'dev/{what}={name}', override(dev, changes), wd_of(name))
+    rows = {name: dict(dev_score(override(no_cos, changes), wd_of(name), dev), option=name)
             for name, changes in options.items()}
-    choice = _pick(rows)
+    choice = dev_set.choose(list(rows.values()), base.tune.tie_tolerance)['option']
     for name, row in rows.items():
       table.append((what, name, row, name == choice))
     return choice
@@ -263,8 +238,14 @@ def report(base, workdir: str, cases: Cases, choices: dict, figure_path: str,
         no_cos = [a for a in main[name]['ablation'] if 'cos' not in a['detectors']]
         sweep[(name, t_d)] = max(no_cos, key=lambda a: len(a['detectors']))
         continue
-      cfg = override(sgm_cfg if model == 'sgm' else test, dict(NO_COS, **changes, **{'sampling.t_d': t_d}))
-      sweep[(name, t_d)] = cases.run(f'test/sweep/{name}/t_d={t_d}', cfg, wd[model])
+      case = f'test/sweep/{name}/t_d={t_d}'
+      if case not in cases.rows:
+        cfg = config_lib.from_configdict(override(sgm_cfg if model == 'sgm' else test,
+                                                  dict(NO_COS, **changes)))
+        candidate = {'method': cfg.sampling.method, 't_d': t_d, 'weights': cfg.detect.weights}
+        [row] = evaluate_lib.sweep(cfg, wd[model], [candidate])
+        cases.add(dict(row, case=case))
+      sweep[(name, t_d)] = cases.rows[case]
 
   return _tables(category, main, sweep, sweep_methods, t_d0)
 
@@ -345,7 +326,7 @@ def main(argv):
     train_models(base, workdir, category, models)
   choices_path = os.path.join(workdir, 'choices.json')
   if 'select' in stages and dev:
-    _, table = select(base, workdir, cases)
+    _, table = select(base, workdir)
     sections.append(f'### {DEV_CATEGORY}: choices on the development set (training images only)\n\n'
                     + table)
   if 'report' in stages:

@@ -26,8 +26,10 @@ from absl import flags
 from absl import logging
 
 from configs.common import override
+from esm import config as config_lib
 from esm import evaluate
 from esm import tune
+from esm import tuned as tuned_lib
 from experiments.models import DATASETS, MODELS
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -47,8 +49,8 @@ def model_config(category: str, model: str):
 
 def study_model(category: str, model: str) -> list:
   workdir = os.path.join(_RUNS.value, f'{category}_{model}')
-  config = model_config(category, model)
-  tuned = tune.load_tuned(workdir)
+  config = config_lib.from_configdict(model_config(category, model))
+  tuned = tuned_lib.load(workdir)
   if tuned is None:
     start, cpu = time.time(), time.process_time()
     tuned = tune.tune(config, workdir)

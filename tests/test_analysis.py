@@ -1,4 +1,4 @@
-"""Tests for esm/analysis: closed-form mixture scores, the l = 2 identity, training, the study."""
+"""Tests for esm/analysis: closed-form mixture scores, the l = 2 identity, training, the score_error."""
 
 import json
 import math
@@ -14,26 +14,26 @@ import pytest
 from PIL import Image
 
 from esm.analysis import gmm as gmm_lib
-from esm.analysis import plot, score_models, study
+from esm.analysis import plot, score_error, score_models
 from esm.errors import UserError
 from esm.sde import SDEConfig, get_sde
 
 SDE = get_sde(SDEConfig())
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The default study, trained for two short chunks per model instead of the default steps; its
+# The default measurement, trained for two short chunks per model instead of the default steps; its
 # training time is then projected to the default step count.
 QUICK_STUDY = """
 import dataclasses, json
-from esm.analysis import study
-cfg = study.StudyConfig()
+from esm.analysis import score_error
+cfg = score_error.ScoreErrorConfig()
 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=100, chunk=50))
-print(json.dumps(study.run_study(cfg)))
+print(json.dumps(score_error.measure_score_errors(cfg)))
 """
 
 
 @pytest.fixture(scope='module')
-def quick_study():
-  """The quick study, run in a subprocess with XLA's default optimisation level: conftest lowers it
+def quick_measurement():
+  """The quick measurement, run in a subprocess with XLA's default optimisation level: conftest lowers it
   for this process, which compiles faster but runs training steps slower than the bench does."""
   env = dict(os.environ)
   env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
@@ -118,7 +118,7 @@ def test_l2_identity_holds_for_two_random_networks():
   data = gmm_lib.get_gmm(dim)
   params, score_fn = _random_net_scores(dim, (1, 2))
   score_fns = {name: (lambda p, x, i, name=name: {name: score_fn(p, x, i)}) for name in params}
-  measure = study.get_measure_fn(data, SDE, score_fns, (2, 4), 8192, 12.0, reference='net2')
+  measure = score_error.get_measure_fn(data, SDE, score_fns, (2, 4), 8192, 12.0, reference='net2')
   stats = measure(params, jax.random.key(0), 100)
   x = jax.random.normal(jax.random.key(1), (256, dim))
   s1, s2 = (score_fn(params[name], x, 100) for name in ('net1', 'net2'))
@@ -165,11 +165,11 @@ def test_bad_input_raises_user_error():
     score_models.get_score_fn(score_models.get_net_fn(model, SDE), SDE, 'sgm')
 
 
-def test_quick_study_trains_and_keeps_the_l2_identity(quick_study):
-  rows = quick_study['rows']
-  cfg = study.StudyConfig()
-  assert len(rows) == len(cfg.dims) * len(cfg.steps) * len(study.ESTIMATORS)
-  for kind_info in quick_study['train'].values():
+def test_quick_measurement_trains_and_keeps_the_l2_identity(quick_measurement):
+  rows = quick_measurement['rows']
+  cfg = score_error.ScoreErrorConfig()
+  assert len(rows) == len(cfg.dims) * len(cfg.steps) * len(score_error.ESTIMATORS)
+  for kind_info in quick_measurement['train'].values():
     for info in kind_info.values():
       assert info['final_loss'] < info['first_loss'], info
   for r in rows:
@@ -180,25 +180,25 @@ def test_quick_study_trains_and_keeps_the_l2_identity(quick_study):
       assert abs(r['delta_2']) < 5 * r['delta_2_se'], r
 
 
-def test_default_study_fits_the_time_budget(quick_study):
+def test_default_measurement_fits_the_time_budget(quick_measurement):
   """Projected to the default step count, the default analysis takes under 3 minutes.
 
   Process CPU time bounds the wall time of an otherwise idle 2-core machine and is far less
   sensitive than wall time to other jobs sharing the CPU. It leaves out the interpreter and JAX
   start-up of the bench (a few seconds).
   """
-  projected = study.projected_seconds(quick_study, study.StudyConfig().train.num_steps, cpu=True)
+  projected = score_error.projected_seconds(quick_measurement, score_error.ScoreErrorConfig().train.num_steps, cpu=True)
   assert projected < 180.0, projected
 
 
-def test_table_and_figure(quick_study, tmp_path):
-  table = study.markdown_table(quick_study['rows'])
+def test_table_and_figure(quick_measurement, tmp_path):
+  table = score_error.markdown_table(quick_measurement['rows'])
   lines = table.splitlines()
-  assert len(lines) == 2 + len(quick_study['rows'])
+  assert len(lines) == 2 + len(quick_measurement['rows'])
   assert len({line.count('|') for line in lines}) == 1
   path = str(tmp_path / 'fig.png')
-  fig = plot.study_figure(quick_study['rows'], path)
-  num_dims = len({r['d'] for r in quick_study['rows']})
+  fig = plot.score_error_figure(quick_measurement['rows'], path)
+  num_dims = len({r['d'] for r in quick_measurement['rows']})
   assert len(fig.axes) == num_dims * 4 and all(ax.get_lines() for ax in fig.axes)
   with Image.open(path) as image:
     assert image.size == (4 * plot.PANEL_PX[0], 70 + num_dims * plot.PANEL_PX[1])

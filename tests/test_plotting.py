@@ -151,12 +151,12 @@ def test_colour_bar_uses_the_panels_colours():
                              plotting.heatmap(values, 0.0, 1.0), atol=1.0)
 
 
-def test_study_figure_has_one_row_per_dimension(tmp_path):
+def test_score_error_figure_has_one_row_per_dimension(tmp_path):
   rows = [{'d': d, 'score': name, 'i': i, 'rel_err': 0.1 * i, 'ESM_2': 1.0 + i, 'DSM_2': 2.0 + i,
            'ESM_3': 3.0, 'DSM_3': 4.0, 'ESM_4': 5.0, 'DSM_4': 6.0}
           for d in (2, 64) for name in plot.ESTIMATOR_COLORS for i in (1, 10, 100)]
   path = str(tmp_path / 'study.png')
-  fig = plot.study_figure(rows, path)
+  fig = plot.score_error_figure(rows, path)
   assert len(fig.axes) == 2 * 4
   assert [t.get_text() for t in fig.legends[0].get_texts()] == [
       *plot.ESTIMATOR_COLORS, 'dashed: DSM_l (vs conditional score)']

@@ -1,13 +1,13 @@
-"""experiments/study.py: the development set is built from held-out training images only."""
+"""experiments/study.py: the readings are chosen on tuning's development set (held-out training
+images only), by tuning's choice rule."""
 
 import os
 import sys
 
 import numpy as np
-from PIL import Image
 
-from configs import common
 from datasets import pipeline
+from esm import dev_set
 from tests import data_folders
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
@@ -26,34 +26,25 @@ def _base(tmp_path):
 def test_dev_set_is_the_held_out_train_images_with_painted_defects(tmp_path):
   base = _base(tmp_path)
   val = pipeline.get_eval_data(base.data, 'val', global_batch_size=4)
-  val_names = sorted(os.path.basename(r['filename']) for r in val.records)
-  dev_root = study.build_dev_set(base, str(tmp_path / 'dev'))
-  dev = common.override(base, {'data.dataset': 'folder', 'data.root': dev_root})
-
-  test = pipeline.get_eval_data(dev.data, 'test', global_batch_size=4)
-  good = sorted(os.path.basename(r['filename']) for r in test.records if r['label'] == 0)
-  bad = sorted(os.path.basename(r['filename']) for r in test.records if r['label'] == 1)
-  assert good == val_names and bad == val_names  # one clean and one defective copy of each
-  # The folder dataset holds out the same images, so the model never trained on the dev test set.
-  dev_val = pipeline.get_eval_data(dev.data, 'val', global_batch_size=4)
-  assert sorted(os.path.basename(r['filename']) for r in dev_val.records) == val_names
-
-  category = os.path.join(dev_root, 'bottle')
-  for kind in os.listdir(os.path.join(category, 'ground_truth')):
-    for name in os.listdir(os.path.join(category, 'test', kind)):
-      stem = os.path.splitext(name)[0]
-      clean = np.asarray(Image.open(os.path.join(category, 'test', 'good', name)), np.int32)
-      painted = np.asarray(Image.open(os.path.join(category, 'test', kind, name)), np.int32)
-      mask = np.asarray(Image.open(os.path.join(category, 'ground_truth', kind, f'{stem}_mask.png')))
-      changed = np.any(clean != painted, axis=-1)
-      assert mask.any() and np.array_equal(changed, mask > 0)
+  dev = study.make_dev_set(base)
+  clean = np.flatnonzero(dev.labels == 0)
+  assert len(clean) == val.num_examples and dev.labels.sum() > 0
+  for k in range(dev.data.num_examples):
+    image = dev.data.load(k)['image']
+    source = val.load(int(dev.source[k]))['image']
+    if dev.labels[k] == 0:  # the clean copy is the held-out image itself
+      np.testing.assert_array_equal(image, source)
+      assert not dev.masks[k].any()
+    else:  # a painted copy differs from its held-out image inside its mask only
+      change = np.abs(image - source).max(axis=-1)
+      assert dev.masks[k].any() and change[dev.masks[k] == 0].max() <= 0.5 / 127.5 + 1e-6
 
 
 def test_choice_ties_go_to_the_default_reading_and_t_d_sweep_brackets_the_table_value():
-  rows = {'literal': {'image_auroc': 0.9, 'pixel_auroc': 0.8},
-          'matched': {'image_auroc': 0.8, 'pixel_auroc': 0.9}}
-  assert study._pick(rows) == 'literal'  # pylint: disable=protected-access
-  rows['matched']['pixel_auroc'] = 0.95
-  assert study._pick(rows) == 'matched'  # pylint: disable=protected-access
+  rows = [{'option': 'literal', 'score': 0.85, 'nfe': 50, 't_d': 25, 'detectors': ['u', 're']},
+          {'option': 'matched', 'score': 0.85, 'nfe': 50, 't_d': 25, 'detectors': ['u', 're']}]
+  assert dev_set.choose(rows, 0.005)['option'] == 'literal'
+  rows[1]['score'] = 0.9
+  assert dev_set.choose(rows, 0.005)['option'] == 'matched'
   assert study.sweep_values(25) == [6, 12, 25, 38, 50]
   assert study.sweep_values(12) == [3, 6, 12, 18, 24]

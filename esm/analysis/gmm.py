@@ -67,7 +67,7 @@ def random_gmm(dim: int, num_components: int = 6, mean_scale: float = 0.6,
 
 
 def get_gmm(dim: int, seed: int = 0) -> GaussianMixture:
-  """The study's data family: the 2-d ring for d = 2, a random anisotropic mixture otherwise."""
+  """The measured data family: the 2-d ring for d = 2, a random anisotropic mixture otherwise."""
   if dim < 1:
     raise UserError(f'analysis dims: expected a positive dimension, got {dim}')
   return ring_gmm(seed=seed) if dim == 2 else random_gmm(dim, seed=seed)

@@ -8,7 +8,7 @@ from matplotlib import ticker
 
 from esm import plotting
 
-# One colour per score estimator of esm/analysis/study.py.
+# One colour per score estimator of esm/analysis/score_error.py.
 ESTIMATOR_COLORS: Dict[str, str] = {
     'ESM model, eq. 3': '#1f77b4',
     'DSM model, eq. 4': '#e67814',
@@ -51,7 +51,7 @@ def _error_panel(ax, rows: List[Dict], dim: int) -> None:
   _log_axes(ax, f'd={dim}: rel. error vs ∇log p_i', sorted({r['i'] for r in rows}))
 
 
-def study_figure(rows: List[Dict], path: str, powers: Sequence[int] = (2, 3, 4)):
+def score_error_figure(rows: List[Dict], path: str, powers: Sequence[int] = (2, 3, 4)):
   """One row of panels per d: ESM_l (solid) and DSM_l (dashed) per l, then the error of each
   score estimator against the true marginal score, all against the step label i; written to path
   and returned."""

@@ -32,7 +32,7 @@ REFERENCE = 'DSM model, eq. 4'
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
+class ScoreErrorConfig:
   dims: Tuple[int, ...] = (2, 64)  # data dimensions d
   steps: Tuple[int, ...] = (10, 50, 100, 250, 500, 900)  # step labels i where scores are measured
   powers: Tuple[int, ...] = (2, 3, 4)  # the l of ESM_l and DSM_l
@@ -140,7 +140,7 @@ def get_measure_fn(data: gmm_lib.GaussianMixture, sde: VPSDE, score_fns: Dict,
   return measure
 
 
-def _train_models(cfg: StudyConfig, dim: int, data, sde, log_var_bound: float, rng):
+def _train_models(cfg: ScoreErrorConfig, dim: int, data, sde, log_var_bound: float, rng):
   """The ESM (two-stream) and DSM (one-stream) MLPs, trained on the same data family."""
   results, net_fns = {}, {}
   for index, kind in enumerate(('esm', 'dsm')):
@@ -154,7 +154,7 @@ def _train_models(cfg: StudyConfig, dim: int, data, sde, log_var_bound: float, r
   return results, net_fns
 
 
-def run_study(cfg: StudyConfig = StudyConfig(), sde: Optional[VPSDE] = None,
+def measure_score_errors(cfg: ScoreErrorConfig = ScoreErrorConfig(), sde: Optional[VPSDE] = None,
               log_var_bound: float = 12.0) -> Dict:
   """Trains both models per dimension and measures every estimator at every step label.
 
@@ -249,7 +249,7 @@ def _fmt(value, signed: bool = False) -> str:
 
 
 def markdown_table(rows: List[Dict], powers=(2, 3, 4)) -> str:
-  """The study as one markdown table, a row per (d, i, score estimator)."""
+  """The measurements as one markdown table, a row per (d, i, score estimator)."""
   # '∣' (U+2223), not '|', which would split the markdown cell.
   head = ['d', 'i', '1−ᾱ_i', 'score', 'ESM_2', 'DSM_2', 'ESM_2−DSM_2', '−ΣE[Var(c∣x̃)]',
           'Δ_2 ± SE']
