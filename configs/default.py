@@ -23,6 +23,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   d.root = ''  # folder holding the category folders; '' means the synthetic cache for 'synthetic'
   d.category = 'object'  # category folder name; 'all' runs every category of the dataset in turn
   d.image_size = 256  # images are resized (antialiased) to image_size x image_size
+  d.train_crop = 0  # > 0: train on random train_crop² windows; evaluate whole image_size² images
   d.tfds_dir = os.path.join(default_cache_dir(), 'tfds')  # where prepared array_record data go
   d.val_fraction = 0.1  # held-out slice of train/good used for score normalisation
   d.hflip = False  # random horizontal flips in training
@@ -130,7 +131,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.baselines = b = ml_collections.ConfigDict()
   b.methods = ('zscore', 'knn')  # detectors without a diffusion model, beside it in every report
   b.knn_layers = (2, 5, 8, 11)  # ViT blocks (config.features' backbone) of the kNN patch features
-  b.knn_bank_size = 16384  # most training patches the kNN memory bank keeps (greedy coreset)
+  b.knn_bank_size = 4096  # most training patches the kNN memory bank keeps (greedy coreset)
 
   # --- eval: esm/config.py EvalConfig, read by esm/evaluate.py and esm/report.py ------------------
   c.eval = e = ml_collections.ConfigDict()

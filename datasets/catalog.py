@@ -80,6 +80,7 @@ class DataConfig:
   root: str
   category: str
   image_size: int
+  train_crop: int
   tfds_dir: str
   val_fraction: float
   hflip: bool
@@ -100,6 +101,9 @@ class DataConfig:
                       f'expected one of: {", ".join(known)} or all')
     if self.image_size < MIN_IMAGE_SIZE:
       raise UserError(f'data.image_size: expected at least {MIN_IMAGE_SIZE}, got {self.image_size}')
+    if self.train_crop and not MIN_IMAGE_SIZE <= self.train_crop <= self.image_size:
+      raise UserError(f'data.train_crop: expected 0 (whole images) or a side in '
+                      f'{MIN_IMAGE_SIZE}..data.image_size={self.image_size}, got {self.train_crop}')
     if not 0.0 <= self.val_fraction < 1.0:
       raise UserError(f'data.val_fraction: expected a fraction in [0, 1), got {self.val_fraction}')
     for name in ('num_workers', 'cache_mb'):

@@ -139,10 +139,10 @@ class _TrainSample:
 
   def __init__(self, source, indices: np.ndarray, *, seed: int, global_batch: int,
                local_batch: int, process_index: int, size: int, hflip: bool, vflip: bool,
-               cache_bytes: int):
+               cache_bytes: int, crop: int = 0):
     self._source, self._indices = source, indices
     self._seed, self._gb, self._lb, self._p = abs(seed), global_batch, local_batch, process_index
-    self._size, self._hflip, self._vflip = size, hflip, vflip
+    self._size, self._hflip, self._vflip, self._crop = size, hflip, vflip, crop
     self._cache = _ImageCache(cache_bytes)
     self._perms = {}
 
@@ -166,12 +166,17 @@ class _TrainSample:
       image = image[:, ::-1]
     if self._vflip and flips[1]:
       image = image[::-1]
+    if self._crop:  # a random crop_size window, its corner drawn like the flips
+      y, x = np.random.default_rng([self._seed, step, j, 0xC7]).integers(
+          0, self._size - self._crop + 1, 2)
+      image = image[y:y + self._crop, x:x + self._crop]
     return {'image': to_float(image)}
 
 
 def get_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
                        start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Yields {'image': f32 [global_batch_size // process_count, S, S, 3] in [-1, 1]} forever."""
+  """Yields {'image': f32 [global_batch_size // process_count, S, S, 3] in [-1, 1]} forever; S is
+  data.train_crop when it is set (random windows of the image_size image), else image_size."""
   local_batch = parallel.local_batch_size(global_batch_size)
   built = prepare_dataset(data_cfg)
   source = built.as_data_source(split='train', decoders=_RAW)
@@ -179,7 +184,7 @@ def get_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
   sample = _TrainSample(
       source, train_idx, seed=seed, global_batch=global_batch_size, local_batch=local_batch,
       process_index=jax.process_index(), size=data_cfg.image_size, hflip=data_cfg.hflip,
-      vflip=data_cfg.vflip, cache_bytes=int(data_cfg.cache_mb) << 20)
+      vflip=data_cfg.vflip, cache_bytes=int(data_cfg.cache_mb) << 20, crop=data_cfg.train_crop)
   logging.info('train stream: %d images (%d held out for val), local batch %d, from step %d',
                len(train_idx), len(source) - len(train_idx), local_batch, start_step)
   ds = grain.MapDataset.range(start_step * local_batch, _FOREVER).map(sample)

@@ -224,7 +224,8 @@ def make_context(config) -> Context:
   return Context(config.baselines, config.detect, feature_fn)
 
 
-def _images(image_set: ImageSet) -> np.ndarray:
+def images_of(image_set: ImageSet) -> np.ndarray:
+  """Every image of an ImageSet, [N,H,W,C]."""
   return np.stack([image_set.load(i)['image'] for i in range(image_set.num_examples)])
 
 
@@ -234,7 +235,7 @@ def fit_and_save(config, workdir: str, train_images: ImageSet, names=None) -> No
   names = [n for n, why in available(config).items() if not why and (names is None or n in names)]
   if not names:
     return
-  context, images = make_context(config), _images(train_images)
+  context, images = make_context(config), images_of(train_images)
   for name in names:
     state = BASELINES[name].fit(images, context)
     if jax.process_index() == 0:

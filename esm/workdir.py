@@ -22,6 +22,7 @@ RENAMED_FIELDS = {
 }
 # Fields added since: dotted name -> the value that older workdirs behaved as.
 ADDED_FIELDS = {
+    'data.train_crop': 0,
     'predict.input_dir': '',
     'predict.output_dir': '',
 }

@@ -165,3 +165,22 @@ def test_empty_root_uses_the_cache_dir(tmp_path, monkeypatch):
   assert os.path.isdir(tmp_path / 'esm_ad' / 'synthetic' / '16')
   assert str(built.data_dir).startswith(str(tmp_path / 'esm_ad' / 'tfds'))
 
+
+
+def test_train_crops_are_windows_of_the_training_images(cfg):
+  plain = dataclasses.replace(cfg, hflip=False, vflip=False)
+  images = _train_images(plain)
+  cropped = dataclasses.replace(plain, train_crop=8)
+  batches = _take(pipeline.get_train_iterator(cropped, global_batch_size=4, seed=7), 3)
+  assert batches[0].shape == (4, 8, 8, 3)
+  corners = set()
+  for crop in np.concatenate(batches):
+    found = [(k, y, x) for k in range(len(images)) for y in range(9) for x in range(9)
+             if np.array_equal(images[k, y:y + 8, x:x + 8], crop)]
+    assert found, 'a crop that is no window of a training image'
+    corners.add(found[0][1:])
+  assert len(corners) > 3  # the windows move
+  again = _take(pipeline.get_train_iterator(cropped, global_batch_size=4, seed=7, start_step=2), 1)
+  np.testing.assert_array_equal(again[0], batches[2])  # a resumed stream crops alike
+  with pytest.raises(UserError, match='data.train_crop'):
+    dataclasses.replace(plain, train_crop=17)

@@ -18,6 +18,7 @@ from esm import evaluate
 from esm import plotting
 from esm import run
 from esm.config import from_configdict
+from esm.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
@@ -107,7 +108,6 @@ def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
 
 
 def test_predict_on_an_empty_folder_is_a_clear_error(straight, tmp_path):
-  from esm.errors import UserError  # pylint: disable=g-import-not-at-top
   base, cfg = straight
   with pytest.raises(UserError, match='empty|no image'):
     run.run(cfg, str(base / 'straight'), 'predict', input_dir=str(tmp_path))
@@ -145,7 +145,6 @@ def test_an_empty_dataset_is_one_line_before_the_model_and_leaves_no_workdir(tmp
 
 
 def test_category_all_names_the_missing_categories_up_front(tmp_path):
-  from esm.errors import UserError  # pylint: disable=g-import-not-at-top
   (tmp_path / 'bottle').mkdir()
   config = common.override(get_default_config(), {'data.dataset': 'mvtec_ad',
                                                   'data.category': 'all', 'data.root': str(tmp_path)})
@@ -172,3 +171,16 @@ def test_compilation_cache_is_on_by_default_with_an_off_switch(tmp_path):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'a')
   finally:
     jax.config.update('jax_compilation_cache_dir', before)
+
+
+def test_a_model_trained_on_crops_evaluates_whole_images(tmp_path):
+  """data.train_crop: training sees random 8² windows, evaluation the whole 16² images."""
+  cfg = common.override(tiny_config(str(tmp_path / 'cache'), 4), {
+      'data.train_crop': 8, 'model.attn_resolutions': (), 'sampling.method': 'esm'})
+  workdir = str(tmp_path / 'crop')
+  run.run(cfg, workdir, 'train_eval')
+  result = json.load(open(os.path.join(workdir, 'report', 'results.json')))['object']
+  assert 0.0 <= result['image_auroc'] <= 1.0 and 0.0 <= result['pixel_auroc'] <= 1.0
+  assert result['baselines']['zscore']['image_auroc'] >= 0.0
+  with pytest.raises(UserError, match='model.attn_resolutions'):
+    run.run(common.override(cfg, {'model.attn_resolutions': (8,)}), workdir, 'eval')
