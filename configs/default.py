@@ -24,7 +24,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   d.category = 'object'  # category folder name; 'all' runs every category of the dataset in turn
   d.image_size = 256  # images are resized (antialiased) to image_size x image_size
   d.tfds_dir = os.path.join(default_cache_dir(), 'tfds')  # where prepared array_record data go
-  d.val_fraction = 0.1  # held-out slice of train/good used for score normalisation
+  d.val_fraction = 0.1  # held-out slice of train/good: normalisation and tuning, never trained on
+  d.min_val_images = 20  # held out at least this many, but at most a fifth of train/good (pipeline.num_held_out)
   d.hflip = False  # random horizontal flips in training
   d.vflip = False  # random vertical flips in training
   d.num_workers = 0  # grain worker processes (0 = read in the main process)

@@ -24,6 +24,7 @@ RENAMED_FIELDS = {
 ADDED_FIELDS = {
     'predict.input_dir': '',
     'predict.output_dir': '',
+    'data.min_val_images': 0,
 }
 
 
