@@ -122,10 +122,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   tu.methods = ()  # samplers to try; () = every one the checkpoint supports
   tu.sigma_floors = ('constant', 'beta')  # ESM^σ's per-step floors to try (sampling.sigma_floor)
   tu.folds = 3  # cross-fitting folds of the held-out images (normalise on some, judge on others)
-  tu.defects_per_image = 2  # painted copies of each held-out image
-  tu.defect_kinds = ('scratch', 'hole', 'stain', 'missing', 'extra', 'colour', 'texture')
-  tu.tie_tolerance = 0.005  # candidates this close to the best tie: fewer NFE, then smaller T_d
-  tu.seed = 0  # defects, their placement and the folds
+  tu.defects_per_image = 3  # painted copies of each held-out image, cycling over families and strengths
+  tu.families = ('field', 'patch', 'cutpaste', 'painted')  # development defects (esm/dev_defects.py)
+  tu.strengths = (1.0, 2.0, 4.0)  # mean change inside a defect's mask, in std of the training images
+  tu.defect_kinds = ('scratch', 'hole', 'stain', 'missing', 'extra', 'colour', 'texture')  # 'painted'
+  tu.rule = 'noise_aware'  # 'noise_aware' (esm/choice.py) or 'legacy' (full-contrast painted set, tie to fewer NFE)
+  tu.tie_tolerance = 0.005  # ties: within max(1 SE, this) of the leader (legacy: within this)
+  tu.bootstrap = 500  # paired resamples of the held-out source images behind every SE
+  tu.seed = 0  # defects, their placement, the folds and the resamples
 
   # --- eval: esm/config.py EvalConfig, read by esm/evaluate.py and esm/report.py ------------------
   c.eval = e = ml_collections.ConfigDict()
