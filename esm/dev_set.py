@@ -131,8 +131,8 @@ def make_painted_dev_set(val: ImageSet, tc: TuneConfig) -> DevSet:
 
 
 def summary(dev: DevSet) -> Dict[str, Any]:
-  """What tuned.json records of the set: its counts and, per family and strength, how many
-  defects and how far from normal they sit."""
+  """What tuned.json records of the set: its counts and, per family, how many defects, how far
+  from normal they sit and how much of the image their masks cover."""
   out = {'held_out_images': int(dev.source.max() + 1), 'images': int(len(dev.labels)),
          'painted': int(dev.labels.sum())}
   families = {}

@@ -110,9 +110,12 @@ def default_like(config: Config, rows, features: bool) -> List[bool]:
 
 
 def _default_flags(config: Config, rows, features: bool) -> Tuple[int, List[bool]]:
-  """(index of the default candidate, default_like of every row)."""
+  """(index of the default candidate, default_like of every row). Where no subset at the default
+  point is the config's (S_Cos alone, in the first stage), the default is its largest one."""
   own, flags = default_point(config), default_like(config, rows, features)
-  return next(i for i, c in enumerate(rows) if point_of(c) == own and flags[i]), flags
+  there = [i for i, c in enumerate(rows) if point_of(c) == own]
+  like = [i for i in there if flags[i]]
+  return (like[0] if like else max(there, key=lambda i: len(rows[i]['detectors']))), flags
 
 
 def _decide(config, rows, evidence, dev, model_free, features: bool, pool=None, grid=None):
