@@ -25,7 +25,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   d.image_size = 256  # images are resized (antialiased) to image_size x image_size
   d.train_crop = 0  # > 0: train on random train_crop² windows; evaluate whole image_size² images
   d.tfds_dir = os.path.join(default_cache_dir(), 'tfds')  # where prepared array_record data go
-  d.val_fraction = 0.1  # held-out slice of train/good used for score normalisation
+  d.val_fraction = 0.1  # held-out slice of train/good: normalisation and tuning, never trained on
+  d.min_val_images = 20  # held out: at least this many, at most a fifth (pipeline.num_held_out)
   d.hflip = False  # random horizontal flips in training
   d.vflip = False  # random vertical flips in training
   d.num_workers = 0  # grain worker processes (0 = read in the main process)
@@ -122,10 +123,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   tu.methods = ()  # samplers to try; () = every one the checkpoint supports
   tu.sigma_floors = ('constant', 'beta')  # ESM^σ's per-step floors to try (sampling.sigma_floor)
   tu.folds = 3  # cross-fitting folds of the held-out images (normalise on some, judge on others)
-  tu.defects_per_image = 2  # painted copies of each held-out image
-  tu.defect_kinds = ('scratch', 'hole', 'stain', 'missing', 'extra', 'colour', 'texture')
-  tu.tie_tolerance = 0.005  # candidates this close to the best tie: fewer NFE, then smaller T_d
-  tu.seed = 0  # defects, their placement and the folds
+  tu.defects_per_image = 3  # painted copies per held-out image, cycling families and strengths
+  tu.families = ('field', 'patch', 'cutpaste', 'painted')  # development defects (esm/dev_defects.py)
+  tu.strengths = (1.0, 2.0, 4.0)  # mean change in a defect's mask, in std of the training images
+  tu.defect_kinds = ('scratch', 'hole', 'stain', 'missing', 'extra', 'colour', 'texture')  # painters
+  tu.rule = 'noise_aware'  # or 'legacy': the full-contrast painted set, ties to fewer NFE
+  tu.tie_tolerance = 0.005  # ties: within max(1 SE, this) of the leader (legacy: within this)
+  tu.bootstrap = 500  # paired resamples of the held-out source images behind every SE
+  tu.seed = 0  # defects, their placement, the folds and the resamples
 
   # --- baselines: esm/baselines.py BaselinesConfig, fitted by train, reported by eval -------------
   c.baselines = b = ml_collections.ConfigDict()

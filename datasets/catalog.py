@@ -83,6 +83,7 @@ class DataConfig:
   train_crop: int
   tfds_dir: str
   val_fraction: float
+  min_val_images: int
   hflip: bool
   vflip: bool
   num_workers: int
@@ -106,7 +107,7 @@ class DataConfig:
                       f'{MIN_IMAGE_SIZE}..data.image_size={self.image_size}, got {self.train_crop}')
     if not 0.0 <= self.val_fraction < 1.0:
       raise UserError(f'data.val_fraction: expected a fraction in [0, 1), got {self.val_fraction}')
-    for name in ('num_workers', 'cache_mb'):
+    for name in ('num_workers', 'cache_mb', 'min_val_images'):
       if getattr(self, name) < 0:
         raise UserError(f'data.{name}: expected an integer >= 0, got {getattr(self, name)}')
     for name in ('synthetic_size', 'synthetic_num_train', 'synthetic_num_test'):

@@ -77,17 +77,38 @@ def prepare_dataset(data_cfg) -> builder_lib.CategoryBuilder:
   return builder_lib.prepare(cls, data_cfg.root, category, tfds_dir)
 
 
-def split_train_val(num: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Sorted (train, val) indices of train/good; val is round(fraction * num), at least 1 if > 0."""
-  num_val = min(num - 1, max(1, round(val_fraction * num))) if val_fraction > 0 else 0
+MAX_HELD_OUT_SHARE = 5  # data.min_val_images never takes more than 1/5 of train/good
+
+
+def num_held_out(num: int, val_fraction: float, min_val: int = 0) -> int:
+  """How many of `num` train/good images are held out: round(val_fraction * num), raised to
+  min(min_val, num // MAX_HELD_OUT_SHARE), at least 1 and at most num - 1; 0 when val_fraction is 0.
+  So with data.min_val_images = 20, a category of 100 or more keeps at least 20 clean images for
+  tuning, and a smaller one (metal_plate: 54) at most a fifth of them (10)."""
+  if val_fraction <= 0:
+    return 0
+  wanted = max(round(val_fraction * num), min(min_val, num // MAX_HELD_OUT_SHARE))
+  return min(num - 1, max(1, wanted))
+
+
+def split_train_val(num: int, val_fraction: float, seed: int,
+                    min_val: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted (train, val) indices of train/good; val holds num_held_out(...) images."""
+  num_val = num_held_out(num, val_fraction, min_val)
   perm = np.random.default_rng([abs(seed), 0x5A1]).permutation(num)
   return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
+def held_out_split(data_cfg, num: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, val) indices of a category's `num` train/good images under data_cfg: the one rule
+  that training, tuning and evaluation share."""
+  return split_train_val(num, data_cfg.val_fraction, data_cfg.val_seed, data_cfg.min_val_images)
 
 
 def num_train_examples(data_cfg) -> int:
   """Images the train stream cycles through: train/good minus the held-out val slice."""
   num = prepare_dataset(data_cfg).info.splits['train'].num_examples
-  return len(split_train_val(num, data_cfg.val_fraction, data_cfg.val_seed)[0])
+  return len(held_out_split(data_cfg, num)[0])
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -105,6 +126,12 @@ def decode_mask(data: bytes, size: int) -> np.ndarray:
   if a.shape != (size, size):
     a = np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.NEAREST))
   return a
+
+
+def decode_source_image(data: bytes) -> np.ndarray:
+  """Encoded image bytes -> uint8 H x W x 3 at the stored size (no resize, no JPEG draft)."""
+  with Image.open(io.BytesIO(data)) as im:
+    return folder.image_to_rgb(im)
 
 
 to_float = preprocess.to_float  # uint8 -> float32 [-1, 1]; one definition, shared with esm/export.py
@@ -180,7 +207,7 @@ def get_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
   local_batch = parallel.local_batch_size(global_batch_size)
   built = prepare_dataset(data_cfg)
   source = built.as_data_source(split='train', decoders=_RAW)
-  train_idx, _ = split_train_val(len(source), data_cfg.val_fraction, data_cfg.val_seed)
+  train_idx, _ = held_out_split(data_cfg, len(source))
   sample = _TrainSample(
       source, train_idx, seed=seed, global_batch=global_batch_size, local_batch=local_batch,
       process_index=jax.process_index(), size=data_cfg.image_size, hflip=data_cfg.hflip,
@@ -211,7 +238,7 @@ def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> ImageSet:
   if split == 'test':
     indices = np.arange(len(source))
   else:
-    train, val = split_train_val(len(source), data_cfg.val_fraction, data_cfg.val_seed)
+    train, val = held_out_split(data_cfg, len(source))
     indices = val if split == 'val' else train
   if not len(indices):
     raise UserError(f'{split} split of {data_cfg.dataset}/{data_cfg.category} is empty; expected '
@@ -228,3 +255,16 @@ def get_eval_data(data_cfg, split: str, *, global_batch_size: int) -> ImageSet:
 
   return ImageSet(len(indices), bool(built.info.metadata.get('has_masks', False)), records, size,
                   global_batch_size, load)
+
+
+def source_images(data_cfg, split: str, limit: int = 0) -> list[np.ndarray]:
+  """The held-out ('val') or the training ('train') slice of train/good at the stored size, uint8
+  H x W x 3, in index order; limit > 0 keeps that many, spread evenly over the slice. What the
+  development defects are painted on and taken from (esm/dev_defects.py)."""
+  if split not in ('train', 'val'):
+    raise UserError(f'split={split!r}: expected train or val')
+  source = prepare_dataset(data_cfg).as_data_source(split='train', decoders=_RAW)
+  indices = held_out_split(data_cfg, len(source))[0 if split == 'train' else 1]
+  if limit and len(indices) > limit:
+    indices = indices[np.linspace(0, len(indices) - 1, limit).round().astype(int)]
+  return [decode_source_image(source[int(i)]['image']) for i in indices]

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 from datasets.catalog import DataConfig
 from esm.baselines import BaselinesConfig
 from esm.defects import PAINTED_DEFECTS
+from esm.dev_defects import FAMILIES
 from esm.detectors import DetectConfig
 from esm.errors import UserError
 from esm.features.vit import FeaturesConfig
@@ -78,6 +79,9 @@ class ParallelConfig:
                       f'parallel.num_processes={self.num_processes}')
 
 
+TUNE_RULES = ('noise_aware', 'legacy')
+
+
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
   """config.tune: the label-free tuning of esm/tune.py."""
@@ -90,6 +94,10 @@ class TuneConfig:
   defect_kinds: Tuple[str, ...]
   tie_tolerance: float
   seed: int
+  rule: str  # 'noise_aware' (esm/choice.py) or 'legacy' (esm/dev_set.py choose)
+  families: Tuple[str, ...]  # development defect families (esm/dev_defects.py)
+  strengths: Tuple[float, ...]  # their strengths: mean change in the mask, in standard deviations
+  bootstrap: int  # resamples of the source images behind each SE
 
   def __post_init__(self):
     if not self.t_d_fractions or not all(0 < f <= 1 for f in self.t_d_fractions):
@@ -112,6 +120,14 @@ class TuneConfig:
                       f'{self.defect_kinds}')
     if not 0 <= self.tie_tolerance < 1:
       raise UserError(f'tune.tie_tolerance: expected [0, 1), got {self.tie_tolerance}')
+    if self.rule not in TUNE_RULES:
+      raise UserError(f'tune.rule: expected one of {TUNE_RULES}, got {self.rule!r}')
+    if not self.families or set(self.families) - set(FAMILIES):
+      raise UserError(f'tune.families: expected names from {FAMILIES}, got {self.families}')
+    if not self.strengths or not all(s > 0 for s in self.strengths):
+      raise UserError(f'tune.strengths: expected positive numbers, got {self.strengths}')
+    if self.bootstrap < 50:
+      raise UserError(f'tune.bootstrap: expected at least 50 resamples, got {self.bootstrap}')
 
   def is_enabled(self, dataset: str) -> bool:
     """Whether train_eval tunes: tune.enabled, or, when it is None, for the folder dataset only."""

@@ -131,14 +131,28 @@ def markdown(results: List[Dict[str, Any]]) -> str:
 def tuning_section(result: Dict[str, Any], tuned: Dict[str, Any]) -> str:
   c = tuned['criterion']
   dev = tuned['dev_set']
-  return '\n'.join([
+  made = (f"families {', '.join(dev['families_drawn'])} at strengths {dev['strengths']}"
+          if 'families_drawn' in dev else ', '.join(dev['defect_kinds']))
+  lines = [
       '### Label-free tuning (DIR/tuned.json)', '',
       f"Chosen on {dev['images']} development images ({dev['held_out_images']} held-out train/good "
-      f"images, clean and with {dev['painted']} painted defects: {', '.join(dev['defect_kinds'])}), "
+      f"images, clean and with {dev['painted']} painted defects: {made}), "
       f"{dev['folds']}-fold cross-fitted normalisation, by the {c['name']}: {tuned['method']}, "
       f"T_d = {tuned['t_d']}, weights {tuple(tuned['weights'])} (dev image {_pct(c['image_auroc'])}, "
       f"pixel {_pct(c['pixel_auroc'])}). Test columns, when present, come from eval.sweep_t_d and "
-      'were never used for a choice.', '', tuning_table(tuned, result.get('t_d_sweep')), ''])
+      'were never used for a choice.', '']
+  if c.get('rule') == 'noise_aware':
+    lines += [f"- Why: {c['reason']}."]
+    if c.get('se') is not None:
+      lines += [f"- Noise: SE of the difference to the leader {c['se']:.3f}; {len(c['band'])} "
+                f"candidate(s) in the tie band (T_d {c.get('t_d_in_band')})."]
+    lines += [f'- Left out of the criterion: {k}: {v}.' for k, v in c['entries_left_out'].items()]
+    free = dev['model_free']
+    lines += [f"- Model-free z-score on the development set: image {_pct(free['all']['image_auroc'])}"
+              f", pixel {_pct(free['all']['pixel_auroc'])}; per family " + ', '.join(
+                  f"{f} {_pct(r['image_auroc'])}/{_pct(r['pixel_auroc'])}"
+                  for f, r in free['families'].items()) + '.', '']
+  return '\n'.join(lines + [tuning_table(tuned, result.get('t_d_sweep')), ''])
 
 
 def write_tables(results: List[Dict[str, Any]], report_dir: str, extra: str = '') -> None:

@@ -1,6 +1,7 @@
-"""DIR/tuned.json: what label-free tuning (esm/tune.py) chose, and every candidate it scored.
+"""DIR/tuned.json: what label-free tuning (esm/tune.py) chose, and every candidate it scored; and
+DIR/tuning_scores.npz: every candidate's per-image development scores.
 
-The one reader and writer of the file. Tuning writes it; the category loop (esm/run.py) applies its
+The one reader and writer of the files. Tuning writes it; the category loop (esm/run.py) applies its
 choice to the config of the modes that score images; evaluation reads the candidates for the
 report's sweep; a candidate becomes a config in one place (`candidate_config`).
 """
@@ -10,11 +11,13 @@ import os
 from typing import Any, Dict, List, Optional
 
 import jax
+import numpy as np
 
 from esm import config as config_lib
 from esm import files
 
 TUNED_FILE = 'tuned.json'
+SCORES_FILE = 'tuning_scores.npz'
 # Key of tuned.json -> the config field it sets.
 TUNED_FIELDS = {'t_d': 'sampling.t_d', 'method': 'sampling.method', 'weights': 'detect.weights',
                 'sigma_floor': 'sampling.sigma_floor'}
@@ -35,6 +38,30 @@ def load(workdir: str) -> Optional[Dict[str, Any]]:
 def write(workdir: str, tuned: Dict[str, Any]) -> None:
   if jax.process_index() == 0:
     files.write_text(path(workdir), json.dumps(tuned, indent=1))
+
+
+def write_scores(workdir: str, dev, evidence) -> None:
+  """DIR/tuning_scores.npz: per candidate (rows in tuned.json's order) its image scores [C, N]
+  and its pixel pairs (esm/resample.py: wins [C, N, N], pos and neg [C, N]), with the set's
+  labels, source images, families and strengths [N]: what the choice's bootstrap resampled."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, SCORES_FILE), 'wb') as f:
+    np.savez_compressed(
+        f, image_scores=np.stack([e.image_scores for e in evidence]),
+        wins=np.stack([e.pixels.wins for e in evidence]),
+        pos=np.stack([e.pixels.pos for e in evidence]),
+        neg=np.stack([e.pixels.neg for e in evidence]), labels=dev.labels, source=dev.source,
+        families=np.asarray(dev.families, str), strengths=dev.strengths)
+
+
+def load_scores(workdir: str) -> Optional[Dict[str, np.ndarray]]:
+  """DIR/tuning_scores.npz as arrays, or None when absent."""
+  p = os.path.join(workdir, SCORES_FILE)
+  if not os.path.exists(p):
+    return None
+  with np.load(p) as z:
+    return {k: z[k] for k in z.files}
 
 
 def candidate_config(config: config_lib.Config, candidate: Dict[str, Any]) -> config_lib.Config:

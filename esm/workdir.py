@@ -25,6 +25,11 @@ ADDED_FIELDS = {
     'data.train_crop': 0,
     'predict.input_dir': '',
     'predict.output_dir': '',
+    'data.min_val_images': 0,
+    'tune.rule': 'legacy',
+    'tune.families': ('field', 'patch', 'cutpaste', 'painted'),
+    'tune.strengths': (1.0, 2.0, 4.0),
+    'tune.bootstrap': 500,
 }
 
 

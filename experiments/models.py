@@ -1,6 +1,6 @@
 """The models the experiments compare, as dotted config overrides, and the CPU-scale categories.
 
-One table for experiments/study.py, tuning_study.py and evidence.py; evidence.py passes the same
+One table for experiments/study.py, regret.py and evidence.py; evidence.py passes the same
 overrides to main.py as --config.<field>=<value>.
 """
 

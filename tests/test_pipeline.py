@@ -58,16 +58,24 @@ def _train_images(cfg):
 def test_each_epoch_sees_each_train_image_once_and_never_val(cfg):
   plain = dataclasses.replace(cfg, hflip=False, vflip=False)
   images = _train_images(plain)
-  train_idx, val_idx = pipeline.split_train_val(len(images), plain.val_fraction, 0)
-  assert len(val_idx) == 1 and len(train_idx) == 9 == pipeline.num_train_examples(plain)
+  train_idx, val_idx = pipeline.held_out_split(plain, len(images))
+  # data.min_val_images = 20 holds out a fifth of these 10 (2), above val_fraction's 1.
+  assert len(val_idx) == 2 and len(train_idx) == 8 == pipeline.num_train_examples(plain)
   batches = _take(pipeline.get_train_iterator(plain, global_batch_size=3, seed=1), 6)
   seen = [int(np.argmin(np.abs(images - x).reshape(len(images), -1).max(-1)))
           for b in batches for x in b]
-  for epoch in (seen[:9], seen[9:]):
+  for epoch in (seen[:8], seen[8:16]):
     assert sorted(epoch) == sorted(train_idx.tolist())
-  assert seen[:9] != seen[9:]  # reshuffled per epoch
+  assert seen[:8] != seen[8:16]  # reshuffled per epoch
   val = pipeline.get_eval_data(plain, 'val', global_batch_size=2)
-  assert val.num_examples == 1 and val.records[0]['filename'] == f'train/good/{val_idx[0]:03d}.png'
+  assert val.num_examples == 2 and [r['filename'] for r in val.records] == [
+      f'train/good/{i:03d}.png' for i in val_idx]
+  stored = pipeline.source_images(plain, 'val')
+  assert [im.shape for im in stored] == [(32, 32, 3)] * 2 and stored[0].dtype == np.uint8
+  np.testing.assert_array_equal(pipeline.to_float(pipeline.folder.resize_rgb(stored[0], 16)),
+                                val.load(0)['image'])
+  assert len(pipeline.source_images(plain, 'train')) == 8
+  assert len(pipeline.source_images(plain, 'train', limit=3)) == 3
 
 
 def test_flips_are_applied(cfg):
@@ -126,6 +134,17 @@ def test_split_train_val_is_deterministic_and_disjoint():
   np.testing.assert_array_equal(val, pipeline.split_train_val(209, 0.1, 0)[1])
   assert not np.array_equal(val, pipeline.split_train_val(209, 0.1, 1)[1])
   assert len(pipeline.split_train_val(5, 0.0, 0)[1]) == 0
+
+
+def test_held_out_count_rule():
+  # At least data.min_val_images for 100 or more, at most a fifth below that; fractions above win.
+  for num, fraction, min_val, expected in ((209, 0.1, 20, 21), (150, 0.1, 20, 20),
+                                           (100, 0.1, 20, 20), (54, 0.1, 20, 10), (16, 0.25, 20, 4),
+                                           (267, 0.1, 20, 27), (54, 0.1, 0, 5), (54, 0.0, 20, 0)):
+    assert pipeline.num_held_out(num, fraction, min_val) == expected, (num, fraction, min_val)
+    assert len(pipeline.split_train_val(num, fraction, 0, min_val)[1]) == expected
+  small, large = (pipeline.split_train_val(54, 0.1, 0, m)[1] for m in (0, 20))
+  assert set(small) <= set(large)  # raising the count only adds images to the held-out slice
 
 
 def test_unknown_dataset_and_category(cfg):

@@ -34,6 +34,7 @@ def test_painted_defect_mask_is_exactly_the_changed_pixels(kind):
 def test_grid_and_tie_rule():
   assert tune.t_d_grid((0.005, 0.01, 0.025, 0.1, 0.3), 250) == [1, 2, 6, 25, 75]
   assert tune.t_d_grid((0.001, 0.002), 100) == [1]
+  assert tune.t_d_grid((0.01, 0.1), 250, 41) == [2, 25, 41]  # the default is always a candidate
   rows = [{'score': 0.900, 'nfe': 50, 't_d': 50, 'detectors': ['re']},
           {'score': 0.897, 'nfe': 25, 't_d': 25, 'detectors': ['u', 're']},
           {'score': 0.800, 'nfe': 6, 't_d': 6, 'detectors': ['re']}]
@@ -44,7 +45,9 @@ def test_grid_and_tie_rule():
 def test_bad_tune_fields_are_named():
   for field, value in (('tune.t_d_fractions', (0.0,)), ('tune.methods', ('ddim',)),
                        ('tune.sigma_floors', ('none',)), ('tune.sigma_floors', ()),
-                       ('tune.folds', 1), ('tune.defect_kinds', ('smudge',))):
+                       ('tune.folds', 1), ('tune.defect_kinds', ('smudge',)),
+                       ('tune.rule', 'best'), ('tune.families', ('blur',)), ('tune.families', ()),
+                       ('tune.strengths', (0.0,)), ('tune.bootstrap', 10)):
     with pytest.raises(UserError, match=field):
       from_configdict(common.override(get_default_config(), {field: value}))
 
@@ -72,20 +75,52 @@ def tuned_run(tmp_path_factory):
   return cfg, workdir, state
 
 
-def test_tune_writes_the_choice_and_every_candidate(tuned_run):
+def test_tune_writes_the_choice_the_noise_and_every_candidate(tuned_run):
   cfg, workdir, _ = tuned_run
   tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
-  assert tuned['t_d_grid'] == [2, 4] and tuned['methods'] == ['sgm', 'esm']
-  # sgm on a dual-stream model: S_RE only (1 subset); esm: S_U, S_KL, S_RE (7 subsets).
-  assert len(tuned['candidates']) == 2 * 1 + 2 * 7
-  assert tuned['dev_set'] == {'held_out_images': 4, 'images': 12, 'painted': 8,
-                              'defect_kinds': list(cfg.tune.defect_kinds), 'folds': 2, 'seed': 0}
+  # The grid, and the configured default (esm_sigma at T_d = 4) as a candidate of its own.
+  assert tuned['t_d_grid'] == [2, 4] and tuned['methods'] == ['sgm', 'esm', 'esm_sigma']
+  assert tuned['default'] == {'method': 'esm_sigma', 't_d': 4, 'sigma_floor': 'constant',
+                              'id': tuned['default']['id']}
+  # sgm on a dual-stream model: S_RE only (1 subset); esm and esm_sigma: S_U, S_KL, S_RE (7).
+  assert len(tuned['candidates']) == 2 * 1 + 2 * 7 + 7
+  dev = tuned['dev_set']
+  assert (dev['held_out_images'], dev['images'], dev['painted']) == (4, 12, 8)
+  assert sorted(dev['families']) == sorted(cfg.tune.families)
+  for row in [dev['model_free']['all']] + list(dev['model_free']['families'].values()):
+    assert 0.0 <= row['image_auroc'] <= 1.0 and 0.0 <= row['pixel_auroc'] <= 1.0
+  c = tuned['criterion']
+  assert c['rule'] == 'noise_aware' and c['reason'] and c['bootstrap'] == cfg.tune.bootstrap
+  assert set(c['entries_used']) | set(c['entries_left_out']) == {
+      f'{f}/{m}' for f in cfg.tune.families for m in ('image', 'pixel')}
+  chosen = tuned['candidates'][c['id']]
+  assert (tuned['method'], tuned['t_d'], tuned['weights']) == (chosen['method'], chosen['t_d'],
+                                                               chosen['weights'])
+  assert c['id'] in [b['id'] for b in c['band']] or c['reason'].startswith('default')
+  for row in tuned['candidates']:
+    assert set(row['families']) == set(cfg.tune.families)
+  scores = np.load(os.path.join(workdir, 'tuning_scores.npz'))
+  assert scores['image_scores'].shape == (len(tuned['candidates']), 12)
+  assert scores['wins'].shape == (len(tuned['candidates']), 12, 12)
+
+
+def test_the_legacy_rule_stays_callable(tuned_run, tmp_path):
+  cfg, trained, _ = tuned_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns('report', 'tuned.json'))
+  cfg = common.override(cfg, {'tune.rule': 'legacy', 'tune.t_d_fractions': (0.002,)})
+  run.run(cfg, workdir, 'tune')
+  tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
+  # Today's grid (without the default T_d = 4) and set: painted at full contrast.
+  assert tuned['t_d_grid'] == [2] and len(tuned['candidates']) == 1 + 7
+  assert tuned['criterion']['rule'] == 'legacy'
+  assert tuned['dev_set']['painted'] == 4 * cfg.tune.defects_per_image
   best = dev_set.choose(tuned['candidates'], cfg.tune.tie_tolerance)
   assert (tuned['method'], tuned['t_d'], tuned['weights']) == (best['method'], best['t_d'],
                                                                best['weights'])
-  assert set(tuned['by_method']) == {'sgm', 'esm'}
-  for c in tuned['candidates']:
-    assert 0.0 <= c['image_auroc'] <= 1.0 and 0.0 <= c['pixel_auroc'] <= 1.0
+  # Tuning refuses a held-out slice the model was not trained without.
+  with pytest.raises(UserError, match='held-out slice'):
+    run.run(common.override(cfg, {'data.val_seed': 3}), workdir, 'tune')
 
 
 def test_eval_uses_tuned_values_unless_given_on_the_command_line(tuned_run):
@@ -164,7 +199,7 @@ def test_esm_sigma_floor_is_tuned_and_applied(tuned_run, tmp_path):
   tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
   assert tuned['sigma_floors'] == ['constant', 'beta']
   assert {c['sigma_floor'] for c in tuned['candidates']} == {'constant', 'beta'}
-  best = dev_set.choose(tuned['candidates'], cfg.tune.tie_tolerance)
+  best = tuned['candidates'][tuned['criterion']['id']]
   assert tuned['sigma_floor'] == best['sigma_floor'] == tuned['by_method']['esm_sigma']['sigma_floor']
 
   # eval.sweep_t_d adds the test AUROC of every (sampler, T_d); at the tuned choice it must be

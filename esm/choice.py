@@ -1,0 +1,172 @@
+"""The noise-aware choice rule of label-free tuning, on a table of bootstrap AUROCs.
+
+Each candidate (sampler, ESM^σ floor, T_d, detector subset) has, on every entry (a development
+family and a metric: image or pixel AUROC), its AUROC on the development set and in each of
+tune.bootstrap resamples of the source images (a painted copy is drawn with its clean image;
+esm/resample.py). The rule, in order:
+  1. Entries the model-free z-score solves (>= SOLVED) or that every candidate scores at chance
+     (AUROC - 0.5 <= 2 SE for all) carry no ranking information and leave the criterion. With none
+     left, the default is kept.
+  2. A candidate whose detector subset or ESM^σ floor is not the default's is eligible only when
+     it beats the default by more than DETECTOR_MARGIN_SE standard errors.
+  3. The leader has the best mean rank over the entries (families combined by rank, not pooled).
+  4. Its ties: candidates whose difference to the leader (the mean over the entries of their
+     AUROC differences, paired over resamples) is within max(1 SE, tune.tie_tolerance).
+  5. Saturation guard: the leader scores >= SATURATED in most resamples, or the ties hold more than
+     a third of the T_d grid (and more than one T_d): the set cannot tell candidates apart, and
+     the default is kept.
+  6. Among the ties: the default, then the most frequent bootstrap winner, then fewer NFE (then
+     the smaller T_d, fewer detectors).
+  7. Leave one family out: with each family's entries removed, steps 3-6 again; if one of those
+     choices falls outside the full band, the choice hangs on that family and the default is kept.
+"""
+
+import dataclasses
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import scipy.stats
+
+from esm import metrics
+from esm import resample
+
+SOLVED = 0.98
+SATURATED = 0.995
+T_D_BAND_SHARE = 1 / 3
+DETECTOR_MARGIN_SE = 2.0
+METRICS = ('image', 'pixel')
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreTable:
+  """AUROC of each candidate on each entry: on the set (point) and in every resample."""
+  entries: Tuple[Tuple[str, str], ...]  # (family, metric)
+  point: np.ndarray  # [C, E]
+  resampled: np.ndarray  # [R, C, E]
+
+
+def build_table(image_scores: np.ndarray, pairs: Sequence[resample.PixelPairs], labels, families,
+                source, family_names: Sequence[str], num_resamples: int, seed: int) -> ScoreTable:
+  """ScoreTable of candidates' per-image scores [C, N] and pixel pairs; an entry's images are the
+  clean ones and the family's painted ones."""
+  labels, families = np.asarray(labels), np.asarray(families)
+  weights = np.concatenate([np.ones((1, labels.size)),
+                            resample.group_counts(source, num_resamples, seed)])
+  entries, columns = [], []
+  for family in family_names:
+    selected = weights * ((labels == 0) | (families == family))
+    entries += [(family, 'image'), (family, 'pixel')]
+    with np.errstate(invalid='ignore', divide='ignore'):  # a resample without the family: NaN
+      columns.append(np.stack([metrics.weighted_auroc(s, labels, selected)
+                               for s in image_scores], 1))
+    columns.append(np.stack([resample.pixel_auroc(p, selected) for p in pairs], 1))
+  table = np.stack(columns, -1)  # [R + 1, C, E]
+  return ScoreTable(tuple(entries), table[0], table[1:])
+
+
+def informative_entries(table: ScoreTable, model_free: Dict[str, Dict[str, float]]):
+  """(kept entry indices, {'family/metric': why it left}) by step 1."""
+  kept, left = [], {}
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)
+    se = np.nanstd(table.resampled, axis=0)
+  for e, (family, metric) in enumerate(table.entries):
+    free = model_free.get(family, {}).get(f'{metric}_auroc', float('nan'))
+    if not np.all(np.isfinite(table.point[:, e])):
+      left[f'{family}/{metric}'] = 'no painted image of this family'
+    elif free >= SOLVED:
+      left[f'{family}/{metric}'] = f'solved without a model (z-score AUROC {free:.3f} >= {SOLVED})'
+    elif np.all(table.point[:, e] - 0.5 <= 2 * se[:, e]):
+      left[f'{family}/{metric}'] = 'every candidate at chance (AUROC - 0.5 <= 2 SE)'
+    else:
+      kept.append(e)
+  return kept, left
+
+
+def _mean(values: np.ndarray, entries: Sequence[int]) -> np.ndarray:
+  with warnings.catch_warnings():  # a resample without any of the entries' families: NaN
+    warnings.simplefilter('ignore', RuntimeWarning)
+    return np.nanmean(values[..., entries], axis=-1)
+
+
+def mean_ranks(values: np.ndarray, entries: Sequence[int]) -> np.ndarray:
+  """Mean over entries of each candidate's rank (1 = highest AUROC, ties averaged): values
+  [..., C, E] -> [..., C]."""
+  ranks = scipy.stats.rankdata(-np.nan_to_num(values[..., entries], nan=0.5), axis=-2)
+  return ranks.mean(axis=-1)
+
+
+def _difference(table: ScoreTable, entries, pool, to: int):
+  """(point difference [P], its SE [P]) of each pool member's mean AUROC minus candidate `to`'s."""
+  point = _mean(table.point[pool], entries) - _mean(table.point[to], entries)
+  resampled = _mean(table.resampled[:, pool], entries) - _mean(table.resampled[:, to], entries)[:, None]
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)
+    return point, np.nanstd(resampled, axis=0)
+
+
+def _preference(c: Dict[str, Any], index: int, is_default: bool, wins: float):
+  return (not is_default, -wins, c['nfe'], c['t_d'], len(c['detectors']), index)
+
+
+def _band(table, candidates, pool, default, tie_tolerance, entries, t_d_grid):
+  """Steps 3-6 on `pool`: the decision without the leave-one-family-out check."""
+  ranks = mean_ranks(table.point[pool], entries)
+  resampled = mean_ranks(table.resampled[:, pool], entries)
+  best = resampled == resampled.min(axis=1, keepdims=True)
+  wins = np.mean(best / best.sum(axis=1, keepdims=True), axis=0)  # a shared first place is split
+  order = sorted(range(len(pool)), key=lambda k: (ranks[k],) + _preference(
+      candidates[pool[k]], pool[k], pool[k] == default, wins[k]))
+  leader = pool[order[0]]
+  diff, se = _difference(table, entries, pool, leader)
+  width = np.maximum(se, tie_tolerance)
+  ties = [pool[k] for k in range(len(pool)) if diff[k] >= -width[k]]
+  saturated = float(np.mean(_mean(table.resampled[:, leader], entries) >= SATURATED))
+  spread = sorted({candidates[i]['t_d'] for i in ties})
+  out = {'leader': leader, 'band': ties, 'saturated_share': saturated, 't_d_in_band': spread,
+         'se': {pool[k]: float(se[k]) for k in range(len(pool))},
+         'difference': {pool[k]: float(diff[k]) for k in range(len(pool))},
+         'wins': {pool[k]: float(wins[k]) for k in range(len(pool))}}
+  if saturated > 0.5:
+    return dict(out, index=default, reason=f'default kept: saturated (the leader scores >= '
+                f'{SATURATED} in {saturated:.0%} of resamples)')
+  if t_d_grid and len(spread) > max(1, T_D_BAND_SHARE * len(t_d_grid)):
+    return dict(out, index=default, reason=f'default kept: the tie band holds {len(spread)} of the '
+                f'{len(t_d_grid)} T_d values')
+  if default in ties:
+    return dict(out, index=default, reason='default: within the tie band of the leader')
+  chosen = min(ties, key=lambda i: _preference(candidates[i], i, False, out['wins'][i]))
+  return dict(out, index=chosen, reason=f"best: {len(ties)} tied, bootstrap winner in "
+              f"{out['wins'][chosen]:.0%} of resamples, NFE {candidates[chosen]['nfe']}")
+
+
+def choose(table: ScoreTable, candidates: List[Dict[str, Any]], default: int,
+           tie_tolerance: float, kept: Sequence[int], default_like: Sequence[bool],
+           t_d_grid: Optional[Sequence[int]] = None,
+           pool: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+  """The decision of the rule (module docstring) among `pool` (default: every candidate);
+  default_like[i]: candidate i has the default's detectors (for its sampler) and floor, so step 2
+  does not apply to it. index is the chosen candidate, reason says why, band and se what noise
+  the choice saw."""
+  pool = list(range(len(candidates)) if pool is None else pool)
+  if not kept:
+    return {'index': default, 'reason': 'default kept: no development family carries ranking '
+            'information', 'band': [default], 'eligible': [default], 'leave_one_family_out': {}}
+  diff, se = _difference(table, kept, pool, default)
+  eligible = [i for k, i in enumerate(pool)
+              if i == default or default_like[i] or diff[k] > DETECTOR_MARGIN_SE * se[k]]
+  out = _band(table, candidates, eligible, default, tie_tolerance, kept, t_d_grid)
+  out['eligible'] = eligible
+  out['leave_one_family_out'] = {}
+  if out['index'] == default:
+    return out
+  for family in sorted({table.entries[e][0] for e in kept}):
+    rest = [e for e in kept if table.entries[e][0] != family]
+    alone = (_band(table, candidates, eligible, default, tie_tolerance, rest, t_d_grid)['index']
+             if rest else default)
+    out['leave_one_family_out'][family] = {'index': alone, 'in_band': alone in out['band']}
+    if alone not in out['band']:
+      return dict(out, index=default, reason=f'default kept: the choice hangs on family {family} '
+                  f'(without it the rule picks candidate {alone}, outside the band)')
+  return out

@@ -1,0 +1,68 @@
+"""What a bootstrap over images needs of each image, and the AUROCs of a resample.
+
+Pixel AUROC is a sum over pairs of images: for images i and j, wins[i, j] counts the pairs (a
+defect pixel of i, a normal pixel of j) that the map orders correctly, ties one half. A resample
+that draws image i w_i times then has pixel AUROC  w·wins·w / ((w·pos)(w·neg)),  exactly what the
+AUROC of the repeated images' pixels would be, from a matrix of N² numbers per map instead of the
+maps themselves. Image AUROC of a resample is esm/metrics.py weighted_auroc. Numpy only.
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelPairs:
+  """Per-image pixel counts and pairwise wins of one set of maps."""
+  wins: np.ndarray  # [N, N] float64: correctly ordered (defect pixel of i, normal pixel of j)
+  pos: np.ndarray  # [N] defect pixels of each image
+  neg: np.ndarray  # [N] normal pixels of each image
+
+
+def pixel_pairs(maps: np.ndarray, masks: np.ndarray) -> PixelPairs:
+  """PixelPairs of maps [N,H,W] against masks [N,H,W] (nonzero = defect)."""
+  n = maps.shape[0]
+  flat, defect = maps.reshape(n, -1).astype(np.float32), masks.reshape(n, -1) != 0
+  owner = np.repeat(np.arange(n), defect.sum(axis=1))
+  positives = flat[defect]
+  wins = np.zeros((n, n))
+  for j in range(n):
+    neg = np.sort(flat[j][~defect[j]])
+    below = np.searchsorted(neg, positives, side='left')
+    tied = np.searchsorted(neg, positives, side='right') - below
+    wins[:, j] = np.bincount(owner, weights=below + 0.5 * tied, minlength=n)
+  return PixelPairs(wins, defect.sum(axis=1).astype(np.float64),
+                    (~defect).sum(axis=1).astype(np.float64))
+
+
+def pixel_auroc(pairs: PixelPairs, weights: np.ndarray) -> np.ndarray:
+  """Pixel AUROC [R] of each resample's image multiplicities weights [R, N] (a zero weight leaves
+  an image out); NaN where a resample has no defect or no normal pixel."""
+  w = np.atleast_2d(np.asarray(weights, np.float64))
+  wins = np.einsum('ri,ij,rj->r', w, pairs.wins, w)
+  total = (w @ pairs.pos) * (w @ pairs.neg)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
+
+
+def group_counts(groups: np.ndarray, num_resamples: int, seed: int) -> np.ndarray:
+  """[R, N] multiplicities of a bootstrap over groups: each resample draws the distinct groups
+  with replacement, and every image of a drawn group comes with it (a development image's
+  painted copies with their clean source image)."""
+  ids, member = np.unique(np.asarray(groups), return_inverse=True)
+  rng = np.random.default_rng(seed)
+  drawn = rng.multinomial(ids.size, np.full(ids.size, 1.0 / ids.size), num_resamples)
+  return drawn[:, member].astype(np.float64)
+
+
+def kendall_tau(a, b) -> float:
+  """Kendall's τ-b of two rankings (scores, higher first); NaN with fewer than two items."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.size < 2:
+    return float('nan')
+  da, db = np.sign(a[:, None] - a[None]), np.sign(b[:, None] - b[None])
+  pairs = np.triu_indices(a.size, 1)
+  da, db = da[pairs], db[pairs]
+  denom = np.sqrt(np.sum(da != 0) * np.sum(db != 0))
+  return float(np.sum(da * db) / denom) if denom > 0 else float('nan')

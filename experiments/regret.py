@@ -1,0 +1,397 @@
+"""Regret of label-free tuning on real categories at CPU scale (docs/benchmarks.md, "Tuning regret").
+
+  python3 experiments/regret.py --stage=STAGE --root=../shared/data --runs=RUNS
+
+For each category (--categories, dataset/category; bottle and pill develop the rule, metal_plate is
+only reported), model (--models: ESM, SGM) and seed (--seeds), with configs/cpu/, in
+RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
+  difficulty  (no model) the model-free z-score on the development set and on today's painted one.
+  train     --mode=train (a finished run is skipped, an interrupted one resumes); timing.json.
+  tune      the noise-aware rule (tuned.json, tuning_scores.npz) and today's rule on today's set
+            (legacy_tuned.json: full-contrast painted defects, 2 per image, ties to fewer NFE).
+  evaluate  the test split at every candidate point of both tunings (sampler, floor, T_d) and the
+            default, every detector subset from the same maps (S_Cos only at the points a rule
+            chose and the default, unless --features_at=all), and the model-free z-score: per test
+            image its score and the pixel pairs a bootstrap needs (test/*.npz, esm/resample.py).
+  table     test image and pixel AUROC at (a) the new rule's choice, (b) today's rule's, (b') today's
+            rule on the new development set, (c) the untuned default (the paper's T_d with every
+            available detector), (d) the best evaluated candidate on the test split (report only);
+            regret (d) - chosen with a paired bootstrap CI over test images; Kendall's τ between the
+            development and the test ranking; the z-score. RUNS/regret.md and RUNS/regret.json.
+Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
+evaluate and table only, after every choice is written.
+"""
+
+import ast
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from configs.common import override
+from configs.cpu.common import cpu_config
+from datasets import catalog
+from datasets import pipeline
+from datasets.folder import resize_rgb
+from esm import baselines
+from esm import config as config_lib
+from esm import detectors as det
+from esm import dev_defects
+from esm import dev_set
+from esm import metrics
+from esm import parallel
+from esm import preprocess
+from esm import resample
+from esm import run as run_lib
+from esm import scoring
+from esm import tune
+from esm import tuned as tuned_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+STAGES = ('train', 'tune', 'evaluate', 'table', 'difficulty')
+MODELS = {'esm': {}, 'sgm': {'loss.kind': 'dsm', 'sampling.method': 'sgm'}}
+LEGACY = {'tune.rule': 'legacy', 'tune.defects_per_image': 2}
+ROLES = ('new', 'legacy', 'legacy_rule', 'default', 'best')
+LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",
+          'legacy_rule': "(b') today's rule, new set", 'default': '(c) untuned default',
+          'best': '(d) best on test'}
+RESAMPLES = 2000
+
+_STAGE = flags.DEFINE_enum('stage', None, STAGES, 'The stage to run.')
+_ROOT = flags.DEFINE_string('root', None, 'Folder holding one folder per dataset (mvtec_ad/, mpdd/).')
+_RUNS = flags.DEFINE_string('runs', None, 'Folder of the runs and the tables.')
+_CATEGORIES = flags.DEFINE_list(
+    'categories', ['mvtec_ad/bottle', 'mvtec_ad/pill', 'mpdd/metal_plate'], 'dataset/category list.')
+_MODELS = flags.DEFINE_list('models', ['esm', 'sgm'], 'Models: esm, sgm.')
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed) of each model.')
+_OVERRIDES = flags.DEFINE_multi_string('override', [], 'A config field of every run: field=literal.')
+_FEATURES_AT = flags.DEFINE_enum('features_at', 'choices', ['choices', 'all'],
+                                 'Test points that get S_Cos (a ViT pass each).')
+flags.mark_flags_as_required(['stage', 'root', 'runs'])
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  dataset: str
+  category: str
+  model: str
+  seed: int
+  workdir: str
+  config_dict: Any
+
+  @property
+  def name(self) -> str:
+    return f'{self.category} {self.model} s{self.seed}'
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def config(self, changes=None) -> config_lib.Config:
+    typed = config_lib.from_configdict(self.config_dict)
+    return config_lib.with_fields(typed, changes) if changes else typed
+
+
+def make_runs(root: str, runs: str, categories, models, seeds, overrides) -> List[Run]:
+  out = []
+  for spec in categories:
+    dataset, category = spec.split('/')
+    paper_t_d = catalog.PAPER_T_D.get(dataset, {}).get(category, 100)
+    for model in models:
+      for seed in seeds:
+        c = override(cpu_config(dataset, category, paper_t_d), {
+            **MODELS[model], 'seed': int(seed), 'data.root': os.path.join(root, dataset),
+            'data.tfds_dir': os.path.join(runs, 'tfds')})
+        c = override(c, overrides)
+        out.append(Run(dataset, category, model, int(seed),
+                       os.path.join(runs, f'{dataset}_{category}', f'{model}_s{seed}'), c))
+  return out
+
+
+def read_json(path: str):
+  return json.load(open(path)) if os.path.exists(path) else None
+
+
+def write_json(path: str, value) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def timed(run: Run, key: str, fn) -> None:
+  """fn(), with its wall and CPU seconds added to timing.json under key."""
+  wall, cpu = time.time(), time.process_time()
+  fn()
+  timing = read_json(run.path('timing.json')) or {}
+  timing[key] = {'wall_s': round(time.time() - wall, 1), 'cpu_s': round(time.process_time() - cpu, 1)}
+  write_json(run.path('timing.json'), timing)
+
+
+def stage_train(run: Run) -> None:
+  if 'train' not in (read_json(run.path('timing.json')) or {}):
+    timed(run, 'train', lambda: run_lib.run(run.config_dict, run.workdir, 'train'))
+
+
+def stage_tune(run: Run) -> None:
+  if tuned_lib.load(run.workdir) is None:
+    timed(run, 'tune', lambda: tune.tune(run.config(), run.workdir))
+  if read_json(run.path('legacy_tuned.json')) is None:
+    timed(run, 'tune_legacy', lambda: write_json(
+        run.path('legacy_tuned.json'), tune.run_tuning(run.config(LEGACY), run.workdir)[0]))
+
+
+def _key(point) -> str:
+  return '_'.join(str(p) for p in point if p is not None)
+
+
+def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
+  """(point, with S_Cos) of every candidate point of both tunings and the default; S_Cos at
+  every point (features_at='all') or at the choices and the default ('choices')."""
+  config = run.config()
+  tunings = [tuned_lib.load(run.workdir), read_json(run.path('legacy_tuned.json'))]
+  points = {tune.point_of(c) for t in tunings for c in t['candidates']} | {tune.default_point(config)}
+  chosen = {tune.point_of(t) for t in tunings} | {tune.default_point(config),
+                                                  tune.point_of(dev_set.choose(
+                                                      tunings[0]['candidates'],
+                                                      config.tune.tie_tolerance))}
+  return [(p, features_at == 'all' or p in chosen) for p in sorted(points, key=str)]
+
+
+def _save_evidence(path: str, subsets, scores, pairs, labels) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'wb') as f:
+    np.savez_compressed(f, subsets=json.dumps(subsets), image_scores=np.stack(scores),
+                        wins=np.stack([p.wins for p in pairs]).astype(np.float32),
+                        pos=np.stack([p.pos for p in pairs]), neg=np.stack([p.neg for p in pairs]),
+                        labels=labels)
+  os.replace(path + '.tmp', path)
+
+
+def evaluate_point(run, config, point, features, restored, feature_fn, val, test) -> None:
+  method, t_d, floor = point
+  weights = tuple(0.0 if d.needs_features and not features else 1.0 for d in det.DETECTORS.values())
+  cfg = tuned_lib.candidate_config(config, {'method': method, 't_d': t_d, 'weights': weights,
+                                            'sigma_floor': floor or config.sampling.sigma_floor})
+  scorer = scoring.Scorer(cfg, run.workdir, restored=restored,
+                          feature_fn=feature_fn if features else None)
+  scorer.fit_normalisation(val)
+  out = scorer.run_split(test, what=f'regret {run.name} {_key(point)}')
+  subsets, scores, pairs = [], [], []
+  for subset, maps, s in det.iter_ablation(scorer.detect_cfg, scorer.image_size,
+                                           scorer.normalise(out.maps), scorer.selection.used):
+    subsets.append(list(subset))
+    scores.append(s)
+    pairs.append(resample.pixel_pairs(maps, out.masks))
+  _save_evidence(run.path('test', _key(point) + '.npz'), subsets, scores, pairs, out.labels)
+
+
+def evaluate_zscore(run: Run, config, test) -> None:
+  size = config.data.image_size
+  train = np.stack([preprocess.to_float(resize_rgb(im, size))
+                    for im in pipeline.source_images(config.data, 'train')])
+  stats = baselines.fit_zscore(train)
+  maps, scores, masks, labels = [], [], [], []
+  for batch in test.batches():
+    m, s = baselines.zscore_score(stats, batch['image'])
+    keep = batch['valid']
+    maps.append(np.asarray(m)[keep])
+    scores.append(np.asarray(s)[keep])
+    masks.append(batch['mask'][keep])
+    labels.append(batch['label'][keep])
+  pairs = resample.pixel_pairs(np.concatenate(maps), np.concatenate(masks))
+  _save_evidence(run.path('test', 'zscore.npz'), [['zscore']], [np.concatenate(scores)], [pairs],
+                 np.concatenate(labels))
+
+
+def stage_evaluate(run: Run, features_at: str = 'choices') -> None:
+  config = run.config()
+  gb = config.eval.batch_size
+  val = pipeline.get_eval_data(config.data, 'val', global_batch_size=gb)
+  test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
+  todo = [(p, f) for p, f in test_points(run, features_at)
+          if not os.path.exists(run.path('test', _key(p) + '.npz'))]
+  if todo:
+    restored = scoring.restore_ema_params(config, run.workdir, parallel.make_mesh())
+    feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
+    for point, features in todo:
+      evaluate_point(run, config, point, features, restored, feature_fn, val, test)
+  if not os.path.exists(run.path('test', 'zscore.npz')):
+    evaluate_zscore(run, config, test)
+
+
+# --- table -----------------------------------------------------------------------------------------
+def load_evidence(run: Run) -> Dict[Tuple, Tuple[np.ndarray, resample.PixelPairs, np.ndarray]]:
+  """(point, detectors) -> (image scores, pixel pairs, labels) of every evaluated candidate."""
+  out = {}
+  for name in sorted(os.listdir(run.path('test'))):
+    with np.load(run.path('test', name)) as z:
+      for k, subset in enumerate(json.loads(str(z['subsets']))):
+        pairs = resample.PixelPairs(z['wins'][k].astype(np.float64), z['pos'][k], z['neg'][k])
+        out[(name[:-4], tuple(subset))] = (z['image_scores'][k], pairs, z['labels'])
+  return out
+
+
+def _detectors_of(weights, available) -> Tuple[str, ...]:
+  return tuple(n for n, w in zip(det.DETECTOR_NAMES, weights) if w and n in available)
+
+
+def choices(run: Run, evidence) -> Dict[str, Tuple]:
+  """Role -> the evidence key of the candidate each rule chose, the default, and the best."""
+  config, new = run.config(), tuned_lib.load(run.workdir)
+  legacy = read_json(run.path('legacy_tuned.json'))
+  at = lambda point: {d for (k, s) in evidence if k == _key(point) for d in s}
+  key = lambda c: (_key(tune.point_of(c)), _detectors_of(c['weights'], at(tune.point_of(c))))
+  own = tune.default_point(config)
+  out = {'new': key(new), 'legacy': key(legacy),
+         'legacy_rule': key(dev_set.choose(new['candidates'], config.tune.tie_tolerance)),
+         'default': (_key(own), _detectors_of(config.detect.weights, at(own)))}
+  return {role: k for role, k in out.items() if k in evidence}
+
+
+def aurocs(entry, weights) -> Tuple[np.ndarray, np.ndarray]:
+  scores, pairs, labels = entry
+  return metrics.weighted_auroc(scores, labels, weights), resample.pixel_auroc(pairs, weights)
+
+
+def role_rows(curves, picks) -> Dict[str, Any]:
+  """Per role: its test AUROCs, its regret against the best with a 95% interval, and its
+  difference to the default with that difference's bootstrap SE."""
+  rows = {}
+  for m, metric in enumerate(('image', 'pixel')):
+    best = max(curves, key=lambda k: curves[k][m, 0])
+    for role in [r for r in ROLES[:-1] if r in picks]:
+      regret = curves[best][m] - curves[picks[role]][m]
+      versus = curves[picks[role]][m] - curves[picks['default']][m]
+      row = rows.setdefault(role, {'choice': list(picks[role]), 'auroc': [None, None]})
+      row['auroc'][m] = float(curves[picks[role]][m, 0])
+      row[f'{metric}_regret'] = [float(regret[0])] + np.quantile(regret[1:], [0.025, 0.975]).tolist()
+      row[f'{metric}_vs_default'] = [float(versus[0]), float(np.std(versus[1:]))]
+    row = rows.setdefault('best', {'choice': {}, 'auroc': [None, None]})
+    row['choice'][metric] = list(best)
+    row['auroc'][m] = float(curves[best][m, 0])
+  return rows
+
+
+def run_rows(run: Run) -> Dict[str, Any]:
+  """The table's numbers for one run."""
+  evidence = load_evidence(run)
+  zscore = evidence.pop(('zscore', ('zscore',)))
+  labels = zscore[2]
+  weights = np.concatenate([np.ones((1, labels.size)), metrics.bootstrap_counts(labels, RESAMPLES)])
+  curves = {k: np.stack(aurocs(v, weights)) for k, v in evidence.items()}  # [2, 1 + R]
+  rows = role_rows(curves, choices(run, evidence))
+  rows['zscore'] = {'auroc': np.stack(aurocs(zscore, weights))[:, 0].tolist()}
+  new = tuned_lib.load(run.workdir)
+  dev = [(-c['mean_rank'], (_key(tune.point_of(c)), tuple(c['detectors'])))
+         for c in new['candidates']]
+  dev = [(d, k) for d, k in dev if k in curves]
+  rows['kendall_tau'] = [resample.kendall_tau([d for d, _ in dev], [curves[k][m, 0] for _, k in dev])
+                         for m in (0, 1)]
+  rows['dev'] = {'reason': new['criterion']['reason'],
+                 'model_free': new['dev_set']['model_free']['all'],
+                 'left_out': new['criterion']['entries_left_out']}
+  rows['timing'] = read_json(run.path('timing.json'))
+  return rows
+
+
+def _fmt(x) -> str:
+  return 'n/a' if x is None or x != x else f'{x:.3f}'
+
+
+def _choice(key) -> str:
+  return f"{key[0]} {'+'.join(key[1])}"
+
+
+def markdown(table: Dict[str, Dict[str, Any]]) -> str:
+  lines = ['| run | rule | choice | test image AUROC | image regret [95% CI] | test pixel AUROC | '
+           'pixel regret [95% CI] |', '|---|---|---|---|---|---|---|']
+  for name, rows in table.items():
+    for role in ROLES:
+      r = rows.get(role)
+      if r is None:
+        continue
+      regret = lambda m: (f"{_fmt(r[m][0])} [{_fmt(r[m][1])}, {_fmt(r[m][2])}]" if m in r else '–')
+      choice = ('; '.join(f'{m}: {_choice(c)}' for m, c in r['choice'].items())
+                if role == 'best' else _choice(r['choice']))
+      lines.append(f"| {name} | {LABELS[role]} | {choice} | {_fmt(r['auroc'][0])} | "
+                   f"{regret('image_regret')} | {_fmt(r['auroc'][1])} | {regret('pixel_regret')} |")
+    z = rows['zscore']['auroc']
+    lines.append(f'| {name} | model-free z-score | – | {_fmt(z[0])} | – | {_fmt(z[1])} | – |')
+    tau = rows['kendall_tau']
+    lines.append(f"| {name} | Kendall's τ, dev vs test | – | {_fmt(tau[0])} | – | "
+                 f"{_fmt(tau[1])} | – |")
+  lines += ['', '| rule | mean image regret | mean pixel regret | runs worse than (c) by > 1 test SE |',
+            '|---|---|---|---|']
+  for role in ROLES[:-1]:
+    got = [rows[role] for rows in table.values() if role in rows]
+    if got:
+      worse = sum(any(r[f'{m}_vs_default'][0] < -r[f'{m}_vs_default'][1] for m in ('image', 'pixel'))
+                  for r in got)
+      lines.append(f"| {LABELS[role]} | {_fmt(np.mean([r['image_regret'][0] for r in got]))} | "
+                   f"{_fmt(np.mean([r['pixel_regret'][0] for r in got]))} | {worse} of {len(got)} |")
+  return '\n'.join(lines)
+
+
+def stage_table(runs: List[Run], out_dir: str) -> str:
+  table = {r.name: run_rows(r) for r in runs if os.path.isdir(r.path('test'))}
+  write_json(os.path.join(out_dir, 'regret.json'), table)
+  text = markdown(table)
+  with open(os.path.join(out_dir, 'regret.md'), 'w') as f:
+    f.write(text + '\n')
+  return text
+
+
+def stage_difficulty(runs: List[Run]) -> str:
+  """The model-free z-score on each category's development set, and on the legacy one: no model
+  is needed, so it runs before (or without) training."""
+  lines = ['| category | set | family | image AUROC | pixel AUROC |', '|---|---|---|---|---|']
+  for run in {r.category: r for r in runs}.values():
+    config = run.config()
+    normal = dev_defects.make_normal(pipeline.source_images(config.data, 'train'),
+                                     config.data.image_size)
+    new = dev_set.make_dev_set(pipeline.source_images(config.data, 'val'), normal, config.tune,
+                               config.eval.batch_size)
+    val = pipeline.get_eval_data(config.data, 'val', global_batch_size=config.eval.batch_size)
+    legacy = dev_set.make_painted_dev_set(val, run.config(LEGACY).tune)
+    out = {name: dev_set.model_free(d, normal.stats) for name, d in (('new', new), ('legacy', legacy))}
+    write_json(os.path.join(os.path.dirname(run.workdir), 'difficulty.json'), out)
+    for name, free in out.items():
+      for family, r in [('all', free['all'])] + list(free['families'].items()):
+        lines.append(f"| {run.category} | {name} | {family} | {_fmt(r['image_auroc'])} | "
+                     f"{_fmt(r['pixel_auroc'])} |")
+  return '\n'.join(lines)
+
+
+def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'choices') -> None:
+  if stage in ('table', 'difficulty'):
+    print(stage_table(runs, out_dir) if stage == 'table' else stage_difficulty(runs))
+    return
+  for run in runs:
+    logging.info('regret: %s of %s', stage, run.name)
+    if stage == 'evaluate':
+      stage_evaluate(run, features_at)
+    else:
+      {'train': stage_train, 'tune': stage_tune}[stage](run)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  overrides = {k: ast.literal_eval(v) for k, v in (o.split('=', 1) for o in _OVERRIDES.value)}
+  runs = make_runs(_ROOT.value, _RUNS.value, _CATEGORIES.value, _MODELS.value, _SEEDS.value,
+                   overrides)
+  run_stage(_STAGE.value, runs, _RUNS.value, _FEATURES_AT.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

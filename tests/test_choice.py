@@ -1,0 +1,150 @@
+"""The noise-aware choice rule (esm/choice.py) and the resampling it stands on (esm/resample.py)."""
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from esm import choice
+from esm import metrics
+from esm import resample
+
+FAMILIES = ('a', 'b', 'c')
+ENTRIES = tuple((f, m) for f in FAMILIES for m in choice.METRICS)
+
+
+def _candidates(t_ds, detectors=None, nfe=None):
+  return [{'method': 'esm', 't_d': t, 'nfe': (nfe or t_ds)[k],
+           'detectors': (detectors or [['re']] * len(t_ds))[k]} for k, t in enumerate(t_ds)]
+
+
+def _table(point, noise, seed=0, num_resamples=400):
+  """A table whose resamples scatter around `point` [C, E] by `noise` (shared by all candidates
+  in part, as paired resamples are)."""
+  point = np.asarray(point, np.float64)
+  rng = np.random.default_rng(seed)
+  common = rng.normal(0, noise, (num_resamples, 1, point.shape[1]))
+  own = rng.normal(0, noise, (num_resamples,) + point.shape)
+  return choice.ScoreTable(ENTRIES, point, np.clip(point + common + own, 0, 1))
+
+
+def _choose(table, candidates, default=0, kept=None, like=None, grid=None, tol=0.005):
+  kept = list(range(len(ENTRIES))) if kept is None else kept
+  like = [True] * len(candidates) if like is None else like
+  return choice.choose(table, candidates, default, tol, kept, like, t_d_grid=grid)
+
+
+def test_a_clear_winner_beyond_the_noise_is_chosen():
+  table = _table([[0.70] * 6, [0.90] * 6, [0.75] * 6], noise=0.01)
+  out = _choose(table, _candidates([25, 6, 50]), grid=[6, 25, 50])
+  assert out['index'] == 1 and out['leader'] == 1 and out['band'] == [1]
+  assert out['reason'].startswith('best')
+
+
+def test_a_tie_within_one_se_goes_to_the_default():
+  table = _table([[0.80] * 6, [0.81] * 6, [0.60] * 6], noise=0.05)
+  out = _choose(table, _candidates([25, 6, 50]), grid=[6, 25, 50, 100, 200, 400])
+  assert out['leader'] == 1 and set(out['band']) == {0, 1}
+  assert out['index'] == 0 and 'tie band' in out['reason']
+  assert out['se'][0] > 0.01  # the band is the SE, not the 0.005 tolerance
+
+
+def test_ties_without_the_default_go_to_the_bootstrap_winner_then_fewer_nfe():
+  table = _table([[0.50] * 6, [0.90] * 6, [0.90] * 6, [0.899] * 6], noise=0.01)
+  out = _choose(table, _candidates([25, 12, 6, 3]), grid=[3, 6, 12, 25, 50, 100, 200, 400, 800])
+  assert set(out['band']) == {1, 2, 3}
+  wins = {i: out['wins'][i] for i in out['band']}
+  assert out['index'] == max(wins, key=lambda i: (wins[i], -i))
+  # Equal evidence for every tied candidate: fewer NFE decides.
+  same = choice.ScoreTable(ENTRIES, np.array([[0.5] * 6, [0.9] * 6, [0.9] * 6]),
+                           np.array([[[0.5] * 6, [0.9] * 6, [0.9] * 6]] * 50))
+  assert _choose(same, _candidates([25, 12, 6]))['index'] == 2
+
+
+def test_a_non_default_detector_subset_must_beat_the_default_by_two_se():
+  candidates = _candidates([25, 25], detectors=[['u', 're'], ['re']])
+  like = [True, False]
+  small = _table([[0.80] * 6, [0.83] * 6], noise=0.03)
+  out = _choose(small, candidates, like=like)
+  assert out['eligible'] == [0] and out['index'] == 0
+  large = _table([[0.70] * 6, [0.95] * 6], noise=0.01)
+  assert _choose(large, candidates, like=like)['index'] == 1
+
+
+def test_saturation_keeps_the_default():
+  table = _table([[0.90] * 6, [0.999] * 6], noise=0.001)
+  out = _choose(table, _candidates([25, 6]))
+  assert out['index'] == 0 and 'saturated' in out['reason']
+
+
+def test_a_band_over_a_third_of_the_t_d_grid_keeps_the_default():
+  table = _table([[0.5] * 6, [0.80] * 6, [0.80] * 6, [0.80] * 6], noise=0.02)
+  grid = [1, 3, 6, 12, 25, 50]
+  out = _choose(table, _candidates([25, 1, 3, 6]), grid=grid)
+  assert len(out['t_d_in_band']) == 3 and out['index'] == 0 and 'T_d' in out['reason']
+
+
+def test_a_choice_that_hangs_on_one_family_keeps_the_default():
+  # X (1) leads on rank by winning families a (by far) and b (barely); Y (2) wins c. Without a,
+  # X and Y share the first rank and Y, with fewer NFE, would be chosen: outside X's band.
+  point = [[0.60] * 6,
+           [0.95, 0.95, 0.86, 0.86, 0.80, 0.80],
+           [0.80, 0.80, 0.85, 0.85, 0.90, 0.90]]
+  table = _table(point, noise=0.002)
+  out = _choose(table, _candidates([25, 12, 6]))
+  assert out['leader'] == 1 and out['band'] == [1]
+  assert out['index'] == 0 and 'hangs on family a' in out['reason']
+  assert out['leave_one_family_out']['a'] == {'index': 2, 'in_band': False}
+  # A lead that every family agrees with stands.
+  point[2][4:] = [0.78, 0.78]
+  out = _choose(_table(point, noise=0.002), _candidates([25, 12, 6]))
+  assert out['index'] == 1, out['reason']
+
+
+def test_entries_that_carry_no_information_leave_the_criterion():
+  point = np.array([[0.5, 0.52, 0.8, 0.9, 0.7, 0.7], [0.51, 0.5, 0.9, 0.8, 0.7, 0.8]])
+  table = _table(point, noise=0.05)
+  kept, left = choice.informative_entries(table, {'c': {'image_auroc': 0.99,
+                                                        'pixel_auroc': 0.90}})
+  assert kept == [2, 3, 5]
+  assert set(left) == {'a/image', 'a/pixel', 'c/image'}
+  assert 'solved without a model' in left['c/image'] and 'chance' in left['a/pixel']
+  out = _choose(table, _candidates([25, 6]), kept=[])
+  assert out['index'] == 0 and 'no development family' in out['reason']
+
+
+def test_mean_ranks_combine_families_by_rank():
+  values = np.array([[0.99, 0.60], [0.70, 0.70], [0.69, 0.65]])
+  np.testing.assert_allclose(choice.mean_ranks(values[None], [0, 1])[0], [2.0, 1.5, 2.5])
+
+
+def test_pixel_pairs_give_the_pixel_auroc_of_the_resampled_images():
+  rng = np.random.default_rng(0)
+  maps = rng.normal(size=(5, 6, 6)).astype(np.float32)
+  masks = np.zeros((5, 6, 6), np.uint8)
+  masks[1, :2] = masks[3, 2:5, 1:4] = 1
+  maps[masks == 1] += 1.0
+  maps[0, 0, :3] = maps[1, 0, 0]  # ties across images
+  pairs = resample.pixel_pairs(maps, masks)
+  assert resample.pixel_auroc(pairs, np.ones(5))[0] == pytest.approx(
+      metrics.auroc(maps.ravel(), masks.ravel()))
+  counts = np.array([2, 1, 0, 3, 1])
+  repeated = np.repeat(np.arange(5), counts)
+  assert resample.pixel_auroc(pairs, counts)[0] == pytest.approx(
+      metrics.auroc(maps[repeated].ravel(), masks[repeated].ravel()))
+
+
+def test_group_counts_draw_a_source_image_with_all_its_copies():
+  groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+  counts = resample.group_counts(groups, 200, seed=1)
+  assert counts.shape == (200, 12)
+  for g in range(4):
+    assert np.all(counts[:, groups == g] == counts[:, [3 * g]])
+  np.testing.assert_array_equal(counts.sum(axis=1), np.full(200, 12))
+  np.testing.assert_array_equal(counts, resample.group_counts(groups, 200, seed=1))
+
+
+def test_kendall_tau_matches_scipy():
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=12), rng.normal(size=12)
+  b[:3] = b[3]  # ties
+  assert resample.kendall_tau(a, b) == pytest.approx(scipy.stats.kendalltau(a, b).statistic)
