@@ -12,4 +12,4 @@ MODELS = {
 }
 
 # The CPU-scale categories (configs/cpu/<category>.py) and the dataset folder each lies in.
-DATASETS = {'bottle': 'mvtec_ad', 'metal_plate': 'mpdd'}
+DATASETS = {'bottle': 'mvtec_ad', 'pill': 'mvtec_ad', 'metal_plate': 'mpdd'}

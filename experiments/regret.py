@@ -56,10 +56,10 @@ from esm import run as run_lib
 from esm import scoring
 from esm import tune
 from esm import tuned as tuned_lib
+from experiments.models import MODELS
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 STAGES = ('train', 'tune', 'evaluate', 'table', 'difficulty')
-MODELS = {'esm': {}, 'sgm': {'loss.kind': 'dsm', 'sampling.method': 'sgm'}}
 LEGACY = {'tune.rule': 'legacy', 'tune.defects_per_image': 2}
 ROLES = ('new', 'legacy', 'legacy_rule', 'default', 'best')
 LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",

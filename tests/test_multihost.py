@@ -194,9 +194,9 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
 
 def test_process_id_outside_the_process_count_is_refused():
   from configs.default import get_default_config  # pylint: disable=g-import-not-at-top
-  from esm import parallel  # pylint: disable=g-import-not-at-top
+  from esm.config import from_configdict  # pylint: disable=g-import-not-at-top
   from esm.errors import UserError  # pylint: disable=g-import-not-at-top
-  cfg = get_default_config().parallel
-  cfg.coordinator, cfg.num_processes, cfg.process_id = 'localhost:1', 2, 2
+  cfg = get_default_config()
+  cfg.parallel.coordinator, cfg.parallel.num_processes, cfg.parallel.process_id = 'localhost:1', 2, 2
   with pytest.raises(UserError, match='process_id=2'):
-    parallel.initialise(cfg)
+    from_configdict(cfg)
