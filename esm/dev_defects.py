@@ -28,7 +28,7 @@ it marks every place an object has been, not where this one is.
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import scipy.ndimage
@@ -55,11 +55,11 @@ class Normal:
   their objects, and the per-pixel statistics at model resolution."""
   textures: Sequence[np.ndarray]  # uint8 [H,W,3]
   texture_objects: Sequence[np.ndarray]  # bool [H,W]
-  stats: baselines.ZScoreStats  # [size,size,3], model units
+  stats: Dict[str, np.ndarray]  # the z-score's 'mean' and 'std' [size,size,3], model units
 
   @property
   def size(self) -> int:
-    return self.stats.image_size
+    return int(self.stats['mean'].shape[0])
 
 
 def make_normal(train_images: Sequence[np.ndarray], size: int, num_textures: int = 16) -> Normal:
@@ -233,11 +233,11 @@ def apply(img: np.ndarray, d: Draw, alpha: float, size: int, clean=None):
   return small, change >= VISIBLE_LEVELS
 
 
-def change_z(small: np.ndarray, clean: np.ndarray, stats: baselines.ZScoreStats) -> np.ndarray:
+def change_z(small: np.ndarray, clean: np.ndarray, stats: Dict[str, np.ndarray]) -> np.ndarray:
   """[size,size]: the change from clean to small (uint8) in standard deviations of the training
   images at that pixel (the z-score baseline's, floor included), averaged over the channels."""
   delta = np.abs(small.astype(np.float32) - clean.astype(np.float32)) / 127.5
-  return np.mean(delta / (stats.std + baselines.ZSCORE_STD_FLOOR), axis=-1)
+  return np.mean(delta / (stats['std'] + baselines.ZSCORE_STD_FLOOR), axis=-1)
 
 
 def mean_z(small: np.ndarray, clean: np.ndarray, mask: np.ndarray, normal: Normal) -> float:

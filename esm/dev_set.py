@@ -150,7 +150,7 @@ def _entry_aurocs(scores, pairs: resample.PixelPairs, dev: DevSet, painted) -> D
           'pixel_auroc': float(resample.pixel_auroc(pairs, weights)[0])}
 
 
-def model_free(dev: DevSet, stats: baselines.ZScoreStats, batch_size: int = 64) -> Dict[str, Any]:
+def model_free(dev: DevSet, stats: Dict[str, np.ndarray], batch_size: int = 64) -> Dict[str, Any]:
   """Image and pixel AUROC of the model-free z-score (esm/baselines.py) on the development set,
   per family and per family and strength, and over the whole set."""
   images = np.stack([dev.data.load(i)['image'] for i in range(dev.data.num_examples)])
