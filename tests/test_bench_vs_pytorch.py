@@ -5,12 +5,14 @@ import os
 import sys
 
 import jax
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'bench'))
 import vs_pytorch  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+@pytest.mark.slow
 def test_study_step_builds_and_lowers():
   config = vs_pytorch._jax_config('esm48')
   size, batch = config.data.image_size, config.train.batch_size
@@ -28,6 +30,8 @@ def test_timed_counts_the_page_faults_of_memory_touched_anew():
 
   def step_once():  # a fresh anonymous mapping each call: every page faults on first touch
     with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+      if hasattr(mmap, 'MADV_NOHUGEPAGE'):  # with transparent huge pages, 2 MiB per fault
+        m.madvise(mmap.MADV_NOHUGEPAGE)
       for i in range(pages):
         m[i * mmap.PAGESIZE] = 1
 

@@ -9,8 +9,8 @@ import pytest
 
 from configs.default import get_default_config
 from datasets import pipeline
-from tests import data_folders
 from esm.errors import UserError
+from tests.helpers import data_folders
 
 
 @pytest.fixture(scope='module')

@@ -14,24 +14,9 @@ import pytest
 from configs import common
 from configs.default import get_default_config
 from esm import run
+from tests.helpers import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {
-    'data.dataset': 'synthetic', 'data.category': 'object', 'data.image_size': 16,
-    'data.synthetic_size': 32, 'data.synthetic_num_train': 16, 'data.synthetic_num_test': 8,
-    'data.val_fraction': 0.25, 'train.batch_size': 4, 'train.warmup_steps': 0, 'train.lr': 1e-3,
-    'train.log_every': 1, 'train.ckpt_every': 5, 'sampling.t_d': 4, 'eval.batch_size': 4,
-    'sampling.snapshot_steps': (4, 2, 0), 'features.model': 'none', 'detect.weights': (0, 1, 1, 1),
-    'eval.figures_per_type': 1, 'sampling.method': 'esm_sigma',
-}
-
-
-def tiny_config(cache: str, num_steps: int):
-  c = common.override(common.set_tiny_model(get_default_config()), OVERRIDES)
-  c.data.root = os.path.join(cache, 'synthetic')
-  c.data.tfds_dir = os.path.join(cache, 'tfds')
-  c.train.num_steps = num_steps
-  return c
 
 
 def _losses(workdir):
@@ -43,11 +28,12 @@ def _losses(workdir):
 def straight(tmp_path_factory):
   """Thirty steps in one go, in this process."""
   base = tmp_path_factory.mktemp('run')
-  cfg = tiny_config(str(base / 'cache'), 30)
+  cfg = runs.config('tiny', str(base / 'cache'), {'train.num_steps': 30})
   run.run(cfg, str(base / 'straight'), 'train')
   return base, cfg
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_synthetic_data(straight):
   base, _ = straight
   losses = [loss for _, loss in _losses(str(base / 'straight'))]
@@ -55,6 +41,7 @@ def test_loss_falls_on_the_synthetic_data(straight):
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
 
 
+@pytest.mark.slow
 def test_train_eval_writes_every_report_file(straight):
   base, cfg = straight
   workdir = str(base / 'straight')
@@ -80,6 +67,7 @@ def test_bad_config_is_one_line_error_without_traceback(tmp_path):
   assert 'Traceback' not in out.stderr
 
 
+@pytest.mark.slow
 def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   base, cfg = straight
@@ -101,6 +89,7 @@ def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
   assert len(os.listdir(os.path.join(out, 'masks'))) == 3
 
 
+@pytest.mark.slow
 def test_predict_on_an_empty_folder_is_a_clear_error(straight, tmp_path):
   from esm.errors import UserError  # pylint: disable=g-import-not-at-top
   base, cfg = straight
@@ -108,6 +97,7 @@ def test_predict_on_an_empty_folder_is_a_clear_error(straight, tmp_path):
     run.run(cfg, str(base / 'straight'), 'predict', input_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_sgm_sampler_on_an_esm_model_reads_eps_through_eq4(straight, tmp_path):
   """sampling.method=sgm on a dual-stream checkpoint: S_U and S_KL are unavailable (the sampler
   does not read σ²_θ) and are reported so; S_RE is evaluated."""
