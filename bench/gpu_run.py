@@ -11,7 +11,6 @@ analysis of the train step / step time / peak bf16 FLOP/s). S_Cos is off: the DI
 be carried to an offline GPU machine within its 64 MiB transfer limit (docs/benchmarks.md).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -22,10 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import numpy as np
+from absl import app
+from absl import flags
 from absl import logging
 
-from configs import common
-from configs import mvtec
+from bench.gpu_configs import dry_run_config, gpu_config
 from esm import evaluate as evaluate_lib
 from esm import host_memory
 from esm import run as run_lib
@@ -34,44 +34,23 @@ from esm.models import utils as mutils
 from esm import validate
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
+_WORKDIR = flags.DEFINE_string('workdir', None, 'checkpoints, data cache and reports')
+_OUT = flags.DEFINE_string('out', None, 'where gpu_results.json goes')
+_DATA_ROOT = flags.DEFINE_string('data_root', '', 'folder holding mvtec_ad/bottle')
+# Measured on an H200 (docs/benchmarks.md, 2026-11-30): with one residual block per level the
+# paper-scale step compiles in about 150 s and trains at about 107 img/s at batch 32, so 300 steps
+# and one ESM evaluation fit one 9-minute call (476 s); two blocks compile in about 247 s.
+_STEPS = flags.DEFINE_integer('steps', 300, 'training steps')
+_RES_BLOCKS = flags.DEFINE_integer('res_blocks', 1, 'residual blocks per U-Net level')
+_BATCH = flags.DEFINE_integer('batch', 32, 'global batch size')
+_BUDGET_S = flags.DEFINE_float('budget_s', 430.0,
+                               'wall-clock budget: evaluations that would not fit are skipped')
+_DRY_RUN = flags.DEFINE_boolean('dry_run', False, 'a tiny config on CPU: the same code path')
+flags.mark_flags_as_required(['workdir', 'out'])
+
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H200 SXM (NVIDIA's data sheet)
 EVALS = (('ESM', 'esm', 'literal'), ('ESM^σ literal', 'esm_sigma', 'literal'),
          ('ESM^σ matched', 'esm_sigma', 'matched'))
-
-
-def gpu_config(data_root: str, steps: int, batch: int, res_blocks: int = 1):
-  c = mvtec.get_config('bottle')
-  c.data.root = data_root
-  c.model.num_res_blocks = res_blocks  # the paper's 2; 1 halves the compile time
-  c.model.dtype = 'bfloat16'
-  c.train.num_epochs = -1
-  c.train.num_steps = steps
-  c.train.batch_size = batch
-  c.train.lr = 1e-4  # a short run: 5x the paper's 2e-5, with warm-up and clipping
-  c.train.warmup_steps = 200
-  c.train.ema_rate = 0.999
-  c.train.log_every = 50
-  c.train.ckpt_every = steps
-  c.eval.batch_size = 32
-  c.features.model = 'none'
-  c.detect.weights = (0.0, 1.0, 1.0, 1.0)
-  return c
-
-
-def dry_run_config(workdir: str):
-  """Micro model, 16² synthetic images: every stage of the real run in about a minute on CPU (the
-  code path does not depend on the model's size; compiling does)."""
-  c = common.set_micro_model(gpu_config('', steps=4, batch=4))
-  c.data.dataset, c.data.category, c.data.image_size = 'synthetic', 'object', 16
-  c.data.synthetic_size, c.data.synthetic_num_train, c.data.synthetic_num_test = 32, 16, 8
-  c.data.val_fraction = 0.25
-  c.data.root = os.path.join(workdir, 'data', 'synthetic')
-  c.data.tfds_dir = os.path.join(workdir, 'data', 'tfds')
-  c.model.dtype = 'float32'  # bf16 convolutions are slow on CPU; the GPU run uses bf16
-  c.train.warmup_steps, c.train.log_every = 0, 1
-  c.sampling.t_d_by_category = {}
-  c.sampling.t_d, c.eval.batch_size, c.sampling.snapshot_steps = 4, 4, (4, 2, 0)
-  return c
 
 
 def train_step_flops(config) -> float:
@@ -99,31 +78,18 @@ def steady_images_per_second(workdir: str) -> float:
   return images / max(seconds, 1e-9)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True, help='checkpoints, data cache and reports')
-  parser.add_argument('--out', required=True, help='where gpu_results.json goes')
-  parser.add_argument('--data_root', default='', help='folder holding mvtec_ad/bottle')
-  # Measured on an H200 (docs/benchmarks.md, 2026-11-30): with one residual block per level the
-  # paper-scale step compiles in about 150 s and trains at about 107 img/s at batch 32, so 300 steps
-  # and one ESM evaluation fit one 9-minute call (476 s); two blocks compile in about 247 s.
-  parser.add_argument('--steps', type=int, default=300)
-  parser.add_argument('--res_blocks', type=int, default=1, help='residual blocks per U-Net level')
-  parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--budget_s', type=float, default=430.0,
-                      help='wall-clock budget: evaluations that would not fit are skipped')
-  parser.add_argument('--dry_run', action='store_true')
-  args = parser.parse_args()
+def main(argv):
+  del argv
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   logging.set_verbosity(logging.INFO)
   start = time.time()
 
-  if args.dry_run:
-    config = dry_run_config(args.workdir)
+  if _DRY_RUN.value:
+    config = dry_run_config(_WORKDIR.value)
   else:
-    config = gpu_config(os.path.join(args.data_root, 'mvtec_ad'), args.steps, args.batch,
-                        args.res_blocks)
-  wd = os.path.join(args.workdir, 'run')
+    config = gpu_config(os.path.join(_DATA_ROOT.value, 'mvtec_ad'), _STEPS.value, _BATCH.value,
+                        _RES_BLOCKS.value)
+  wd = os.path.join(_WORKDIR.value, 'run')
   validate.validate_config(config, 'train_eval')
   platform = jax.devices()[0].platform
   print(f'# devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}); '
@@ -137,7 +103,7 @@ def main():
         flush=True)
 
   # The dry run skips the matched labelling: the same code path, one compilation less in CI.
-  rows = run_evals(config, wd, EVALS[:2] if args.dry_run else EVALS, start, args.budget_s)
+  rows = run_evals(config, wd, EVALS[:2] if _DRY_RUN.value else EVALS, start, _BUDGET_S.value)
 
   flops = train_step_flops(config)
   peak = H200_BF16_PEAK if platform == 'gpu' else float('nan')
@@ -150,7 +116,7 @@ def main():
              'params': rows[0]['params'] if rows else None, 'train_wall_s': train_wall,
              'train_images_per_s': img_s, 'train_flops_per_step': flops, 'mfu': mfu,
              'total_wall_s': time.time() - start, 'evals': rows}
-  with open(os.path.join(args.out, 'gpu_results.json'), 'w') as f:
+  with open(os.path.join(_OUT.value, 'gpu_results.json'), 'w') as f:
     json.dump(summary, f, indent=1, default=float)
   print_table(config, rows, img_s, mfu, time.time() - start)
 
@@ -191,4 +157,4 @@ def print_table(config, rows, img_s: float, mfu: float, total_s: float) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -14,8 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import numpy as np
+from absl import app
 
-from bench.gpu_run import gpu_config
+from bench.gpu_configs import gpu_config
 from esm import train as train_lib
 from esm.models import utils as mutils
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -23,7 +24,8 @@ from esm.models import utils as mutils
 SIZE, BATCH, STEPS = 256, 32, 20
 
 
-def main():
+def main(argv):
+  del argv
   cfg = gpu_config('', 100, BATCH, res_blocks=1)
   built = mutils.build(cfg, SIZE)
   state = mutils.init_state(cfg, built, SIZE)
@@ -47,4 +49,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -9,7 +9,6 @@ loading the data) belongs to that method alone. tracemalloc cannot see XLA's buf
 Prints one table.
 """
 
-import argparse
 import json
 import os
 import resource
@@ -18,7 +17,26 @@ import sys
 import tempfile
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 import numpy as np
+import scipy.ndimage
+import sklearn.metrics
+from absl import app
+from absl import flags
+
+from esm import metrics
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_SIZES = flags.DEFINE_list('sizes', ['1e7', '1e8'], 'Pixels of each synthetic split.')
+_PRO_REFERENCE_MAX = flags.DEFINE_float('pro_reference_max', 1e7,
+                                        'Largest split the numpy AUPRO reference runs on.')
+_XLA_SORT_MAX = flags.DEFINE_float('xla_sort_max', 1e7, 'Largest split jnp.sort is timed on.')
+_WORKER = flags.DEFINE_string('worker', '', 'Internal: run this one method and print its JSON.')
+_FOLDER = flags.DEFINE_string('folder', '', 'Internal: the worker\'s stored split.')
 
 SIDE = 256
 
@@ -42,7 +60,6 @@ def make_split(n_pixels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def reference_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
   """The MVTec AD way, in numpy float64: sort all pixels, cumulative FPR/PRO, trapezoid."""
-  import scipy.ndimage  # pylint: disable=import-outside-toplevel
   structure = np.zeros((3, 3, 3), bool)
   structure[1] = True
   regions, k = scipy.ndimage.label(masks, structure=structure)
@@ -77,12 +94,7 @@ def _rss_mb() -> float:
 
 def worker(method: str, folder: str) -> dict:
   """Runs one method on the stored split; returns seconds, values and memory."""
-  # Import first, so that the baseline RSS holds the libraries and the data, not the method.
-  # pylint: disable=import-outside-toplevel,unused-import
-  import jax
-  import sklearn.metrics
-  from esm import metrics
-  # pylint: enable=import-outside-toplevel,unused-import
+  # The libraries are imported and the data loaded first: the baseline RSS holds them, not the method.
   maps = np.load(os.path.join(folder, 'maps.npy'))
   masks = np.load(os.path.join(folder, 'masks.npy'))
   base = _rss_mb()
@@ -120,27 +132,20 @@ def worker(method: str, folder: str) -> dict:
 
 
 def _run(method: str, folder: str) -> dict:
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  proc = subprocess.run([sys.executable, __file__, '--worker', method, '--folder', folder],
-                        capture_output=True, text=True, env=env, check=False)
+  proc = subprocess.run([sys.executable, __file__, f'--worker={method}', f'--folder={folder}'],
+                        capture_output=True, text=True, check=False)
   if proc.returncode:
     raise RuntimeError(f'{method} failed:\n{proc.stderr[-3000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--sizes', default='1e7,1e8')
-  parser.add_argument('--pro_reference_max', type=float, default=1e7)
-  parser.add_argument('--xla_sort_max', type=float, default=1e7)
-  parser.add_argument('--worker', default='')
-  parser.add_argument('--folder', default='')
-  args = parser.parse_args()
-  if args.worker:
-    print(json.dumps(worker(args.worker, args.folder)))
+def main(argv):
+  del argv
+  if _WORKER.value:
+    print(json.dumps(worker(_WORKER.value, _FOLDER.value)))
     return
   rows = []
-  for size in [float(s) for s in args.sizes.split(',')]:
+  for size in [float(s) for s in _SIZES.value]:
     with tempfile.TemporaryDirectory(prefix='bench_metrics_') as folder:
       maps, masks = make_split(int(size))
       np.save(os.path.join(folder, 'maps.npy'), maps)
@@ -150,12 +155,12 @@ def main():
       ours = _run('ours', folder)
       sk = _run('sklearn', folder)
       rows.append((n, pos, 'pixel AUROC', ours, sk, 'sklearn roc_auc_score', 'auroc'))
-      if size <= args.pro_reference_max:
+      if size <= _PRO_REFERENCE_MAX.value:
         ref = _run('numpy_aupro', folder)
         rows.append((n, pos, 'AUPRO@0.3', ours, ref, 'numpy MVTec-style (float64)', 'aupro'))
       else:
         rows.append((n, pos, 'AUPRO@0.3', ours, None, 'reference not run', 'aupro'))
-      if size <= args.xla_sort_max:
+      if size <= _XLA_SORT_MAX.value:
         xla = _run('xla_sort', folder)
         rows.append((n, pos, 'sort all scores', {'cold_s': ours['sort_s'], 'warm_s': ours['sort_s'],
                                                   'peak_extra_mb': float('nan')}, xla,
@@ -180,4 +185,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

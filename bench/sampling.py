@@ -16,7 +16,6 @@ initialised (the cost does not depend on the weights). For each method it report
 Prints one table.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -24,6 +23,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +34,13 @@ from esm.models import dual_stream  # pylint: disable=wrong-import-position
 from esm.models import utils as mutils  # pylint: disable=wrong-import-position
 from esm.models.unet import UNetConfig  # pylint: disable=wrong-import-position
 from esm.sde import SDEConfig, VPSDE  # pylint: disable=wrong-import-position
+
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 64, 'Image side.')
+_BATCH = flags.DEFINE_integer('batch', 2, 'Images per reconstruct call.')
+_T_D = flags.DEFINE_integer('t_d', 100, 'paper T_d of MVTec bottle')
+_OVERHEAD_T_D = flags.DEFINE_integer('overhead_t_d', 10, 'T_d of the repeated overhead runs')
+_COMPILE_T_D = flags.DEFINE_list('compile_t_d', [], 'extra T_d values compiled for esm only')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved repeats at --overhead_t_d.')
 
 CPU_UNET = UNetConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0,
                       num_groups=8)
@@ -57,35 +65,30 @@ def build(dual, sde, image_size):
   return dual_stream.get_net_fn(model, sde), params, n
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--image_size', type=int, default=64)
-  ap.add_argument('--batch', type=int, default=2)
-  ap.add_argument('--t_d', type=int, default=100, help='paper T_d of MVTec bottle')
-  ap.add_argument('--overhead_t_d', type=int, default=10, help='T_d of the repeated overhead runs')
-  ap.add_argument('--compile_t_d', default='', help='extra T_d values compiled for esm only')
-  ap.add_argument('--repeats', type=int, default=5)
-  args = ap.parse_args()
+def main(argv):
+  del argv
+  batch, image_size, t_d_paper, t_d_overhead = (_BATCH.value, _IMAGE_SIZE.value, _T_D.value,
+                                                _OVERHEAD_T_D.value)
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
 
   sde = VPSDE(SDEConfig())
-  x0 = jax.random.uniform(jax.random.key(1), (args.batch, args.image_size, args.image_size, 3),
+  x0 = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3),
                           minval=-1.0, maxval=1.0)
-  keys = sampling.image_keys(0, np.arange(args.batch))
+  keys = sampling.image_keys(0, np.arange(batch))
   methods = ('sgm', 'esm', 'esm_sigma')
   nets, fwds, runs, rows = {}, {}, {}, {}
   for method in methods:
     dual = method != 'sgm'
     if dual not in nets:
-      nets[dual] = build(dual, sde, args.image_size)
+      nets[dual] = build(dual, sde, image_size)
       net_fn, params, _ = nets[dual]
-      labels = jnp.full((args.batch,), 50, jnp.int32)
+      labels = jnp.full((batch,), 50, jnp.int32)
       fwds[dual] = jax.jit(lambda p, x, net_fn=net_fn: net_fn(p, x, labels))
       jax.block_until_ready(fwds[dual](params, x0))
     net_fn, params, n_params = nets[dual]
     cfg = sampling.SamplingConfig(method=method)
-    extra = {int(t) for t in args.compile_t_d.split(',') if t} if method == 'esm' else set()
-    for t_d in sorted({args.overhead_t_d, args.t_d} | extra):
+    extra = {int(t) for t in _COMPILE_T_D.value} if method == 'esm' else set()
+    for t_d in sorted({t_d_overhead, t_d_paper} | extra):
       fn = sampling.get_reconstruct_fn(net_fn, sde, cfg, t_d)
       t = time.perf_counter()
       lowered = fn.jitted.lower(params, x0, keys)
@@ -107,20 +110,21 @@ def main():
     row['loop'].append(timed(loop))
     row['rec'].append(timed(lambda: runs[method, t_d](params, x0, keys)))
 
-  for _ in range(args.repeats):
+  for _ in range(_REPEATS.value):
     for method in methods:
-      measure(method, args.overhead_t_d)
+      measure(method, t_d_overhead)
   for method in methods:
-    measure(method, args.t_d)
+    measure(method, t_d_paper)
 
-  print_table(args, rows, methods)
+  print_table(rows, methods)
 
 
-def print_table(args, rows, methods) -> None:
-  print(f'reconstruct on {jax.devices()[0].platform}, {args.batch}x{args.image_size}x{args.image_size}x3, '
+def print_table(rows, methods) -> None:
+  batch, size = _BATCH.value, _IMAGE_SIZE.value
+  print(f'reconstruct on {jax.devices()[0].platform}, {batch}x{size}x{size}x3, '
         f'U-Net ch={CPU_UNET.ch} ch_mult={CPU_UNET.ch_mult} res_blocks={CPU_UNET.num_res_blocks} '
-        f'attn={CPU_UNET.attn_resolutions}; times: min of {args.repeats} at T_d={args.overhead_t_d}, '
-        f'1 run at T_d={args.t_d}')
+        f'attn={CPU_UNET.attn_resolutions}; times: min of {_REPEATS.value} at '
+        f'T_d={_OVERHEAD_T_D.value}, 1 run at T_d={_T_D.value}')
   print('| method | params | T_d | NFE | net calls/img | calls x forward: wall / CPU (s) | '
         'reconstruct: wall / CPU (s) | overhead: wall / CPU | s/image (wall) | trace (s) | compile (s) |')
   print('|---|---|---|---|---|---|---|---|---|---|---|')
@@ -128,7 +132,7 @@ def print_table(args, rows, methods) -> None:
     if r['rec']:
       (lw, lc), (rw, rc) = (np.min(np.asarray(r[k]), axis=0) for k in ('loop', 'rec'))
       timing = (f"{lw:.2f} / {lc:.2f} | {rw:.2f} / {rc:.2f} | {100 * (rw / lw - 1):+.0f}% / "
-                f"{100 * (rc / lc - 1):+.0f}% | {rw / args.batch:.3f}")
+                f"{100 * (rc / lc - 1):+.0f}% | {rw / batch:.3f}")
     else:
       timing = '- | - | - | -'
     print(f"| {method} | {r['params'] / 1e6:.2f}M | {t_d} | {r['nfe']} | {r['calls']} | "
@@ -136,4 +140,4 @@ def print_table(args, rows, methods) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -13,7 +13,6 @@ scaling), as in a real scale-out. Random images replace the data pipeline: this 
 and its gradient all-reduce, not the loader (bench/data_pipeline.py measures that).
 """
 
-import argparse
 import json
 import os
 import socket
@@ -24,26 +23,45 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+from absl import app
+from absl import flags
 
-def worker(args) -> None:
+from configs import common
+from configs.default import get_default_config
+from esm import parallel
+from esm import train as train_lib
+from esm.models import utils as mutils
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_WORKER = flags.DEFINE_boolean('worker', False, 'Internal: run as one process of a case.')
+_DEVICES = flags.DEFINE_integer('devices', 2, 'N of the default cases.')
+_CASES = flags.DEFINE_list('cases', [], 'comma list of PROCESSESxDEVICES (default 1x1,1xN,Nx1 for '
+                           'N=--devices)')
+_PER_DEVICE_BATCH = flags.DEFINE_integer('per_device_batch', 8, 'Images per device.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'Image side.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (median).')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'comma list: float32,bfloat16')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', "Internal: the worker's one dtype.")
+_MODEL = flags.DEFINE_enum('model', 'tiny', ['tiny', 'default'], 'Model size.')
+_COORDINATOR = flags.DEFINE_string('coordinator', '', 'Internal: jax.distributed coordinator.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, "Internal: the case's processes.")
+_PROCESS_ID = flags.DEFINE_integer('process_id', 0, "Internal: this worker's process index.")
+
+
+def worker() -> None:
   """One process of a case: time `steps` train steps over the mesh of every process's devices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from configs.default import get_default_config  # pylint: disable=g-import-not-at-top
-  from esm import parallel  # pylint: disable=g-import-not-at-top
-  from esm import train as train_lib  # pylint: disable=g-import-not-at-top
-  from esm.models import utils as mutils  # pylint: disable=g-import-not-at-top
-
   config = get_default_config()
-  if args.model == 'tiny':
+  if _MODEL.value == 'tiny':
     common.set_tiny_model(config)
-  config.model.dtype = args.dtype
-  config.parallel.coordinator = args.coordinator
-  config.parallel.num_processes = args.num_processes
-  config.parallel.process_id = args.process_id
+  config.model.dtype = _DTYPE.value
+  config.parallel.coordinator = _COORDINATOR.value
+  config.parallel.num_processes = _NUM_PROCESSES.value
+  config.parallel.process_id = _PROCESS_ID.value
   parallel.initialise(config.parallel)
-  size, global_batch = args.image_size, args.per_device_batch * jax.device_count()
+  size, global_batch = _IMAGE_SIZE.value, _PER_DEVICE_BATCH.value * jax.device_count()
   mesh = parallel.make_mesh()
   built = mutils.build(config, size)
   state = jax.device_put(mutils.init_state(config, built, size), parallel.replicated(mesh))
@@ -59,7 +77,7 @@ def worker(args) -> None:
   jax.block_until_ready(state)
   compile_s = time.perf_counter() - t
   times = []
-  for _ in range(args.steps):
+  for _ in range(_STEPS.value):
     t = time.perf_counter()
     state = step(state, images, rng)
     int(state.step)  # the training loop also reads one scalar per step
@@ -80,14 +98,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_case(args, processes: int, devices_per_process: int) -> dict:
-  flags = os.environ.get('XLA_FLAGS', '')
+def run_case(dtype: str, processes: int, devices_per_process: int) -> dict:
+  xla_flags = os.environ.get('XLA_FLAGS', '')
   if devices_per_process > 1:
-    flags += f' --xla_force_host_platform_device_count={devices_per_process}'
-  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  base = [sys.executable, os.path.abspath(__file__), '--worker', f'--steps={args.steps}',
-          f'--per_device_batch={args.per_device_batch}', f'--image_size={args.image_size}',
-          f'--dtype={args.dtype}', f'--model={args.model}', f'--num_processes={processes}']
+    xla_flags += f' --xla_force_host_platform_device_count={devices_per_process}'
+  env = dict(os.environ, XLA_FLAGS=xla_flags.strip(), JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
+  base = [sys.executable, os.path.abspath(__file__), '--worker', f'--steps={_STEPS.value}',
+          f'--per_device_batch={_PER_DEVICE_BATCH.value}', f'--image_size={_IMAGE_SIZE.value}',
+          f'--dtype={dtype}', f'--model={_MODEL.value}', f'--num_processes={processes}']
   coordinator = f'localhost:{_free_port()}' if processes > 1 else ''
   procs = [subprocess.Popen(base + [f'--coordinator={coordinator}', f'--process_id={i}'], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -97,45 +115,30 @@ def run_case(args, processes: int, devices_per_process: int) -> dict:
     if p.returncode:
       raise RuntimeError(f'case {processes}x{devices_per_process} failed:\n{err[-3000:]}')
   line = next(l for l in outs[0][0].splitlines() if l.startswith('RESULT '))
-  print(f'{processes}x{devices_per_process} {args.dtype}: {line}', file=sys.stderr, flush=True)
+  print(f'{processes}x{devices_per_process} {dtype}: {line}', file=sys.stderr, flush=True)
   return json.loads(line[len('RESULT '):])
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--worker', action='store_true')
-  parser.add_argument('--devices', type=int, default=2)
-  parser.add_argument('--cases', default='', help='comma list of PROCESSESxDEVICES (default '
-                      '1x1,1xN,Nx1 for N=--devices)')
-  parser.add_argument('--per_device_batch', type=int, default=8)
-  parser.add_argument('--image_size', type=int, default=32)
-  parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--dtypes', default='float32', help='comma list: float32,bfloat16')
-  parser.add_argument('--dtype', default='float32')  # the worker's one dtype
-  parser.add_argument('--model', default='tiny', choices=('tiny', 'default'))
-  parser.add_argument('--coordinator', default='')
-  parser.add_argument('--num_processes', type=int, default=1)
-  parser.add_argument('--process_id', type=int, default=0)
-  args = parser.parse_args()
-  if args.worker:
-    worker(args)
+def main(argv):
+  del argv
+  if _WORKER.value:
+    worker()
     return
-  n = args.devices
-  cases = [tuple(int(v) for v in c.split('x')) for c in
-           (args.cases or f'1x1,1x{n},{n}x1').split(',')]
+  n = _DEVICES.value
+  cases = [tuple(int(v) for v in c.split('x'))
+           for c in _CASES.value or ['1x1', f'1x{n}', f'{n}x1']]
   rows = []
-  for dtype in args.dtypes.split(','):
-    args.dtype = dtype
+  for dtype in _DTYPES.value:
     for p, d in cases:
       rows.append((dtype, f'{p} process{"es" if p > 1 else ""} x {d} device{"s" if d > 1 else ""}',
-                   run_case(args, p, d)))
+                   run_case(dtype, p, d)))
   base = {}
   for dtype, _, r in rows:
     base.setdefault(dtype, r['img_s'] / r['devices'])
   platform = rows[0][2]['platform']
-  print(f'# data-parallel scaling, {args.model} model, {args.image_size}² images, '
-        f'{args.per_device_batch} images per device, {platform}, {os.cpu_count()} cores, '
-        f'median of {args.steps} steps')
+  print(f'# data-parallel scaling, {_MODEL.value} model, {_IMAGE_SIZE.value}² images, '
+        f'{_PER_DEVICE_BATCH.value} images per device, {platform}, {os.cpu_count()} cores, '
+        f'median of {_STEPS.value} steps')
   print('| dtype | case | global batch | compile (s) | step (s) | images/s | scaling efficiency | '
         'peak device memory (GiB) |')
   print('|---|---|---|---|---|---|---|---|')
@@ -147,4 +150,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -7,7 +7,6 @@ large 3x3 convolution (forward) timed in the same run, so the ratio is robust to
 Peak RSS is the process maximum (resource.getrusage).
 """
 
-import argparse
 import os
 import resource
 import sys
@@ -17,6 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+from absl import app  # pylint: disable=wrong-import-position
+from absl import flags  # pylint: disable=wrong-import-position
 
 from configs import common  # pylint: disable=wrong-import-position
 from configs import demo  # pylint: disable=wrong-import-position
@@ -24,6 +25,8 @@ from configs.default import get_default_config  # pylint: disable=wrong-import-p
 from esm import host_memory  # pylint: disable=wrong-import-position
 from esm import train as train_lib  # pylint: disable=wrong-import-position
 from esm.models import utils as mutils  # pylint: disable=wrong-import-position
+
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per measurement (median).')
 
 
 def _flops(compiled) -> float:
@@ -80,20 +83,19 @@ def train_step_case(name: str, config, steps: int):
           'seconds': seconds, 'img_s': batch / seconds, 'flop_s': flops / seconds}
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--steps', type=int, default=20)
-  args = parser.parse_args()
+def main(argv):
+  del argv
+  steps = _STEPS.value
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
 
   cpu = common.set_cpu_model(get_default_config())
   cpu.data.image_size, cpu.train.batch_size = 48, 16
   cases = [('demo (tiny, 32², dual)', demo.get_config()),
            ('cpu-scale (48², dual)', cpu)]
-  conv_flops, conv_s = conv_reference(args.steps)
+  conv_flops, conv_s = conv_reference(steps)
   conv_rate = conv_flops / conv_s
-  rows = [train_step_case(name, cfg, args.steps) for name, cfg in cases]
-  conv_flops2, conv_s2 = conv_reference(args.steps)  # again, to see drift within the run
+  rows = [train_step_case(name, cfg, steps) for name, cfg in cases]
+  conv_flops2, conv_s2 = conv_reference(steps)  # again, to see drift within the run
   conv_rate = max(conv_rate, conv_flops2 / conv_s2)
 
   rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -112,4 +114,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -3,10 +3,10 @@
 XLA:CPU allocates an executable's temporary buffer with malloc at every call and frees it after:
 343 MB for the CPU-scale ESM train step. glibc serves a block that large from its own mmap (a thread
 arena cannot hold it) and returns it with munmap, so every call page-faults the whole buffer in
-again: 84 thousand faults and about 130 ms of kernel time in a 510 ms step on one core
-(docs/benchmarks.md, issue 18, fourth pass). With one arena, no mmap and no trimming, the freed
-block stays in the heap and the next call reuses it; the price is a resident size that stays at
-its peak instead of shrinking between calls.
+again, about 84 thousand 4 KiB pages per step. With one arena, no mmap and no trimming, the freed
+block stays in the heap and the next call reuses it (no faults per step: docs/benchmarks.md,
+"Train-step speed against PyTorch/diffusers"); the price is a resident size that stays at its peak
+instead of shrinking between calls.
 """
 
 import ctypes

@@ -11,13 +11,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import logging
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from esm import detector_state
 from esm import plotting
 from esm.errors import UserError
-
-_BAR_WIDTH = 24  # colour bar strip, pixels
 
 
 def list_inputs(input_dir: Optional[str]) -> Tuple[List[str], List[str]]:
@@ -59,19 +57,11 @@ def new_output_dir(workdir: str) -> str:
 
 
 def overlay(rgb: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> Image.Image:
-  """The map's colours blended (half) over the input, with a colour bar labelled lo..hi."""
+  """The map's colours blended (half) over the input at the input's size, with a colour bar of
+  lo..hi beside it."""
   colours = plotting.heatmap(np.clip(amap, lo, hi), lo, hi).astype(np.float32)
   blend = (0.5 * rgb.astype(np.float32) + 0.5 * colours).astype(np.uint8)
-  h, w = blend.shape[:2]
-  bar_values = np.linspace(hi, lo, max(h, 2), dtype=np.float32)[:, None].repeat(_BAR_WIDTH // 2, 1)
-  bar = plotting.heatmap(bar_values, lo, hi)
-  canvas = Image.new('RGB', (w + _BAR_WIDTH + 48, max(h, 24)), 'white')
-  canvas.paste(Image.fromarray(blend), (0, 0))
-  canvas.paste(Image.fromarray(bar), (w + 4, 0))
-  draw = ImageDraw.Draw(canvas)
-  draw.text((w + 6 + _BAR_WIDTH // 2, 0), f'{hi:.3g}', fill='black')
-  draw.text((w + 6 + _BAR_WIDTH // 2, max(h, 24) - 11), f'{lo:.3g}', fill='black')
-  return canvas
+  return plotting.to_image(plotting.image_row([blend], colour_ranges=[(lo, hi)]))
 
 
 def write_outputs(out_dir: str, names: Sequence[str], rgbs, result, state) -> None:

@@ -159,24 +159,19 @@ def write_category(result, report_dir, records, out, pixel_maps, scores, tuned=N
   write_image_scores(os.path.join(report_dir, 'scores.csv'), records, out.labels, scores)
   fig_dir = os.path.join(report_dir, 'figures')
   os.makedirs(fig_dir, exist_ok=True)
-  lo, hi = float(np.percentile(pixel_maps, 1)), float(np.percentile(pixel_maps, 99.9))
+  scale = max(1, 128 // pixel_maps.shape[1])
+  map_range = (float(np.percentile(pixel_maps, 1)), float(np.percentile(pixel_maps, 99.9)))
   rows = []
   for idx in sorted(out.kept):
-    k, r = out.kept[idx], records[idx]
-    var0 = k['var0'].mean(-1)
-    panels = [_image(k['input']), _image(k['x0_hat']),
-              plotting.heatmap(np.log10(np.maximum(var0, 1e-12))) if np.isfinite(var0).all()
-              else np.zeros(var0.shape, np.uint8),
-              plotting.heatmap(pixel_maps[idx], lo, hi), (out.masks[idx] * 255).astype(np.uint8)]
-    titles = [f"{r['defect_type']} {scores[idx]:.2f}", 'reconstruction', 'log var0', 'map', 'mask']
-    row = plotting.panel_row(panels, titles, scale=max(1, 128 // pixel_maps.shape[1]))
-    row.save(os.path.join(fig_dir, f"example_{idx:04d}_{r['defect_type']}.png"))
+    r = records[idx]
+    row = plotting.to_image(example_row(out.kept[idx], f"{r['defect_type']} {scores[idx]:.2f}",
+                                        pixel_maps[idx], out.masks[idx], map_range, scale))
+    plotting.save(row, os.path.join(fig_dir, f"example_{idx:04d}_{r['defect_type']}.png"))
     rows.append(row)
   if rows:
-    plotting.stack_rows(rows).save(os.path.join(fig_dir, 'examples.png'))
-  if out.trajectory is not None:
-    _trajectory_figure(out.trajectory, os.path.join(fig_dir, 'trajectory.png'),
-                       scale=max(1, 128 // pixel_maps.shape[1]))
+    plotting.save(plotting.stack_rows(rows), os.path.join(fig_dir, 'examples.png'))
+  if out.trajectory is not None and len(out.trajectory['snapshots']):
+    plotting.save(trajectory_figure(out.trajectory, scale), os.path.join(fig_dir, 'trajectory.png'))
   curves = {}
   if len(set(out.labels.tolist())) == 2:
     curves[f"image AUROC {_pct(result['image_auroc'])}"] = metrics.roc_curve(scores, out.labels)
@@ -184,25 +179,43 @@ def write_category(result, report_dir, records, out, pixel_maps, scores, tuned=N
     curves[f"pixel AUROC {_pct(result['pixel_auroc'])}"] = metrics.roc_curve(
         pixel_maps.ravel(), out.masks.ravel())
   if tuned:
-    _tuning_figure(tuned, result.get('t_d_sweep'), os.path.join(fig_dir, 'tuning.png'))
+    plotting.save(tuning_figure(tuned, result.get('t_d_sweep')), os.path.join(fig_dir, 'tuning.png'))
   if curves:
-    plotting.line_plot(curves, f"ROC {result['category']} ({result['method']})", 'false positive rate',
-                       'true positive rate', xlim=(0, 1), ylim=(0, 1)).save(
-                           os.path.join(fig_dir, 'roc.png'))
+    plotting.save(plotting.roc_plot(curves, f"ROC {result['category']} ({result['method']})"),
+                  os.path.join(fig_dir, 'roc.png'))
 
 
-def _tuning_figure(tuned, sweep, path: str) -> None:
-  """Development image AUROC against T_d per sampler, and the test sweep's beside it."""
-  curves = {}
-  for method in tuned['methods']:
+def example_row(kept: Dict[str, np.ndarray], title: str, pixel_map, mask, map_range, scale: int):
+  """Input, reconstruction, log10 σ²_0 (only for a model that predicts a variance), the anomaly
+  map on the category's colour scale, and the ground-truth mask."""
+  panels = [(_image(kept['input']), title, None), (_image(kept['x0_hat']), 'reconstruction', None)]
+  var0 = kept['var0'].mean(-1)
+  if np.isfinite(var0).all():  # an SGM sampler has no σ²_0: no panel rather than a blank one
+    log_var0 = np.log10(np.maximum(var0, 1e-12))
+    var_range = (float(log_var0.min()), float(log_var0.max()))
+    panels.append((plotting.heatmap(log_var0, *var_range), 'log10 σ²₀', var_range))
+  panels += [(plotting.heatmap(pixel_map, *map_range), 'anomaly map', map_range),
+             ((mask * 255).astype(np.uint8), 'mask', None)]
+  images, titles, ranges = zip(*panels)
+  return plotting.image_row(images, titles, scale, ranges)
+
+
+def tuning_figure(tuned, sweep):
+  """Development image AUROC against T_d per sampler (solid), and the test sweep's (dashed, in the
+  sampler's colour) beside it."""
+  curves, styles = {}, {}
+  for k, method in enumerate(tuned['methods']):
     rows = [c for c in tuned['candidates'] if c['method'] == method]
     grid = sorted({c['t_d'] for c in rows})
-    curves[f'dev {method}'] = (grid, [max(c['image_auroc'] for c in rows if c['t_d'] == t)
-                                      for t in grid])
+    curves[f'dev, {method}'] = (grid, [max(c['image_auroc'] for c in rows if c['t_d'] == t)
+                                       for t in grid])
+    styles[f'dev, {method}'] = {'color': f'C{k}'}
     tested = sorted((r['t_d'], r['image_auroc']) for r in sweep or [] if r['method'] == method)
     if tested:
-      curves[f'test {method}'] = tuple(zip(*tested))
-  plotting.line_plot(curves, 'image AUROC against T_d', 'T_d', 'image AUROC', ylim=(0, 1)).save(path)
+      curves[f'test, {method}'] = tuple(zip(*tested))
+      styles[f'test, {method}'] = {'color': f'C{k}', 'linestyle': '--'}
+  return plotting.line_plot(curves, 'image AUROC against T_d', 'T_d', 'image AUROC', ylim=(0, 1),
+                            integer_x=True, styles=styles)
 
 
 def write_image_scores(path: str, records, labels, scores) -> None:
@@ -212,14 +225,12 @@ def write_image_scores(path: str, records, labels, scores) -> None:
              for r, label, score in zip(records, labels, scores)])
 
 
-def _trajectory_figure(traj: Dict[str, np.ndarray], path: str, scale: int) -> None:
+def trajectory_figure(traj: Dict[str, np.ndarray], scale: int):
   """x_i along the denoising with the σ² (min, max) each step used, as in paper Fig. 3."""
   ranges = dict(zip(traj['steps'].tolist(), traj['var_range'].tolist()))
   panels, titles = [], []
   for step, snap in zip(traj['snapshot_steps'].tolist(), traj['snapshots']):
     rng = ranges.get(step) or ranges.get(min(ranges, key=lambda s: abs(s - step)))
     panels.append(_image(snap))
-    titles.append(f't={step} ({rng[0]:.2g},{rng[1]:.2g})')
-  if panels:
-    plotting.panel_row(panels, titles, scale=scale).save(path)
-
+    titles.append(f't={step}, σ² {rng[0]:.2g}–{rng[1]:.2g}')
+  return plotting.image_row(panels, titles, scale)

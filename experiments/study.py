@@ -39,21 +39,18 @@ from esm import evaluate as evaluate_lib
 from esm import plotting
 from esm import run as run_lib
 from esm import validate
+from experiments.models import DATASETS, MODELS
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-CATEGORIES = {'bottle': ('configs.cpu.bottle', 'mvtec_ad'),
-              'metal_plate': ('configs.cpu.metal_plate', 'mpdd')}
 DEV_CATEGORY = 'bottle'
-MODELS = {'esm': {}, 'sgm': {'loss.kind': 'dsm', 'sampling.method': 'sgm'},
-          'esm_direct': {'model.var_param': 'direct'}}
+DEV_MODELS = ('esm', 'sgm', 'esm_direct')  # trained on the development category
 NO_COS = {'features.model': 'none', 'detect.weights': (0.0, 1.0, 1.0, 1.0)}
 DEV_DEFECTS = ('scratch', 'hole', 'stain')
 
 
 def base_config(category: str, root: str):
-  module, dataset = CATEGORIES[category]
-  c = importlib.import_module(module).get_config()
-  c.data.root = os.path.join(root, {'mvtec_ad': 'mvtec_ad', 'mpdd': 'mpdd'}[dataset])
+  c = importlib.import_module(f'configs.cpu.{category}').get_config()
+  c.data.root = os.path.join(root, DATASETS[category])
   return c
 
 
@@ -312,19 +309,19 @@ def _figure(cases: Cases, methods: list, path: str) -> None:
   rows = []
   for k in range(len(first['index'])):
     tiles = [plotting.to_uint8(first['input'][k], -1, 1), first['mask'][k] * 255]
-    titles = [str(first['defect_type'][k]), 'truth']
+    titles, ranges = [str(first['defect_type'][k]), 'truth'], [None, None]
     for m in methods:
       p = panels[m]
       lo, hi = p['scale']
       tiles += [plotting.to_uint8(p['x0_hat'][k], -1, 1), plotting.heatmap(p['map'][k], lo, hi)]
-      titles += [m.replace('^σ', '-sigma'), 'map']  # PIL's default font has no σ
-    rows.append(plotting.panel_row(tiles, titles, scale=2))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  plotting.stack_rows(rows).save(path)
+      titles += [m, 'map']
+      ranges += [None, (float(lo), float(hi))]
+    rows.append(plotting.to_image(plotting.image_row(tiles, titles, 2, ranges)))
+  plotting.save(plotting.stack_rows(rows), path)
   logging.info('figure: %s', path)
 
 
-_CATEGORY = flags.DEFINE_enum('category', None, sorted(CATEGORIES), 'Category to study.')
+_CATEGORY = flags.DEFINE_enum('category', None, sorted(DATASETS), 'Category to study.')
 _ROOT = flags.DEFINE_string('root', None, 'Folder holding mvtec_ad/ and mpdd/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the study (resumable).')
 _STAGES = flags.DEFINE_list('stages', ['train', 'select', 'report'], 'Stages to run.')
@@ -341,7 +338,7 @@ def main(argv):
   cases = Cases(workdir, category)
   sections = []
   if 'train' in stages:
-    models = list(MODELS) if dev else ['esm', 'sgm']
+    models = list(DEV_MODELS) if dev else ['esm', 'sgm']
     if not dev and os.path.exists(os.path.join(workdir, 'choices.json')):
       with open(os.path.join(workdir, 'choices.json')) as f:
         models = ['esm_direct' if json.load(f)['var_param'] == 'direct' else 'esm', 'sgm']

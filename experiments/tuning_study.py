@@ -28,17 +28,15 @@ from absl import logging
 from configs.common import override
 from esm import evaluate
 from esm import tune
+from experiments.models import DATASETS, MODELS
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_CATEGORY = flags.DEFINE_enum('category', None, ['bottle', 'metal_plate'], 'CPU-scale category.')
+_CATEGORY = flags.DEFINE_enum('category', None, sorted(DATASETS), 'CPU-scale category.')
 _ROOT = flags.DEFINE_string('root', None, 'Folder holding mvtec_ad/ and mpdd/.')
 _RUNS = flags.DEFINE_string('runs', None, 'Folder of the trained <category>_<model> workdirs.')
 _SWEEP = flags.DEFINE_list('sweep', [], 'Extra test T_d values per sampler (beside chosen, paper).')
 _MODELS = flags.DEFINE_list('models', ['esm', 'sgm'], 'Models to study.')
 flags.mark_flags_as_required(['category', 'root', 'runs'])
-
-DATASETS = {'bottle': 'mvtec_ad', 'metal_plate': 'mpdd'}
-MODELS = {'esm': {}, 'sgm': {'loss.kind': 'dsm', 'sampling.method': 'sgm'}}
 
 
 def model_config(category: str, model: str):

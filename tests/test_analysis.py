@@ -205,6 +205,8 @@ def test_table_and_figure(quick_study, tmp_path):
   assert len(lines) == 2 + len(quick_study['rows'])
   assert len({line.count('|') for line in lines}) == 1
   path = str(tmp_path / 'fig.png')
-  plot.study_figure(quick_study['rows'], path)
+  fig = plot.study_figure(quick_study['rows'], path)
+  num_dims = len({r['d'] for r in quick_study['rows']})
+  assert len(fig.axes) == num_dims * 4 and all(ax.get_lines() for ax in fig.axes)
   with Image.open(path) as image:
-    assert image.size[0] > 1000 and image.getextrema() != ((255, 255),) * 3
+    assert image.size == (4 * plot.PANEL_PX[0], 70 + num_dims * plot.PANEL_PX[1])

@@ -1,22 +1,21 @@
 """bench/vs_pytorch.py follows the project's API: it builds and lowers our train step (no compile,
 no torch), so an API change that breaks the benchmark fails here rather than at measurement time."""
 
-import os
-import sys
+import mmap
 
 import jax
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'bench'))
-import vs_pytorch  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bench import jax_train_step
+from bench import train_step_cases
 
 
 @pytest.mark.slow
-def test_study_step_builds_and_lowers():
-  config = vs_pytorch._jax_config('esm48')
+@pytest.mark.parametrize('case', ['esm48', 'esm48v'])
+def test_study_step_builds_and_lowers(case):
+  config = jax_train_step.case_config(case)
   size, batch = config.data.image_size, config.train.batch_size
-  parts = vs_pytorch._Step(config, size)
+  parts = jax_train_step.TrainStep.create(config, vmapped=case == 'esm48v')
   assert parts.count_params() > 0
   state = jax.eval_shape(parts.init_state)
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jax.numpy.float32)
@@ -25,7 +24,6 @@ def test_study_step_builds_and_lowers():
 
 
 def test_timed_counts_the_page_faults_of_memory_touched_anew():
-  import mmap  # pylint: disable=g-import-not-at-top
   pages = 1024
 
   def step_once():  # a fresh anonymous mapping each call: every page faults on first touch
@@ -35,6 +33,6 @@ def test_timed_counts_the_page_faults_of_memory_touched_anew():
       for i in range(pages):
         m[i * mmap.PAGESIZE] = 1
 
-  timed = vs_pytorch._timed(step_once, 3)
+  timed = train_step_cases.timed(step_once, 3)
   assert len(timed['times']) == len(timed['cpu']) == 3
   assert timed['minflt'] >= pages and timed['sys_s'] >= 0

@@ -10,9 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import common
 from configs.default import get_default_config
+from esm import plotting
 from esm import run
 from tests.helpers import runs
 
@@ -50,6 +52,8 @@ def test_train_eval_writes_every_report_file(straight):
   for name in ('results.json', 'results.csv', 'report.md', 'figures/examples.png',
                'figures/trajectory.png', 'figures/roc.png'):
     assert os.path.exists(os.path.join(report, name)), name
+  with Image.open(os.path.join(report, 'figures', 'roc.png')) as roc:
+    assert roc.size == (480, 520)
   result = json.load(open(os.path.join(report, 'results.json')))['object']
   for key in ('image_auroc', 'pixel_auroc', 'aupro', 'pixel_ap', 'image_f1_max'):
     assert 0.0 <= result[key] <= 1.0, (key, result[key])
@@ -69,7 +73,6 @@ def test_bad_config_is_one_line_error_without_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   base, cfg = straight
   folder = tmp_path / 'new'
   folder.mkdir()
@@ -107,6 +110,10 @@ def test_sgm_sampler_on_an_esm_model_reads_eps_through_eq4(straight, tmp_path):
   assert result['method'] == 'sgm' and result['detectors'] == ['re']
   assert set(result['unavailable_detectors']) == {'u', 'kl'}
   assert 0.0 <= result['image_auroc'] <= 1.0
+  # The examples leave out the σ²_0 panel (and its colour bar) that esm_sigma's show.
+  with Image.open(tmp_path / 'figures' / 'examples.png') as sgm, Image.open(
+      base / 'straight' / 'report' / 'figures' / 'examples.png') as esm:
+    assert esm.width - sgm.width == 16 * 8 + plotting.BAR_PX + plotting.GAP_PX
 
 
 def test_an_empty_dataset_is_one_line_before_the_model_and_leaves_no_workdir(tmp_path):

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import common
 from configs.default import get_default_config
@@ -96,7 +97,8 @@ def test_eval_uses_tuned_values_unless_given_on_the_command_line(tuned_run):
   assert set(result['settings_source'].values()) == {'tuned'}
   report = open(os.path.join(workdir, 'report', 'report.md')).read()
   assert 'Label-free tuning' in report and '(tuned)' in report
-  assert os.path.exists(os.path.join(workdir, 'report', 'figures', 'tuning.png'))
+  with Image.open(os.path.join(workdir, 'report', 'figures', 'tuning.png')) as figure:
+    assert figure.size == (560, 420)
 
   cfg = common.override(cfg, {'sampling.t_d': 3})
   run.run(cfg, workdir, 'eval', overridden={'sampling.t_d'})

@@ -1,6 +1,6 @@
 """The U-Net is a fixed function: parameter tree, initialisation and outputs against stored values.
 
-tests/data/unet_reference.npz was written by the U-Net as it was before the speed work of issue 18
+tests/data/unet_reference.npz was written by the U-Net of commit dd5c0b8, before its CPU speed work
 (`python3 tests/test_unet_reference.py --write`, commit 'tests: stored U-Net reference'). Every
 later rewrite of esm/models/layers.py or unet.py must reproduce it: the same parameter names and
 shapes (old checkpoints load), the same initial values, and outputs equal to 1e-5 on fixed
@@ -141,7 +141,7 @@ def test_unet_matches_stored_reference(stored, name):
 
 
 if __name__ == '__main__':
-  # --src=DIR: the source tree whose U-Net writes the reference (the issue-18 reference was
+  # --src=DIR: the source tree whose U-Net writes the reference (the stored reference was
   # written by the tree of commit dd5c0b8, unpacked with `git archive dd5c0b8 | tar -x -C DIR`).
   if not sys.argv[1:] or sys.argv[1] != '--write':
     sys.exit('usage: python3 tests/test_unet_reference.py --write [--src=DIR]  (overwrites the '

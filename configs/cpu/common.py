@@ -14,7 +14,7 @@ Everything not listed here is the paper's setting. What changes, and why:
   ESM model trains in about 7 minutes on 2 cores, at the 65-69 img/s that main.py measured on the
   idle VM on 2026-12-01, or in 11 minutes on one core), not the paper's 1000 epochs. Chosen on
   bottle's development set (docs/benchmarks.md, "What the evidence supports"): every sampler of
-  the ESM and SGM models scored higher there at 1600 steps than at 400 (the budget until issue 17).
+  the ESM and SGM models scored higher there at 1600 steps than at 400.
 N_a and the blur σ are scaled with the image area and side by esm/detectors.py; DINO runs at 224².
 """
 

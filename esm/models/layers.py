@@ -52,7 +52,7 @@ def _per_channel(v, c: int, ndim: int, weights=None):
   not duplicate a dot into the full-size elementwise loops that read its result, as it does with
   cheap elementwise producers (an optimization_barrier does not stop that on CPU: it is removed
   before fusion). So this per-(example, channel) arithmetic runs once, not once per pixel; the
-  GroupNorm gradient took 2.3x less time (docs/benchmarks.md, issue 18)."""
+  GroupNorm gradient took 2.3x less time in the CPU-scale train step."""
   g = v.shape[-1]
   member = jnp.repeat(jnp.eye(g, dtype=v.dtype), c // g, axis=1)  # [G, C]
   if weights is not None:
@@ -124,7 +124,8 @@ class GroupNorm(nn.Module):
 
   flax's version reshapes to [..., groups, C/groups], whose minor dimension of C/groups (2 at 16
   channels and 8 groups) vectorises poorly; with autodiff through it and through SiLU, GroupNorm was
-  about 40% of the executed-op time of the CPU-scale train step (docs/benchmarks.md, issue 18).
+  about 40% of the executed-op time of the CPU-scale train step (this version's share: "Where the
+  time goes" in docs/benchmarks.md).
   Here the statistics are per-channel sums over space combined into groups on the small [B, C]
   result, the normalisation is one elementwise pass with per-(example, channel) coefficients, and
   the gradient is written out (`_group_norm_bwd`).
@@ -173,7 +174,7 @@ class UpsampleConv(nn.Module):
   reads only a 2x2 window of the input, with weights that are sums of the 3x3 kernel's taps
   (`_TAPS`). So one 2x2 conv with 4·C_out outputs over the input padded by one pixel, interleaved
   into the 2x-sized output, does 16 multiply-adds per output pixel and channel pair instead of 36,
-  and its gradients never touch the upsampled input (docs/benchmarks.md, issue 18)."""
+  and its gradients never touch the upsampled input."""
   features: int
   dtype: Dtype = jnp.float32
 
@@ -263,7 +264,7 @@ def attention(q, k, v):
   """Single-head softmax(q kᵀ / √C) v over [B, T, C] inputs: the function of
   jax.nn.dot_product_attention with one head (logits and softmax in float32, the probabilities cast
   back to v's dtype), written out because that function's general path, vmapped over head groups,
-  made the attention block's forward + backward 5x slower on CPU (docs/benchmarks.md, issue 18)."""
+  made the attention block's forward + backward 5x slower in the CPU-scale train step."""
   logits = jnp.einsum('btc,bsc->bts', q, k, preferred_element_type=jnp.float32)
   probs = jax.nn.softmax(logits * (1.0 / math.sqrt(q.shape[-1])), axis=-1)
   return jnp.einsum('bts,bsc->btc', probs.astype(v.dtype), v)

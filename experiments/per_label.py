@@ -1,6 +1,6 @@
 """Per step label: the ε error of trained models, σ²_θ's calibration and ESM's step multiplier λ.
 
-  python3 bench/per_label.py --workdirs=esm=RUN/esm/train,sgm=RUN/sgm/train \
+  python3 experiments/per_label.py --workdirs=esm=RUN/esm/train,sgm=RUN/sgm/train \
       [--labels=1,2,5,12,25,50,100,175,250] [--draws=4]
 
 For each workdir (a trained model; its config.json says which), on the held-out train/good images

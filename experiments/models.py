@@ -1,0 +1,15 @@
+"""The models the experiments compare, as dotted config overrides, and the CPU-scale categories.
+
+One table for experiments/study.py, tuning_study.py and evidence.py; evidence.py passes the same
+overrides to main.py as --config.<field>=<value>.
+"""
+
+MODELS = {
+    'esm': {'loss.kind': 'esm'},  # dual stream, eq. 10
+    'sgm': {'loss.kind': 'dsm', 'sampling.method': 'sgm'},  # single stream, DSM
+    'hybrid': {'loss.kind': 'hybrid'},  # ours: DSM ε + eq. 10 σ²
+    'esm_direct': {'loss.kind': 'esm', 'model.var_param': 'direct'},  # ESM, σ² = exp(v)
+}
+
+# The CPU-scale categories (configs/cpu/<category>.py) and the dataset folder each lies in.
+DATASETS = {'bottle': 'mvtec_ad', 'metal_plate': 'mpdd'}
