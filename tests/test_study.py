@@ -8,7 +8,7 @@ import numpy as np
 
 from datasets import pipeline
 from esm import dev_set
-from tests import data_folders
+from tests.helpers import data_folders
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
 import study  # pylint: disable=g-import-not-at-top,wrong-import-position
