@@ -56,7 +56,7 @@ from esm import run as run_lib
 from esm import scoring
 from esm import tune
 from esm import tuned as tuned_lib
-from experiments.models import MODELS
+from experiments.models import MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 STAGES = ('train', 'tune', 'evaluate', 'table', 'difficulty')
@@ -68,7 +68,6 @@ LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",
 RESAMPLES = 2000
 
 _STAGE = flags.DEFINE_enum('stage', None, STAGES, 'The stage to run.')
-_ROOT = flags.DEFINE_string('root', None, 'Folder holding one folder per dataset (mvtec_ad/, mpdd/).')
 _RUNS = flags.DEFINE_string('runs', None, 'Folder of the runs and the tables.')
 _CATEGORIES = flags.DEFINE_list(
     'categories', ['mvtec_ad/bottle', 'mvtec_ad/pill', 'mpdd/metal_plate'], 'dataset/category list.')
@@ -388,7 +387,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   overrides = {k: ast.literal_eval(v) for k, v in (o.split('=', 1) for o in _OVERRIDES.value)}
-  runs = make_runs(_ROOT.value, _RUNS.value, _CATEGORIES.value, _MODELS.value, _SEEDS.value,
+  runs = make_runs(ROOT.value, _RUNS.value, _CATEGORIES.value, _MODELS.value, _SEEDS.value,
                    overrides)
   run_stage(_STAGE.value, runs, _RUNS.value, _FEATURES_AT.value)
 

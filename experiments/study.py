@@ -41,7 +41,7 @@ from esm import plotting
 from esm import run as run_lib
 from esm import scoring
 from esm import validate
-from experiments.models import DATASETS, MODELS
+from experiments.models import DATASETS, MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 DEV_CATEGORY = 'bottle'
@@ -303,7 +303,6 @@ def _figure(cases: Cases, methods: list, path: str) -> None:
 
 
 _CATEGORY = flags.DEFINE_enum('category', None, sorted(DATASETS), 'Category to study.')
-_ROOT = flags.DEFINE_string('root', None, 'Folder holding mvtec_ad/ and mpdd/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the study (resumable).')
 _STAGES = flags.DEFINE_list('stages', ['train', 'select', 'report'], 'Stages to run.')
 _FIGURE = flags.DEFINE_string('figure', '', 'Default docs/figures/study_<category>.png.')
@@ -314,7 +313,7 @@ flags.mark_flags_as_required(['category', 'root', 'workdir'])
 def main(argv):
   del argv
   stages, workdir, category = _STAGES.value, _WORKDIR.value, _CATEGORY.value
-  base = base_config(category, _ROOT.value)
+  base = base_config(category, ROOT.value)
   dev = category == DEV_CATEGORY
   cases = Cases(workdir, category)
   sections = []
