@@ -18,6 +18,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 from esm.analysis import score_error  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _NUM_STEPS = flags.DEFINE_integer('num_steps', 100, 'training steps per model (two chunks)')
@@ -26,6 +27,7 @@ _BUDGET_S = 180.0  # process CPU seconds of the default analysis
 
 def main(argv):
   del argv
+  print(machine.header(), flush=True)
   default = score_error.ScoreErrorConfig()
   train = dataclasses.replace(default.train, num_steps=_NUM_STEPS.value,
                               chunk=_NUM_STEPS.value // 2)

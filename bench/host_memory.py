@@ -18,6 +18,8 @@ from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from bench import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CALLS = flags.DEFINE_integer('calls', 20, 'calls per side (the last five are reported)')
 _MIB = flags.DEFINE_integer('mib', 64, 'size of the output buffer XLA allocates per call')
@@ -56,6 +58,7 @@ def _huge_pages() -> str:
 
 def main(argv):
   del argv
+  print(machine.header(), flush=True)
   num_floats = _MIB.value << 18  # float32: 4 bytes each
   pages = num_floats * 4 // os.sysconf('SC_PAGE_SIZE')
   default, reuse = _faults('default', num_floats), _faults('reuse', num_floats)
