@@ -46,7 +46,6 @@ from datasets.folder import resize_rgb
 from esm import baselines
 from esm import config as config_lib
 from esm import detectors as det
-from esm import dev_defects
 from esm import dev_set
 from esm import metrics
 from esm import parallel
@@ -356,10 +355,7 @@ def stage_difficulty(runs: List[Run]) -> str:
   lines = ['| category | set | family | image AUROC | pixel AUROC |', '|---|---|---|---|---|']
   for run in {r.category: r for r in runs}.values():
     config = run.config()
-    normal = dev_defects.make_normal(pipeline.source_images(config.data, 'train'),
-                                     config.data.image_size)
-    new = dev_set.make_dev_set(pipeline.source_images(config.data, 'val'), normal, config.tune,
-                               config.eval.batch_size)
+    new, normal = tune.development_set(config)
     val = pipeline.get_eval_data(config.data, 'val', global_batch_size=config.eval.batch_size)
     legacy = dev_set.make_painted_dev_set(val, run.config(LEGACY).tune)
     out = {name: dev_set.model_free(d, normal.stats) for name, d in (('new', new), ('legacy', legacy))}

@@ -33,13 +33,13 @@ from absl import flags
 from absl import logging
 
 from configs.common import override
-from datasets import pipeline
 from esm import config as config_lib
 from esm import dev_set
 from esm import evaluate as evaluate_lib
 from esm import plotting
 from esm import run as run_lib
 from esm import scoring
+from esm import tune
 from esm import validate
 from experiments.models import DATASETS, MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -75,9 +75,7 @@ def train_models(base, workdir: str, category: str, models) -> dict:
 # --- the development set (training images only: esm/dev_set.py, as --mode=tune builds it) --------
 
 def make_dev_set(base) -> dev_set.DevSet:
-  config = config_lib.from_configdict(base)
-  val = pipeline.get_eval_data(config.data, 'val', global_batch_size=config.eval.batch_size)
-  return dev_set.make_dev_set(val, config.tune)
+  return tune.development_set(config_lib.from_configdict(base))[0]
 
 
 def dev_score(config_dict, model_wd: str, dev: dev_set.DevSet) -> dict:

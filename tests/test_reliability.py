@@ -524,7 +524,6 @@ def test_a_test_split_with_one_class_gives_na_metrics(baseline, tmp_path, name, 
 
 @pytest.mark.slow
 def test_predict_skips_non_images_and_refuses_corrupt_ones_before_any_compute(baseline, tmp_path):
-  from esm import predict as predict_lib  # pylint: disable=g-import-not-at-top
   cache, workdir, _ = baseline
   config = micro_config(cache)
   folder = tmp_path / 'in'
@@ -532,18 +531,18 @@ def test_predict_skips_non_images_and_refuses_corrupt_ones_before_any_compute(ba
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / 'a.png')
   (folder / 'b.png').write_text('not an image')
   with pytest.raises(UserError, match=r'b\.png: corrupt, truncated or unreadable image'):
-    predict_lib.predict(config, workdir, str(folder))
+    run.run(config, workdir, 'predict', input_dir=str(folder))
   (folder / 'b.png').unlink()
   (folder / 'notes.txt').write_text('hello')
   # notes.txt is skipped with a warning; the next check is the saved state of a workdir never
   # evaluated.
   with pytest.raises(UserError, match=r'detector\.json: no saved detector state; run --mode=eval'):
-    predict_lib.predict(config, str(tmp_path / 'never_evaluated'), str(folder))
+    run.run(config, str(tmp_path / 'never_evaluated'), 'predict', input_dir=str(folder))
   empty = tmp_path / 'empty'
   empty.mkdir()
   (empty / 'notes.txt').write_text('hello')
   with pytest.raises(UserError, match='no images found'):
-    predict_lib.predict(config, workdir, str(empty))
+    run.run(config, workdir, 'predict', input_dir=str(empty))
   assert not os.path.exists(os.path.join(workdir, 'predict'))
 
 

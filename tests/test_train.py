@@ -56,9 +56,10 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
   import jax, numpy as np
   from esm import parallel, train as train_lib
   from esm.models import utils as mutils
+  from esm.config import from_configdict
   from tests.helpers import runs
   assert jax.device_count() == 2
-  config = runs.config('micro')
+  config = from_configdict(runs.config('micro'))
   SIZE = config.data.image_size
   built = mutils.build(config, SIZE)
   step_fn = train_lib.get_train_step_fn(built.loss_fn, 0.9)
