@@ -124,9 +124,10 @@ def typed_config(config_dict, overridden=(), input_dir=None, output_dir=None) ->
 
 
 def run(config_dict, workdir: str, mode: str, input_dir=None, overridden=(),
-        output_dir=None) -> None:
+        output_dir=None) -> bool:
   """Runs `mode` on every category the config names. `overridden`: the dotted config fields given
-  on the command line, which win over DIR/tuned.json; input_dir, output_dir: predict's folders."""
+  on the command line, which win over DIR/tuned.json; input_dir, output_dir: predict's folders.
+  False when training was preempted (its checkpoint is saved; a rerun resumes)."""
   config = typed_config(config_dict, overridden, input_dir, output_dir)
   validate.validate_config(config, mode)
   enable_compilation_cache(config.compilation_cache_dir)
@@ -145,8 +146,9 @@ def run(config_dict, workdir: str, mode: str, input_dir=None, overridden=(),
             cfg.predict.output_dir, category)})
     finished, result = run_category(cfg, wd, mode)
     if not finished:
-      return  # preempted: the checkpoint is saved, the rerun resumes
+      return False  # preempted: the checkpoint is saved, the rerun resumes
     if mode_steps(mode, cfg)[-1] == 'eval':
       results.append(result)
   if multi and results and jax.process_index() == 0:
     report.write_combined(results, workdir)
+  return True

@@ -127,9 +127,11 @@ def write_json(path: str, value) -> None:
 
 
 def timed(run: Run, key: str, fn) -> None:
-  """fn(), with its wall and CPU seconds added to timing.json under key."""
+  """fn(), with its wall and CPU seconds added to timing.json under key; fn() returning False
+  (a preempted training, its checkpoint saved) ends the stage, and a rerun resumes it."""
   wall, cpu = time.time(), time.process_time()
-  fn()
+  if fn() is False:
+    raise SystemExit(f'{run.workdir}: preempted; rerun the stage to resume')
   timing = read_json(run.path('timing.json')) or {}
   timing[key] = {'wall_s': round(time.time() - wall, 1), 'cpu_s': round(time.process_time() - cpu, 1)}
   write_json(run.path('timing.json'), timing)

@@ -67,7 +67,8 @@ def train_models(base, workdir: str, category: str, models) -> dict:
     cfg = override(base, MODELS[name])
     t = time.time()
     logging.info('=== training %s/%s', category, name)
-    run_lib.run(cfg, model_dir(workdir, category, name), 'train')
+    if not run_lib.run(cfg, model_dir(workdir, category, name), 'train'):
+      raise SystemExit(f'{category}/{name}: preempted; rerun the stage to resume')
     seconds[name] = time.time() - t
   return seconds
 

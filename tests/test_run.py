@@ -34,7 +34,7 @@ def straight(tmp_path_factory):
   """Thirty steps in one go, in this process."""
   base = tmp_path_factory.mktemp('run')
   cfg = runs.config('tiny', str(base / 'cache'), {'train.num_steps': 30})
-  run.run(cfg, str(base / 'straight'), 'train')
+  assert run.run(cfg, str(base / 'straight'), 'train') is True
   return base, cfg
 
 
@@ -117,6 +117,13 @@ def test_sgm_sampler_on_an_esm_model_reads_eps_through_eq4(straight, tmp_path):
   with Image.open(tmp_path / 'figures' / 'examples.png') as sgm, Image.open(
       base / 'straight' / 'report' / 'figures' / 'examples.png') as esm:
     assert esm.width - sgm.width == 16 * 8 + plotting.BAR_PX + plotting.GAP_PX
+
+
+def test_a_preempted_training_makes_run_return_false(straight, monkeypatch):
+  base, cfg = straight
+  monkeypatch.setitem(run.MODES, 'train', lambda config, workdir: None)  # as after a SIGTERM
+  assert run.run(cfg, str(base / 'preempted'), 'train_eval') is False
+  assert not os.path.exists(os.path.join(base, 'preempted', 'report'))  # eval did not run
 
 
 def test_an_empty_dataset_is_one_line_before_the_model_and_leaves_no_workdir(tmp_path):
