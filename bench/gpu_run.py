@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from bench import machine
 from bench.gpu_common import H200_BF16_PEAK, run_evals, steady_images_per_second
 from bench.gpu_configs import dry_run_config, gpu_config
 from esm import config as config_lib
@@ -72,6 +73,7 @@ def main(argv):
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   logging.set_verbosity(logging.INFO)
   start = time.time()
+  print(machine.header(), flush=True)
 
   if _DRY_RUN.value:
     config = dry_run_config(_WORKDIR.value)

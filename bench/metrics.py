@@ -28,6 +28,7 @@ import sklearn.metrics
 from absl import app
 from absl import flags
 
+from bench import machine
 from esm import metrics
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -144,6 +145,7 @@ def main(argv):
   if _WORKER.value:
     print(json.dumps(worker(_WORKER.value, _FOLDER.value)))
     return
+  print(machine.header(), flush=True)
   rows = []
   for size in [float(s) for s in _SIZES.value]:
     with tempfile.TemporaryDirectory(prefix='bench_metrics_') as folder:

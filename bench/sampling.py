@@ -28,6 +28,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 from esm import host_memory  # pylint: disable=wrong-import-position
 from esm import sampling  # pylint: disable=wrong-import-position
 from esm.models import dual_stream  # pylint: disable=wrong-import-position
@@ -70,6 +71,7 @@ def main(argv):
   batch, image_size, t_d_paper, t_d_overhead = (_BATCH.value, _IMAGE_SIZE.value, _T_D.value,
                                                 _OVERHEAD_T_D.value)
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
+  print(machine.header(), flush=True)
 
   sde = VPSDE(SDEConfig())
   x0 = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3),

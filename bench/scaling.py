@@ -29,6 +29,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from bench import machine
 from configs import common
 from configs.default import get_default_config
 from esm import config as config_lib
@@ -126,6 +127,7 @@ def main(argv):
   if _WORKER.value:
     worker()
     return
+  print(machine.header(), flush=True)
   n = _DEVICES.value
   cases = [tuple(int(v) for v in c.split('x'))
            for c in _CASES.value or ['1x1', f'1x{n}', f'{n}x1']]

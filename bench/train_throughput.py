@@ -19,6 +19,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from absl import app  # pylint: disable=wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
 
+from bench import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import common  # pylint: disable=wrong-import-position
 from configs import demo  # pylint: disable=wrong-import-position
 from configs.default import get_default_config  # pylint: disable=wrong-import-position
@@ -89,6 +90,7 @@ def main(argv):
   del argv
   steps = _STEPS.value
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
+  print(machine.header(), flush=True)
 
   cpu = common.set_cpu_model(get_default_config())
   cpu.data.image_size, cpu.train.batch_size = 48, 16

@@ -16,17 +16,19 @@ samplers, ESM^σ floors, compilations, S_Cos points), against train.num_steps tr
 one table.
 """
 
-import argparse
 import os
 import sys
 import time
 
 import jax
 import numpy as np
+from absl import app
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
+from bench import machine
 from configs.common import override
 from configs.cpu.common import cpu_config
 from datasets import pipeline
@@ -109,29 +111,32 @@ def tuning_counts(config, num_train: int, rule: str):
   return calls, points + feature_points, feature_points * images, images
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--categories', default='bottle:209:25,pill:267:41,metal_plate:54:12')
-  ap.add_argument('--batch', type=int, default=16)
-  ap.add_argument('--repeats', type=int, default=2)
-  args = ap.parse_args()
+_CATEGORIES = flags.DEFINE_string('categories', 'bottle:209:25,pill:267:41,metal_plate:54:12',
+                                  'name:train/good images:T_d of each category, comma-separated')
+_BATCH = flags.DEFINE_integer('batch', 16, 'Batch of the measured train steps and reconstructions.')
+_REPEATS = flags.DEFINE_integer('repeats', 2, 'Timed repeats of each unit.')
+
+
+def main(argv):
+  del argv
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
+  print(machine.header(), flush=True)
   base = cpu_config('mvtec_ad', 'bottle', 100)
   esm, dsm = (from_configdict(override(base, o)) for o in (
       {}, {'loss.kind': 'dsm', 'sampling.method': 'sgm'}))
-  step = {'esm': train_step_cost(esm, args.batch, args.repeats),
-          'sgm': train_step_cost(dsm, args.batch, args.repeats)}
+  step = {'esm': train_step_cost(esm, _BATCH.value, _REPEATS.value),
+          'sgm': train_step_cost(dsm, _BATCH.value, _REPEATS.value)}
   t_d = 6
-  per_image, compile_s = scorer_cost(esm, False, t_d, args.batch, args.repeats)
-  with_vit, _ = scorer_cost(esm, True, t_d, args.batch, args.repeats)
-  per_call, vit, paint = per_image / t_d, with_vit - per_image, paint_cost(args.repeats)
+  per_image, compile_s = scorer_cost(esm, False, t_d, _BATCH.value, _REPEATS.value)
+  with_vit, _ = scorer_cost(esm, True, t_d, _BATCH.value, _REPEATS.value)
+  per_call, vit, paint = per_image / t_d, with_vit - per_image, paint_cost(_REPEATS.value)
   print(f'units (CPU s): train step {step["esm"]:.3f} (esm) {step["sgm"]:.3f} (dsm); per image and '
         f'network call {per_call:.4f}; S_Cos per image {vit:.3f}; compile per point '
         f'{compile_s:.1f}; painting per defect {paint:.3f}')
   print('| category | model | rule | dev images | image x calls | points | tune CPU s | '
         'train CPU s | tune / train |')
   print('|---|---|---|---|---|---|---|---|---|')
-  for spec in args.categories.split(','):
+  for spec in _CATEGORIES.value.split(','):
     name, num_train, own_t_d = spec.split(':')
     for model, cfg in (('esm', esm), ('sgm', dsm)):
       cfg = with_fields(cfg, {'sampling.t_d': int(own_t_d)})
@@ -144,4 +149,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

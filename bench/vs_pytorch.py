@@ -36,6 +36,7 @@ from absl import app
 from absl import flags
 
 from bench import jax_train_step
+from bench import machine
 from bench.train_step_cases import CASES
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -240,7 +241,9 @@ def main(argv):
   if _WORKER.value:
     res = worker_result(_WORKER.value, _CASE.value, _STEPS.value, _THREADS.value)
     print('RESULT ' + json.dumps(res), flush=True)
-  elif _PROFILE.value:
+    return
+  print(machine.header(), flush=True)
+  if _PROFILE.value:
     profile_table(_PROFILE.value)
   elif _COMPILE_PAPER.value:
     compile_table(_COMPILE_PAPER.value)

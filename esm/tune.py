@@ -215,12 +215,19 @@ def noise_aware_record(config: Config, dev, rows, decision, table, model_free, s
   }
 
 
-def run_noise_aware(config: Config, workdir: str, restored) -> Tuple[Dict[str, Any], Any]:
-  """(tuned.json content, per-candidate evidence) under the noise-aware rule."""
-  held_out = pipeline.source_images(config.data, 'val')
+def development_set(config: Config) -> Tuple[dev_set.DevSet, dev_defects.Normal]:
+  """The development set of config's category: its held-out images at stored size, clean and with
+  defects made from its training slice; and that slice's statistics (the `normal` it used)."""
   normal = dev_defects.make_normal(pipeline.source_images(config.data, 'train'),
                                    config.data.image_size)
-  dev = dev_set.make_dev_set(held_out, normal, config.tune, config.eval.batch_size)
+  dev = dev_set.make_dev_set(pipeline.source_images(config.data, 'val'), normal, config.tune,
+                             config.eval.batch_size)
+  return dev, normal
+
+
+def run_noise_aware(config: Config, workdir: str, restored) -> Tuple[Dict[str, Any], Any]:
+  """(tuned.json content, per-candidate evidence) under the noise-aware rule."""
+  dev, normal = development_set(config)
   model_free = dev_set.model_free(dev, normal.stats)
   rows, evidence, decision, table = noise_aware_candidates(config, workdir, dev, restored,
                                                            model_free)

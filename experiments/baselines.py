@@ -26,10 +26,9 @@ from datasets import pipeline
 from esm import baselines
 from esm import config as config_lib
 from esm import metrics
-from experiments.models import DATASETS
+from experiments.models import DATASETS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_ROOT = flags.DEFINE_string('root', None, 'Folder holding mvtec_ad/ and mpdd/.')
 _CATEGORIES = flags.DEFINE_list('categories', ['bottle', 'pill', 'metal_plate'], 'Categories.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 48, 'Model resolution of the images.')
 _METHODS = flags.DEFINE_list('methods', list(baselines.BASELINES), 'Baselines to measure.')
@@ -40,7 +39,7 @@ flags.mark_flag_as_required('root')
 def category_config(category: str) -> config_lib.Config:
   """The category's configs/cpu/ config at --image_size with --methods."""
   c = importlib.import_module(f'configs.cpu.{category}').get_config()
-  c = override(c, {'data.root': os.path.join(_ROOT.value, DATASETS[category]),
+  c = override(c, {'data.root': os.path.join(ROOT.value, DATASETS[category]),
                    'data.image_size': _IMAGE_SIZE.value,
                    'baselines.methods': tuple(_METHODS.value)})
   return config_lib.from_configdict(c)

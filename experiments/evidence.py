@@ -43,10 +43,9 @@ from absl import logging
 
 from experiments import evidence_report
 from experiments.evidence_layout import FLOORS, Layout, methods_of
-from experiments.models import DATASETS, MODELS
+from experiments.models import DATASETS, MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_ROOT = flags.DEFINE_string('root', None, 'Folder holding mvtec_ad/ and mpdd/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumable).')
 _STAGES = flags.DEFINE_list('stages', ['train', 'tune', 'eval', 'report'], 'Stages to run.')
 _CATEGORIES = flags.DEFINE_list('categories', ['bottle', 'metal_plate'], 'CPU-scale categories.')
@@ -77,7 +76,7 @@ def layout_of_flags() -> Layout:
 
 def base_args(layout: Layout, category: str, model: str, seed: int) -> List[str]:
   return [f'--config=configs/cpu/{category}.py',
-          f'--config.data.root={os.path.join(_ROOT.value, DATASETS[category])}',
+          f'--config.data.root={os.path.join(ROOT.value, DATASETS[category])}',
           f'--config.data.tfds_dir={os.path.join(layout.workdir, "tfds")}',
           f'--config.seed={seed}', *[f'--config.{k}={v}' for k, v in MODELS[model].items()]]
 

@@ -1,8 +1,11 @@
-"""The models the experiments compare, as dotted config overrides, and the CPU-scale categories.
+"""The models the experiments compare, as dotted config overrides, the CPU-scale categories, and
+the flag every experiment shares (--root), defined once so that the scripts import together.
 
 One table for experiments/study.py, regret.py and evidence.py; evidence.py passes the same
 overrides to main.py as --config.<field>=<value>.
 """
+
+from absl import flags
 
 MODELS = {
     'esm': {'loss.kind': 'esm'},  # dual stream, eq. 10
@@ -13,3 +16,5 @@ MODELS = {
 
 # The CPU-scale categories (configs/cpu/<category>.py) and the dataset folder each lies in.
 DATASETS = {'bottle': 'mvtec_ad', 'pill': 'mvtec_ad', 'metal_plate': 'mpdd'}
+
+ROOT = flags.DEFINE_string('root', None, 'Folder holding one folder per dataset (mvtec_ad/, mpdd/).')

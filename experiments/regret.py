@@ -46,7 +46,6 @@ from datasets.folder import resize_rgb
 from esm import baselines
 from esm import config as config_lib
 from esm import detectors as det
-from esm import dev_defects
 from esm import dev_set
 from esm import metrics
 from esm import parallel
@@ -56,7 +55,7 @@ from esm import run as run_lib
 from esm import scoring
 from esm import tune
 from esm import tuned as tuned_lib
-from experiments.models import MODELS
+from experiments.models import MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 STAGES = ('train', 'tune', 'evaluate', 'table', 'difficulty')
@@ -68,7 +67,6 @@ LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",
 RESAMPLES = 2000
 
 _STAGE = flags.DEFINE_enum('stage', None, STAGES, 'The stage to run.')
-_ROOT = flags.DEFINE_string('root', None, 'Folder holding one folder per dataset (mvtec_ad/, mpdd/).')
 _RUNS = flags.DEFINE_string('runs', None, 'Folder of the runs and the tables.')
 _CATEGORIES = flags.DEFINE_list(
     'categories', ['mvtec_ad/bottle', 'mvtec_ad/pill', 'mpdd/metal_plate'], 'dataset/category list.')
@@ -357,10 +355,7 @@ def stage_difficulty(runs: List[Run]) -> str:
   lines = ['| category | set | family | image AUROC | pixel AUROC |', '|---|---|---|---|---|']
   for run in {r.category: r for r in runs}.values():
     config = run.config()
-    normal = dev_defects.make_normal(pipeline.source_images(config.data, 'train'),
-                                     config.data.image_size)
-    new = dev_set.make_dev_set(pipeline.source_images(config.data, 'val'), normal, config.tune,
-                               config.eval.batch_size)
+    new, normal = tune.development_set(config)
     val = pipeline.get_eval_data(config.data, 'val', global_batch_size=config.eval.batch_size)
     legacy = dev_set.make_painted_dev_set(val, run.config(LEGACY).tune)
     out = {name: dev_set.model_free(d, normal.stats) for name, d in (('new', new), ('legacy', legacy))}
@@ -388,7 +383,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   overrides = {k: ast.literal_eval(v) for k, v in (o.split('=', 1) for o in _OVERRIDES.value)}
-  runs = make_runs(_ROOT.value, _RUNS.value, _CATEGORIES.value, _MODELS.value, _SEEDS.value,
+  runs = make_runs(ROOT.value, _RUNS.value, _CATEGORIES.value, _MODELS.value, _SEEDS.value,
                    overrides)
   run_stage(_STAGE.value, runs, _RUNS.value, _FEATURES_AT.value)
 

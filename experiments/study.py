@@ -33,15 +33,15 @@ from absl import flags
 from absl import logging
 
 from configs.common import override
-from datasets import pipeline
 from esm import config as config_lib
 from esm import dev_set
 from esm import evaluate as evaluate_lib
 from esm import plotting
 from esm import run as run_lib
 from esm import scoring
+from esm import tune
 from esm import validate
-from experiments.models import DATASETS, MODELS
+from experiments.models import DATASETS, MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 DEV_CATEGORY = 'bottle'
@@ -75,9 +75,7 @@ def train_models(base, workdir: str, category: str, models) -> dict:
 # --- the development set (training images only: esm/dev_set.py, as --mode=tune builds it) --------
 
 def make_dev_set(base) -> dev_set.DevSet:
-  config = config_lib.from_configdict(base)
-  val = pipeline.get_eval_data(config.data, 'val', global_batch_size=config.eval.batch_size)
-  return dev_set.make_dev_set(val, config.tune)
+  return tune.development_set(config_lib.from_configdict(base))[0]
 
 
 def dev_score(config_dict, model_wd: str, dev: dev_set.DevSet) -> dict:
@@ -303,7 +301,6 @@ def _figure(cases: Cases, methods: list, path: str) -> None:
 
 
 _CATEGORY = flags.DEFINE_enum('category', None, sorted(DATASETS), 'Category to study.')
-_ROOT = flags.DEFINE_string('root', None, 'Folder holding mvtec_ad/ and mpdd/.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the study (resumable).')
 _STAGES = flags.DEFINE_list('stages', ['train', 'select', 'report'], 'Stages to run.')
 _FIGURE = flags.DEFINE_string('figure', '', 'Default docs/figures/study_<category>.png.')
@@ -314,7 +311,7 @@ flags.mark_flags_as_required(['category', 'root', 'workdir'])
 def main(argv):
   del argv
   stages, workdir, category = _STAGES.value, _WORKDIR.value, _CATEGORY.value
-  base = base_config(category, _ROOT.value)
+  base = base_config(category, ROOT.value)
   dev = category == DEV_CATEGORY
   cases = Cases(workdir, category)
   sections = []

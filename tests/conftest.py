@@ -1,7 +1,6 @@
-"""Shared pytest setup: the real-data location and a marker for tests that need it."""
+"""Shared pytest setup: XLA flags for tiny models and one compilation cache per session."""
 
 import os
-import pathlib
 
 # Tests use tiny models whose run time is dominated by XLA compilation on CPU: the lowest backend
 # optimisation level compiles about twice as fast. Set before jax is imported by any test module.
@@ -9,17 +8,6 @@ os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']).strip()
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get('ESM_SHARED_DATA', REPO.parent / 'shared' / 'data'))
-
-
-def shared_data_dir(*parts) -> pathlib.Path:
-  """Path under ../shared/data, or skip the test when that folder is absent."""
-  path = SHARED_DATA.joinpath(*parts)
-  if not path.exists():
-    pytest.skip(f'real data not present at {path}')
-  return path
 
 
 @pytest.fixture(scope='session', autouse=True)

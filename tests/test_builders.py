@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import shared_data_dir
 from datasets import builder
 from datasets import mpdd
 from datasets import mvtec_ad
-from tests import data_folders
 from datasets import visa
 from esm.errors import UserError
+from tests.helpers import data_folders
+from tests.helpers.shared_data import shared_data_dir
 
 
 def test_one_config_per_official_category():

@@ -14,23 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
-from configs.default import get_default_config
 from esm import run
 from esm.errors import UserError
-import test_run  # pylint: disable=g-bad-import-order  (a sibling test module: its tiny set-up)
+from tests.helpers import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# test_run's synthetic set and sizes; 4 steps, logged every 2, one checkpoint, the esm sampler.
-OVERRIDES = {**test_run.OVERRIDES, 'train.log_every': 2, 'train.ckpt_every': 4,
-             'train.num_steps': 4, 'sampling.method': 'esm'}
+# 4 steps, logged every 2, one checkpoint, the esm sampler.
+OVERRIDES = {'train.log_every': 2, 'train.ckpt_every': 4, 'train.num_steps': 4,
+             'sampling.method': 'esm'}
 
 
 def micro_config(cache: str, **changes):
-  c = common.override(common.set_micro_model(get_default_config()), {**OVERRIDES, **changes})
-  c.data.root = os.path.join(cache, 'synthetic')
-  c.data.tfds_dir = os.path.join(cache, 'tfds')
-  return c
+  return runs.config('micro', cache, {**OVERRIDES, **changes})
 
 
 def _images(n: int, seed: int = 0):
@@ -85,6 +80,7 @@ def evaluated(tmp_path_factory):
   return cache, workdir, config
 
 
+@pytest.mark.slow
 def test_training_logs_compilation_apart(evaluated):
   del evaluated  # run for its log
   messages = _RUN_LOG
@@ -93,6 +89,7 @@ def test_training_logs_compilation_apart(evaluated):
   assert compiling and steps and compiling[0] < steps[0], messages[:20]
 
 
+@pytest.mark.slow
 def test_eval_writes_the_detector_state(evaluated):
   _, workdir, _ = evaluated
   with open(os.path.join(workdir, 'detector.json')) as f:
@@ -107,6 +104,7 @@ def test_eval_writes_the_detector_state(evaluated):
   assert 'features.model' not in state['fields']  # S_Cos is off: the ViT is no part of the state
 
 
+@pytest.mark.slow
 def test_an_image_scores_the_same_alone_in_a_folder_and_at_any_batch_size(evaluated):
   from esm import Detector  # pylint: disable=g-import-not-at-top
   _, workdir, _ = evaluated
@@ -123,21 +121,25 @@ _TWO_DEVICES = r'''
 import sys
 import jax
 assert jax.device_count() == 2, jax.devices()
+import numpy as np
 from esm import Detector
-sys.path.insert(0, 'tests')
-from test_detector import _images
-print('SCORES', Detector.load(sys.argv[1], batch_size=2).predict(_images(6)).scores[3])
+with np.load(sys.argv[2]) as saved:
+  images = [saved[f'arr_{k}'] for k in range(len(saved.files))]
+print('SCORES', Detector.load(sys.argv[1], batch_size=2).predict(images).scores[3])
 '''
 
 
-def test_two_devices_give_the_scores_of_one(evaluated):
+@pytest.mark.slow
+def test_two_devices_give_the_scores_of_one(evaluated, tmp_path):
   from esm import Detector  # pylint: disable=g-import-not-at-top
   _, workdir, _ = evaluated
-  one = Detector.load(workdir, batch_size=4).predict([_images(6)[3]]).scores[0]
+  images = _images(6)
+  np.savez(tmp_path / 'images.npz', *images)  # of several sizes: arr_0 ... arr_5
+  one = Detector.load(workdir, batch_size=4).predict([images[3]]).scores[0]
   flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
   env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', _TWO_DEVICES, workdir], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run([sys.executable, '-c', _TWO_DEVICES, workdir, str(tmp_path / 'images.npz')],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   two = float(out.stdout.split('SCORES')[1])  # in a folder of six, each batch split over 2 devices
   np.testing.assert_allclose(two, one, rtol=1e-5)
@@ -152,6 +154,7 @@ def _folder(path, images, extra_files=()):
   return str(path)
 
 
+@pytest.mark.slow
 def test_predict_mode_reads_the_saved_state_and_writes_readable_outputs(evaluated, tmp_path):
   from esm import Detector  # pylint: disable=g-import-not-at-top
   cache, workdir, _ = evaluated
@@ -177,6 +180,7 @@ def test_predict_mode_reads_the_saved_state_and_writes_readable_outputs(evaluate
       assert o.size[0] > img.shape[1] and o.size[1] >= img.shape[0]  # input plus its colour bar
 
 
+@pytest.mark.slow
 def test_predict_refuses_flags_that_contradict_the_saved_state(evaluated, tmp_path):
   cache, workdir, _ = evaluated
   folder = _folder(tmp_path / 'in', _images(1))
@@ -204,9 +208,9 @@ def readme_run(evaluated, tmp_path_factory):
   tmp = tmp_path_factory.mktemp('readme')
   folder = _folder(tmp / 'in', _images(2, seed=3))
   config_file = tmp / 'config.py'  # the test's micro config in place of configs/mvtec.py
-  config_file.write_text(f'import sys\nsys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
-                         'from test_detector import micro_config\n'
-                         f'def get_config(arg=None):\n  return micro_config({cache!r})\n')
+  config_file.write_text('from tests.helpers import runs\n'
+                         'def get_config(arg=None):\n'
+                         f'  return runs.config("micro", {cache!r}, {OVERRIDES!r})\n')
   for line in _readme_blocks('bash')[0].splitlines():
     if line.startswith('python3 main.py'):
       args = line.replace('configs/mvtec.py', str(config_file)).replace('DIR', workdir).replace(
@@ -217,6 +221,7 @@ def readme_run(evaluated, tmp_path_factory):
   return workdir, folder
 
 
+@pytest.mark.slow
 def test_readme_commands_run(readme_run):
   workdir, folder = readme_run
   last = sorted(os.listdir(os.path.join(workdir, 'predict')))[-1]
@@ -243,6 +248,7 @@ np.savez(sys.argv[3], scores=scores, maps=maps)
 '''
 
 
+@pytest.mark.slow
 def test_exported_artifact_agrees_with_the_api_in_a_process_without_flax(readme_run, tmp_path):
   from esm import Detector  # pylint: disable=g-import-not-at-top
   workdir, _ = readme_run
@@ -262,6 +268,7 @@ def test_exported_artifact_agrees_with_the_api_in_a_process_without_flax(readme_
   np.testing.assert_allclose(exported['maps'], api.model_maps, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_refit_replaces_the_saved_state_with_the_given_flags(evaluated, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   cache, workdir, _ = evaluated
@@ -282,6 +289,7 @@ def test_refit_replaces_the_saved_state_with_the_given_flags(evaluated, tmp_path
   assert after['normalisation'] == before['normalisation']  # the same held-out images, same noise
 
 
+@pytest.mark.slow
 def test_a_state_of_an_older_checkpoint_is_refused(evaluated, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   from esm import Detector  # pylint: disable=g-import-not-at-top

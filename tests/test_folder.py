@@ -6,10 +6,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import shared_data_dir
 from datasets import folder
-from tests import data_folders
 from esm.errors import UserError
+from tests.helpers import data_folders
+from tests.helpers.shared_data import shared_data_dir
 
 
 def test_mvtec_layout_lists_and_decodes(tmp_path):

@@ -7,9 +7,12 @@ import time
 
 import pytest
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run(tmp_path):
   env = dict(os.environ, OUT=str(tmp_path), ESM_GPU_WORKDIR=str(tmp_path / 'work'))
   out = subprocess.run(['bash', 'bench/gpu.sh', '--dry-run'], cwd=REPO, env=env,

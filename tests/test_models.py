@@ -26,6 +26,7 @@ def tiny():
   return config, model, params, net_fn
 
 
+@pytest.mark.slow
 def test_output_shapes_and_finite_variance(tiny):
   _, _, params, net_fn = tiny
   x = jax.random.normal(jax.random.key(1), (2, SIZE, SIZE, 3))
@@ -34,6 +35,7 @@ def test_output_shapes_and_finite_variance(tiny):
   assert out.eps.dtype == jnp.float32 and bool(jnp.isfinite(out.log_var).all())
 
 
+@pytest.mark.slow
 def test_streams_share_no_parameters_and_eps_ignores_the_variance_stream(tiny):
   _, _, params, net_fn = tiny
   assert set(params) == {'eps_stream', 'var_stream'}
@@ -69,6 +71,7 @@ def test_variance_parameterisations():
   assert float(huge.max()) <= 12.0 and bool(jnp.isfinite(huge).all())
 
 
+@pytest.mark.slow
 def test_paper_scale_parameter_count_without_allocation():
   config = from_configdict(get_default_config())
   model = mutils.create_model(config, 256)
@@ -90,6 +93,7 @@ def test_time_embedding():
   np.testing.assert_allclose(emb[0, 4:8], 1.0)  # cos(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape,features', [((2, 5, 7, 3), 4), ((1, 4, 4, 6), 6)])
 def test_upsample_conv_is_a_conv_of_the_upsampled_input(shape, features):
   """UpsampleConv (the conv on the low-resolution grid) against nn.Conv on upsample_nearest(x), with

@@ -152,6 +152,7 @@ def _prepare_data(cache):
   pipeline.prepare_dataset(data)
 
 
+@pytest.mark.slow
 def test_only_process_0_writes(runs):
   p0, p1 = runs['logs'][:2]
   assert 'process 0 of 2' in p0 and 'process 1 of 2' in p1
@@ -160,6 +161,7 @@ def test_only_process_0_writes(runs):
   assert [s for s, _ in _losses(runs['two'])] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices(runs):
   two, one = _losses(runs['two']), _losses(runs['one'])
   assert [s for s, _ in two] == [s for s, _ in one]
@@ -169,6 +171,7 @@ def test_two_processes_train_like_one_process_with_two_devices(runs):
     assert diff < 1e-5, f'parameters differ by up to {diff:.3g} at step {step}'
 
 
+@pytest.mark.slow
 def test_evaluation_gathers_every_example_once_in_order(runs):
   (result_two, rows_two), (result_one, rows_one) = _report(runs['two']), _report(runs['one'])
   assert result_two['num_test_images'] == len(rows_two) == 8
@@ -183,6 +186,7 @@ def test_evaluation_gathers_every_example_once_in_order(runs):
     assert result_two[key] == pytest.approx(result_one[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one_process(runs):
   assert f'resuming from step {RESUME_FROM}' in runs['logs'][3]
   resumed, one = _losses(runs['resumed']), _losses(runs['one'])

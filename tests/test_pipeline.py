@@ -12,8 +12,8 @@ from configs.default import get_default_config
 from datasets import pipeline
 from datasets.catalog import DataConfig
 from esm.config import section_from_dict
-from tests import data_folders
 from esm.errors import UserError
+from tests.helpers import data_folders
 
 
 def data_config(**changes) -> DataConfig:

@@ -30,8 +30,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
-from configs import demo
 from esm import checkpoint as ckpt_lib
 from esm.config import from_configdict
 from esm import run
@@ -39,31 +37,24 @@ from esm import train as train_lib
 from esm.models import utils as mutils
 from esm.train_state import TrainState, make_optimiser
 from esm.errors import UserError
+from tests.helpers import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 16
 NAN_STEP, NAN_COUNT = 5, 2  # state.step 5 and 6, i.e. the steps logged as 6 and 7, get a NaN
+# configs/test.py:micro changed to the DSM baseline with the demo's readings, logging and
+# checkpointing every step, and NaNs injected.
 OVERRIDES = {
-    'data.dataset': 'synthetic', 'data.category': 'object', 'data.image_size': 16,
-    'data.synthetic_size': 32, 'data.synthetic_num_train': 16, 'data.synthetic_num_test': 8,
-    'data.val_fraction': 0.25, 'loss.kind': 'dsm',
-    'model.ch': 8, 'model.ch_mult': (1,), 'model.num_res_blocks': 1, 'model.attn_resolutions': (),
-    'model.num_groups': 4,
-    'train.num_steps': NUM_STEPS, 'train.batch_size': 4, 'train.warmup_steps': 0,
-    'train.lr': 1e-3, 'train.ema_rate': 0.9, 'train.log_every': 1, 'train.ckpt_every': 1,
-    'train.keep': 3, 'train.inject_nonfinite_step': NAN_STEP,
+    'loss.kind': 'dsm', 'sampling.method': 'sgm', 'detect.weights': (0, 0, 0, 1),
+    'sampling.var_source': 'i1', 'detect.re_kind': 'squared',
+    'train.num_steps': NUM_STEPS, 'train.ema_rate': 0.9, 'train.log_every': 1,
+    'train.ckpt_every': 1, 'train.keep': 3, 'train.inject_nonfinite_step': NAN_STEP,
     'train.inject_nonfinite_count': NAN_COUNT, 'train.max_bad_steps': 3,
-    'sampling.method': 'sgm', 'sampling.t_d': 4, 'eval.batch_size': 4,
-    'sampling.snapshot_steps': (4, 2, 0), 'features.model': 'none',
-    'detect.weights': (0, 0, 0, 1), 'eval.figures_per_type': 1,
 }
 
 
 def micro_config(cache: str, **changes):
-  c = common.override(demo.get_config(), {**OVERRIDES, **changes})
-  c.data.root = os.path.join(cache, 'synthetic')
-  c.data.tfds_dir = os.path.join(cache, 'tfds')
-  return c
+  return runs.config('micro', cache, {**OVERRIDES, **changes})
 
 
 def _flag_value(value) -> str:
@@ -75,7 +66,7 @@ def _flag_value(value) -> str:
 def train_command(cache: str, workdir: str):
   c = micro_config(cache)
   args = [f'--config.{k}={_flag_value(v)}' for k, v in OVERRIDES.items()]
-  return [sys.executable, 'main.py', '--config=configs/demo.py', f'--workdir={workdir}',
+  return [sys.executable, 'main.py', '--config=configs/test.py:micro', f'--workdir={workdir}',
           '--mode=train', *args, f'--config.data.root={c.data.root}',
           f'--config.data.tfds_dir={c.data.tfds_dir}']
 
@@ -282,6 +273,7 @@ def kill_run(request, tmp_path_factory):
 
 # --- 3. NaN and Inf ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_injected_nans_are_skipped_counted_and_kept_out_of_the_parameters(baseline):
   _, workdir, config = baseline
   records = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
@@ -297,6 +289,7 @@ def test_injected_nans_are_skipped_counted_and_kept_out_of_the_parameters(baseli
   assert ckpt_lib.all_finite(state)
 
 
+@pytest.mark.slow
 def test_max_bad_steps_in_a_row_stops_with_one_line_naming_the_step(baseline, tmp_path):
   cache, _, _ = baseline
   config = micro_config(cache, **{'train.max_bad_steps': NAN_COUNT, 'train.ckpt_every': 3})
@@ -450,6 +443,7 @@ def test_when_no_checkpoint_restores_nothing_is_moved_and_the_error_names_each(t
   assert sorted(os.listdir(folder)) == ['1', '2', '3']
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_rerun_after_the_latest_checkpoint_is_corrupted_resumes_from_the_previous_one(
     baseline, tmp_path, caplog):
@@ -500,6 +494,7 @@ def _folder_dataset(root: str, name: str, test_types: dict, masks: bool):
         Image.fromarray(mask).save(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, test_types, masks', [
     ('only_good', {'good': 3}, False),
     ('only_defective', {'crack': 2, 'hole': 1}, True),
@@ -527,8 +522,8 @@ def test_a_test_split_with_one_class_gives_na_metrics(baseline, tmp_path, name, 
     assert json.load(f)[name]['image_auroc'] is None
 
 
+@pytest.mark.slow
 def test_predict_skips_non_images_and_refuses_corrupt_ones_before_any_compute(baseline, tmp_path):
-  from esm import predict as predict_lib  # pylint: disable=g-import-not-at-top
   cache, workdir, _ = baseline
   config = micro_config(cache)
   folder = tmp_path / 'in'
@@ -536,18 +531,18 @@ def test_predict_skips_non_images_and_refuses_corrupt_ones_before_any_compute(ba
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / 'a.png')
   (folder / 'b.png').write_text('not an image')
   with pytest.raises(UserError, match=r'b\.png: corrupt, truncated or unreadable image'):
-    predict_lib.predict(config, workdir, str(folder))
+    run.run(config, workdir, 'predict', input_dir=str(folder))
   (folder / 'b.png').unlink()
   (folder / 'notes.txt').write_text('hello')
   # notes.txt is skipped with a warning; the next check is the saved state of a workdir never
   # evaluated.
   with pytest.raises(UserError, match=r'detector\.json: no saved detector state; run --mode=eval'):
-    predict_lib.predict(config, str(tmp_path / 'never_evaluated'), str(folder))
+    run.run(config, str(tmp_path / 'never_evaluated'), 'predict', input_dir=str(folder))
   empty = tmp_path / 'empty'
   empty.mkdir()
   (empty / 'notes.txt').write_text('hello')
   with pytest.raises(UserError, match='no images found'):
-    predict_lib.predict(config, workdir, str(empty))
+    run.run(config, workdir, 'predict', input_dir=str(empty))
   assert not os.path.exists(os.path.join(workdir, 'predict'))
 
 
@@ -599,6 +594,7 @@ def test_unknown_mode_and_indivisible_global_batch_are_refused_before_any_comput
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_different_model_is_refused_naming_the_fields(baseline, tmp_path):
   cache, base_dir, _ = baseline
   workdir = str(tmp_path / 'workdir')
@@ -653,6 +649,7 @@ def test_no_code_path_can_unpickle():
 
 # --- 1. Kill and resume: the test --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_and_sigterm_then_rerun_equals_an_uninterrupted_run(
     baseline, kill_run):
   _, base_dir, config = baseline

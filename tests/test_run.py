@@ -19,24 +19,9 @@ from esm import plotting
 from esm import run
 from esm.config import from_configdict
 from esm.errors import UserError
+from tests.helpers import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {
-    'data.dataset': 'synthetic', 'data.category': 'object', 'data.image_size': 16,
-    'data.synthetic_size': 32, 'data.synthetic_num_train': 16, 'data.synthetic_num_test': 8,
-    'data.val_fraction': 0.25, 'train.batch_size': 4, 'train.warmup_steps': 0, 'train.lr': 1e-3,
-    'train.log_every': 1, 'train.ckpt_every': 5, 'sampling.t_d': 4, 'eval.batch_size': 4,
-    'sampling.snapshot_steps': (4, 2, 0), 'features.model': 'none', 'detect.weights': (0, 1, 1, 1),
-    'eval.figures_per_type': 1, 'sampling.method': 'esm_sigma',
-}
-
-
-def tiny_config(cache: str, num_steps: int):
-  c = common.override(common.set_tiny_model(get_default_config()), OVERRIDES)
-  c.data.root = os.path.join(cache, 'synthetic')
-  c.data.tfds_dir = os.path.join(cache, 'tfds')
-  c.train.num_steps = num_steps
-  return c
 
 
 def _losses(workdir):
@@ -48,11 +33,12 @@ def _losses(workdir):
 def straight(tmp_path_factory):
   """Thirty steps in one go, in this process."""
   base = tmp_path_factory.mktemp('run')
-  cfg = tiny_config(str(base / 'cache'), 30)
+  cfg = runs.config('tiny', str(base / 'cache'), {'train.num_steps': 30})
   run.run(cfg, str(base / 'straight'), 'train')
   return base, cfg
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_synthetic_data(straight):
   base, _ = straight
   losses = [loss for _, loss in _losses(str(base / 'straight'))]
@@ -60,6 +46,7 @@ def test_loss_falls_on_the_synthetic_data(straight):
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
 
 
+@pytest.mark.slow
 def test_train_eval_writes_every_report_file(straight):
   base, cfg = straight
   workdir = str(base / 'straight')
@@ -87,6 +74,7 @@ def test_bad_config_is_one_line_error_without_traceback(tmp_path):
   assert 'Traceback' not in out.stderr
 
 
+@pytest.mark.slow
 def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
   base, cfg = straight
   folder = tmp_path / 'new'
@@ -107,12 +95,14 @@ def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
   assert len(os.listdir(os.path.join(out, 'masks'))) == 3
 
 
+@pytest.mark.slow
 def test_predict_on_an_empty_folder_is_a_clear_error(straight, tmp_path):
   base, cfg = straight
   with pytest.raises(UserError, match='empty|no image'):
     run.run(cfg, str(base / 'straight'), 'predict', input_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_sgm_sampler_on_an_esm_model_reads_eps_through_eq4(straight, tmp_path):
   """sampling.method=sgm on a dual-stream checkpoint: S_U and S_KL are unavailable (the sampler
   does not read σ²_θ) and are reported so; S_RE is evaluated."""
@@ -173,10 +163,12 @@ def test_compilation_cache_is_on_by_default_with_an_off_switch(tmp_path):
     jax.config.update('jax_compilation_cache_dir', before)
 
 
+@pytest.mark.slow
 def test_a_model_trained_on_crops_evaluates_whole_images(tmp_path):
   """data.train_crop: training sees random 8² windows, evaluation the whole 16² images."""
-  cfg = common.override(tiny_config(str(tmp_path / 'cache'), 4), {
-      'data.train_crop': 8, 'model.attn_resolutions': (), 'sampling.method': 'esm'})
+  cfg = runs.config('tiny', str(tmp_path / 'cache'), {
+      'train.num_steps': 4, 'data.train_crop': 8, 'model.attn_resolutions': (),
+      'sampling.method': 'esm'})
   workdir = str(tmp_path / 'crop')
   run.run(cfg, workdir, 'train_eval')
   result = json.load(open(os.path.join(workdir, 'report', 'results.json')))['object']

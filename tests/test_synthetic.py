@@ -8,7 +8,7 @@ import pytest
 
 from datasets import folder
 from datasets import synthetic
-from tests import data_folders
+from tests.helpers import data_folders
 
 
 @pytest.fixture(scope='module')

@@ -10,26 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
-from configs.default import get_default_config
 from esm import config as config_lib
 from esm import metrics
 from esm import train as train_lib
 from esm.models import utils as mutils
+from tests.helpers import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 16
+# The dual-stream ESM model at its smallest (configs/test.py:micro): what these tests check does
+# not depend on the model's size, and compilation is most of their time.
+SIZE = runs.config('micro').data.image_size
 
 
 def tiny_config(**changes) -> config_lib.Config:
-  """The dual-stream ESM model at its smallest (one level, 8 channels, no attention): what these
-  tests check does not depend on the model's size, and compilation is most of their time."""
-  c = common.set_micro_model(get_default_config())
-  c.data.image_size = SIZE
-  c.train.batch_size = 4
-  c.train.warmup_steps = 0
-  c.train.lr = 1e-3
-  return config_lib.with_fields(config_lib.from_configdict(c), changes)
+  """configs/test.py:micro with dotted `changes`, typed as the library takes it."""
+  return config_lib.from_configdict(runs.config('micro', changes=changes))
 
 
 @pytest.fixture(scope='module')
@@ -42,6 +37,7 @@ def step_setup():
   return state, step, images
 
 
+@pytest.mark.slow
 def test_non_finite_step_is_skipped_and_counted(step_setup):
   state, step, images = step_setup
   s1 = step(state, images, jax.random.key(0))
@@ -60,9 +56,11 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
   import jax, numpy as np
   from esm import parallel, train as train_lib
   from esm.models import utils as mutils
-  from tests.test_train import tiny_config, SIZE
+  from esm.config import from_configdict
+  from tests.helpers import runs
   assert jax.device_count() == 2
-  config = tiny_config()
+  config = from_configdict(runs.config('micro'))
+  SIZE = config.data.image_size
   built = mutils.build(config, SIZE)
   step_fn = train_lib.get_train_step_fn(built.loss_fn, 0.9)
   rng = np.random.default_rng(0)
@@ -82,6 +80,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_two_device_step_equals_one_device_step():
   flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
   env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS='cpu')
@@ -115,6 +114,7 @@ def _float_dtypes(tree):
   return {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
 
 
+@pytest.mark.slow
 def test_bfloat16_training_tracks_float32_with_float32_state():
   """model.dtype='bfloat16' for 20 steps from the float32 run's initial state, on its data and
   noise: the losses stay close, and parameters, EMA and Adam state stay float32."""
@@ -144,14 +144,16 @@ def test_bfloat16_training_tracks_float32_with_float32_state():
         f'mean {diff.mean():.4g}')
 
 
+@pytest.mark.slow
 def test_esm_with_the_variance_pinned_to_one_minus_alpha_bar_is_sgm():
   """Sanity check of the ESM/SGM comparison: with stream 2 pinned so that σ²_θ = 1-ᾱ_i
   (log_var_bound ≈ 0, 'scaled'), eq. 10 gives ε the DSM gradient and eq. 3 is eq. 4; an ESM and an
   SGM model from the same initial ε parameters then train and reconstruct alike (no clipping,
   whose global norm would include the variance stream's gradients)."""
   from esm import sampling  # pylint: disable=g-import-not-at-top
-  base = tiny_config(**{'train.grad_clip': 0.0, 'model.log_var_bound': 1e-6,
-                        'sampling.esm_min_var': 0.0})
+  base = tiny_config(**{
+      'train.grad_clip': 0.0, 'model.log_var_bound': 1e-6, 'sampling.esm_min_var': 0.0,
+      'sampling.snapshot_steps': (0,)})  # x̂_0 only: reconstructions are compared
   rng = np.random.default_rng(0)
   batches = rng.uniform(-1, 1, (5, 4, SIZE, SIZE, 3)).astype(np.float32)
   test = rng.uniform(-1, 1, (8, SIZE, SIZE, 3)).astype(np.float32)

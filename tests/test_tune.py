@@ -11,15 +11,14 @@ from PIL import Image
 
 from configs import common
 from configs.default import get_default_config
-from datasets import synthetic
 from esm import defects
 from esm import dev_set
 from esm import run
 from esm import tune
 from esm.config import from_configdict
 from esm.errors import UserError
-from conftest import shared_data_dir
-from tests.test_run import tiny_config
+from tests.helpers import runs
+from tests.helpers.shared_data import shared_data_dir
 
 
 @pytest.mark.parametrize('kind', defects.PAINTED_DEFECTS)
@@ -66,7 +65,7 @@ TUNE_OVERRIDES = {'tune.t_d_fractions': (0.002, 0.004), 'tune.methods': ('sgm', 
 @pytest.fixture(scope='module')
 def tuned_run(tmp_path_factory):
   base = tmp_path_factory.mktemp('tune')
-  cfg = common.override(tiny_config(str(base / 'cache'), 8), TUNE_OVERRIDES)
+  cfg = runs.config('tiny', str(base / 'cache'), TUNE_OVERRIDES)  # 8 steps
   workdir = str(base / 'run')
   run.run(cfg, workdir, 'train')
   run.run(cfg, workdir, 'tune')
@@ -75,6 +74,7 @@ def tuned_run(tmp_path_factory):
   return cfg, workdir, state
 
 
+@pytest.mark.slow
 def test_tune_writes_the_choice_the_noise_and_every_candidate(tuned_run):
   cfg, workdir, _ = tuned_run
   tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
@@ -123,6 +123,7 @@ def test_the_legacy_rule_stays_callable(tuned_run, tmp_path):
     run.run(common.override(cfg, {'data.val_seed': 3}), workdir, 'tune')
 
 
+@pytest.mark.slow
 def test_eval_uses_tuned_values_unless_given_on_the_command_line(tuned_run):
   cfg, workdir, _ = tuned_run
   tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
@@ -159,6 +160,7 @@ def _folder_copy(src: str, dst: str, num_train: int, relabel_seed=None) -> None:
       shutil.copy(os.path.join(src, 'test', t, name), os.path.join(dst, 'test', to, f'{t}_{name}'))
 
 
+@pytest.mark.slow
 def test_relabelled_test_split_gives_an_identical_tuned_json(tmp_path):
   bottle = str(shared_data_dir('mvtec_ad', 'bottle'))
   _folder_copy(bottle, str(tmp_path / 'a' / 'bottle'), 24)
@@ -181,6 +183,7 @@ def test_relabelled_test_split_gives_an_identical_tuned_json(tmp_path):
   assert tuned[0] == tuned[1]
 
 
+@pytest.mark.slow
 def test_tune_writes_the_detector_state_of_its_choice(tuned_run):
   _, workdir, state = tuned_run
   tuned = json.load(open(os.path.join(workdir, 'tuned.json')))
@@ -189,6 +192,7 @@ def test_tune_writes_the_detector_state_of_its_choice(tuned_run):
   assert list(state['fields']['detect.weights']) == tuned['weights']
 
 
+@pytest.mark.slow
 def test_esm_sigma_floor_is_tuned_and_applied(tuned_run, tmp_path):
   """Both ESM^σ floors are candidates; the choice goes to tuned.json and into evaluation."""
   cfg, trained, _ = tuned_run

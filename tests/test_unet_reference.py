@@ -117,6 +117,7 @@ def stored():
   return dict(np.load(PATH))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_unet_matches_stored_reference(stored, name):
   got = compute(name)
