@@ -7,8 +7,6 @@ import time
 
 import pytest
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
