@@ -26,9 +26,9 @@ from absl import flags
 from absl import logging
 
 from bench import machine
+from bench.gpu_common import H200_BF16_PEAK, run_evals, steady_images_per_second
 from bench.gpu_configs import dry_run_config, gpu_config
 from esm import config as config_lib
-from esm import evaluate as evaluate_lib
 from esm import host_memory
 from esm import train as train_lib
 from esm.models import utils as mutils
@@ -49,7 +49,6 @@ _BUDGET_S = flags.DEFINE_float('budget_s', 430.0,
 _DRY_RUN = flags.DEFINE_boolean('dry_run', False, 'a tiny config on CPU: the same code path')
 flags.mark_flags_as_required(['workdir', 'out'])
 
-H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H200 SXM (NVIDIA's data sheet)
 EVALS = (('ESM', 'esm', 'literal'), ('ESM^σ literal', 'esm_sigma', 'literal'),
          ('ESM^σ matched', 'esm_sigma', 'matched'))
 
@@ -67,16 +66,6 @@ def train_step_flops(config) -> float:
   cost = cost if cost else traced.lower().compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
-
-
-def steady_images_per_second(workdir: str) -> float:
-  """Training speed without the first logging interval (which holds the compilation)."""
-  with open(os.path.join(workdir, 'throughput.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  steady = rows[1:] or rows
-  seconds = sum(r['seconds'] for r in steady)
-  images = sum(r['images_per_second'] * r['seconds'] for r in steady)
-  return images / max(seconds, 1e-9)
 
 
 def main(argv):
@@ -122,29 +111,6 @@ def main(argv):
   with open(os.path.join(_OUT.value, 'gpu_results.json'), 'w') as f:
     json.dump(summary, f, indent=1, default=float)
   print_table(config, rows, img_s, mfu, time.time() - start)
-
-
-def run_evals(config, wd: str, evals, start: float, budget_s: float) -> list:
-  """Evaluates the trained model with each sampler in turn while the wall-clock budget allows."""
-  rows = []
-  for name, method, sigma_time in evals:
-    elapsed = time.time() - start
-    # Budget the next evaluation by the last one: its compilation, plus sampling scaled by NFE.
-    need = 0.0
-    if rows:
-      last = rows[-1]
-      sampling_s = (last['wall_seconds'] - last['compile_seconds']) * 2 * config.sampling.t_d / last['nfe']
-      need = 1.2 * (last['compile_seconds'] + (sampling_s if method == 'esm_sigma' else sampling_s / 2))
-    if elapsed + need > budget_s:
-      print(f'# skipped {name}: {elapsed:.0f} s used, about {need:.0f} s needed, budget '
-            f'{budget_s:.0f} s', flush=True)
-      continue
-    cfg = config_lib.with_fields(config, {'sampling.method': method,
-                                          'sampling.sigma_time': sigma_time})
-    t = time.time()
-    result = evaluate_lib.evaluate(cfg, wd, report_dir=os.path.join(wd, f'report_{method}_{sigma_time}'))
-    rows.append(dict(result, name=name, wall_seconds=time.time() - t))
-  return rows
 
 
 def print_table(config, rows, img_s: float, mfu: float, total_s: float) -> None:

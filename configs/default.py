@@ -57,6 +57,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   m.var_param = 'scaled'  # stream 2 output: 'scaled' σ²=(1-ᾱ_i)exp(v), 'direct' σ²=exp(v)
   m.log_var_bound = 12.0  # v -> bound·tanh(v/bound): |v| < bound (at most 60), so σ² is finite
   m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+  m.scan_streams = False  # the two streams as one scan over stacked parameters (smaller program)
+  m.scan_blocks = False  # runs of identical residual blocks of a level as one scan (smaller program)
 
   # --- loss: esm/losses.py LossConfig -------------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()
@@ -77,6 +79,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   t.max_bad_steps = 10  # consecutive non-finite steps tolerated (skipped) before stopping
   t.inject_nonfinite_step = -1  # fault injection: NaN loss/gradients from step index N on (-1: off)
   t.inject_nonfinite_count = 1  # fault injection: how many consecutive steps get the NaN
+  t.compiler_options = {}  # XLA options for compiling the train step, e.g. {'xla_gpu_autotune_level': 1}
 
   # --- parallel: esm/config.py ParallelConfig, read by esm/parallel.py ----------------------------
   c.parallel = p = ml_collections.ConfigDict()

@@ -49,6 +49,7 @@ class TrainConfig:
   max_bad_steps: int
   inject_nonfinite_step: int
   inject_nonfinite_count: int
+  compiler_options: Dict[str, Any]  # XLA options of the train step's compilation ({} = XLA's own)
 
   def __post_init__(self):
     if not 0 < self.lr < FLOAT32_MAX:

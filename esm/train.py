@@ -168,10 +168,10 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
       writer.close()
 
 
-def _compile_step(step_fn, state, images, base_rng):
+def _compile_step(step_fn, state, images, base_rng, compiler_options=None):
   logging.info('compiling the train step (XLA; a rerun reads it from the compilation cache) ...')
   t = time.time()
-  compiled = step_fn.lower(state, images, base_rng).compile()
+  compiled = step_fn.lower(state, images, base_rng).compile(compiler_options or None)
   logging.info('compiled the train step in %.1f s', time.time() - t)
   return compiled
 
@@ -191,7 +191,7 @@ def _train_loop(config, built: mutils.Built, state: TrainState, start: int, batc
   for step in range(start, tc.num_steps):
     images = parallel.shard_batch(mesh, next(batches)['image'])
     if compiled is None:  # compiled ahead of the first step, so that no ETA includes it
-      compiled = _compile_step(step_fn, state, images, base_rng)
+      compiled = _compile_step(step_fn, state, images, base_rng, dict(tc.compiler_options))
       progress.restart_clock()
     state = compiled(state, images, base_rng)
     done = step + 1

@@ -30,6 +30,9 @@ ADDED_FIELDS = {
     'tune.families': ('field', 'patch', 'cutpaste', 'painted'),
     'tune.strengths': (1.0, 2.0, 4.0),
     'tune.bootstrap': 500,
+    'model.scan_streams': False,
+    'model.scan_blocks': False,
+    'train.compiler_options': {},
 }
 
 

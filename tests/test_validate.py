@@ -95,3 +95,19 @@ def test_saved_configs_with_renamed_fields_still_load(tmp_path, caplog):
   loaded = workdir.load_saved_config(str(tmp_path))
   assert loaded == json.loads(get_default_config().to_json_best_effort())
   assert sum('deprecated' in r.message for r in caplog.records) == 3
+
+
+def test_workdirs_written_before_the_scan_layouts_stay_compatible(tmp_path):
+  old = config_lib.to_dict(config_lib.from_configdict(get_default_config()))
+  for section, field in (('model', 'scan_streams'), ('model', 'scan_blocks'),
+                         ('train', 'compiler_options')):
+    del old[section][field]
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  saved = workdir.load_saved_config(str(tmp_path))
+  config_lib.from_dict(saved)  # every field is there again
+  validate.check_checkpoint_compatible(saved, config_lib.from_configdict(get_default_config()),
+                                       str(tmp_path))
+  c = get_default_config()
+  c.model.scan_streams = True  # another parameter tree: refused until converted (convert_state)
+  with pytest.raises(UserError, match='model.scan_streams'):
+    validate.check_checkpoint_compatible(saved, config_lib.from_configdict(c), str(tmp_path))

@@ -2,6 +2,11 @@
 
 Stream 1 predicts the noise expectation ε_θ; stream 2 is an independent copy of the same U-Net
 (no shared parameters) whose raw output v becomes σ²_θ through `variance_from_raw`.
+
+With `scan_streams` the two streams are one `nn.scan` of length 2 over stacked parameters
+({'streams': {'unet': ...}}, stream 1 at index 0): the same function, with the U-Net in the
+compiled program once instead of twice. `convert_params` moves parameters between this layout,
+that of `scan_blocks` (esm/models/unet.py) and the default one.
 """
 
 import dataclasses
@@ -12,10 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from esm.errors import UserError
-from esm.models.unet import DTYPES, RESBLOCK_TYPES, UNet, UNetConfig
+from esm.models.unet import (DTYPES, RESBLOCK_TYPES, UNet, UNetConfig, scanned_runs, stack_blocks,
+                             unstack_blocks)
 from esm.sde import VPSDE, per_example
 
 VAR_PARAMS = ('scaled', 'direct')
+STREAMS = ('eps_stream', 'var_stream')  # the two U-Nets, in the order of the stacked layout
+STACKED = 'streams'
 
 
 class NetOutput(NamedTuple):
@@ -44,6 +52,8 @@ class ModelConfig:
   var_param: str
   log_var_bound: float
   dtype: str
+  scan_streams: bool  # the two streams as one scan over stacked parameters (module doc)
+  scan_blocks: bool  # runs of identical blocks of a level as one scan (esm/models/unet.py)
 
   def __post_init__(self):
     if self.resblock_type not in RESBLOCK_TYPES:
@@ -70,7 +80,7 @@ class ModelConfig:
     return UNetConfig(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
                       attn_resolutions=self.attn_resolutions, dropout=self.dropout,
                       resblock_type=self.resblock_type, resamp_with_conv=self.resamp_with_conv,
-                      num_groups=self.num_groups, dtype=self.dtype)
+                      num_groups=self.num_groups, dtype=self.dtype, scan_blocks=self.scan_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +90,22 @@ class ScoreNetConfig:
   dual: bool  # True: ESM dual stream; False: the single-stream DSM (SGM) baseline
   var_param: str = 'scaled'
   log_var_bound: float = 12.0
+  scan_streams: bool = False
 
   @classmethod
   def from_model_config(cls, model: ModelConfig, dual: bool) -> 'ScoreNetConfig':
     return cls(unet=model.unet, dual=dual, var_param=model.var_param,
-               log_var_bound=model.log_var_bound)
+               log_var_bound=model.log_var_bound, scan_streams=model.scan_streams)
+
+
+class _StreamStep(nn.Module):
+  """The body of the scan over the two streams: one U-Net on the shared (x, t); no carry."""
+  config: UNetConfig
+  train: bool
+
+  @nn.compact
+  def __call__(self, carry, x, t):
+    return carry, UNet(self.config, name='unet')(x, t, self.train)
 
 
 class ScoreNet(nn.Module):
@@ -93,10 +114,37 @@ class ScoreNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, train: bool = False):
-    eps = UNet(self.config.unet, name='eps_stream')(x, t, train)
-    if not self.config.dual:
+    c = self.config
+    if c.dual and c.scan_streams:
+      streams = nn.scan(_StreamStep, variable_axes={'params': 0}, in_axes=(nn.broadcast, nn.broadcast),
+                        split_rngs={'params': True, 'dropout': True}, length=len(STREAMS))
+      _, out = streams(c.unet, train, name=STACKED)(None, x, t)
+      return out[0], out[1]
+    eps = UNet(c.unet, name=STREAMS[0])(x, t, train)
+    if not c.dual:
       return eps, None
-    return eps, UNet(self.config.unet, name='var_stream')(x, t, train)
+    return eps, UNet(c.unet, name=STREAMS[1])(x, t, train)
+
+
+def canonical_params(params):
+  """Parameters of any layout (`scan_streams`, `scan_blocks` or neither) -> one U-Net per stream
+  ({'eps_stream'[, 'var_stream']}) and one module per block: the default layout."""
+  if STACKED in params:
+    params = {s: jax.tree.map(lambda a, k=k: a[k], params[STACKED]['unet'])
+              for k, s in enumerate(STREAMS)}
+  return {name: unstack_blocks(p) for name, p in params.items()}
+
+
+def convert_params(params, cfg: ScoreNetConfig, image_size: int):
+  """Parameters of any layout -> the layout of `cfg` (its scan_streams and scan_blocks): how a
+  checkpoint written under one layout loads under another. The values are the same, moved."""
+  params = canonical_params(params)
+  if cfg.unet.scan_blocks:
+    runs = scanned_runs(cfg.unet, image_size)
+    params = {name: stack_blocks(p, runs) for name, p in params.items()}
+  if cfg.dual and cfg.scan_streams:
+    params = {STACKED: {'unet': jax.tree.map(lambda *a: jnp.stack(a), *(params[s] for s in STREAMS))}}
+  return params
 
 
 def variance_from_raw(v, alpha_bar, var_param: str, bound: float):

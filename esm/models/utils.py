@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from esm.losses import get_loss_fn
-from esm.models.dual_stream import ScoreNet, ScoreNetConfig, get_net_fn
+from esm.models.dual_stream import ScoreNet, ScoreNetConfig, convert_params, get_net_fn
 from esm.models.unet import check_image_size
 from esm.sde import VPSDE, get_sde
 from esm.train_state import TrainState, make_optimiser
@@ -75,3 +75,25 @@ def init_state(config, built: Built, image_size: int) -> TrainState:
 def abstract_state(config, built: Built, image_size: int):
   """Shapes and dtypes of init_state's result, without computing anything."""
   return jax.eval_shape(lambda: init_state(config, built, image_size))
+
+
+def convert_state(state: TrainState, config, image_size: int) -> TrainState:
+  """A TrainState of any parameter layout (model.scan_streams, model.scan_blocks) in the layout of
+  `config`: the parameters, the EMA parameters and every parameter-shaped part of the optimiser
+  state (Adam's moments). A checkpoint restored under the layout it was written in (abstract_state
+  of its own config) then serves a config that scans differently."""
+  model_cfg = create_model(config, image_size).config
+  convert = lambda tree: convert_params(tree, model_cfg, image_size)
+  like_params = jax.tree.structure(state.params)
+
+  def visit(node):
+    if isinstance(node, dict) and jax.tree.structure(node) == like_params:
+      return convert(node)
+    if isinstance(node, tuple) and hasattr(node, '_fields'):  # optax's NamedTuple states
+      return type(node)(*map(visit, node))
+    if isinstance(node, (tuple, list)):
+      return type(node)(map(visit, node))
+    return node
+
+  return state.replace(params=convert(state.params), ema_params=convert(state.ema_params),
+                       opt_state=visit(state.opt_state))
