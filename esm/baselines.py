@@ -215,11 +215,13 @@ def available(config) -> Dict[str, Optional[str]]:
           else None for n in config.baselines.methods}
 
 
-def make_context(config) -> Context:
-  """The context of config's baselines (the ViT only when a runnable baseline needs it)."""
+def make_context(config, names=None) -> Context:
+  """The context of config's baselines, or of those in `names` (the ViT only when a runnable one
+  needs it)."""
   features: FeaturesConfig = config.features
   feature_fn = None
-  if any(BASELINES[n].needs_features and not why for n, why in available(config).items()):
+  if any(BASELINES[n].needs_features and not why and (names is None or n in names)
+         for n, why in available(config).items()):
     feature_fn = get_feature_fn(dataclasses.replace(features, layers=config.baselines.knn_layers))
   return Context(config.baselines, config.detect, feature_fn)
 
@@ -260,6 +262,12 @@ def load_state(workdir: str, name: str) -> Optional[Dict[str, np.ndarray]]:
     return None
   with np.load(path) as f:
     return {k: f[k] for k in f.files}
+
+
+def load_fitted(config, workdir: str) -> Dict[str, Dict[str, np.ndarray]]:
+  """The saved state of each runnable baseline of config that DIR/baselines/ holds."""
+  states = {n: load_state(workdir, n) for n, why in available(config).items() if not why}
+  return {n: s for n, s in states.items() if s is not None}
 
 
 def score_image_set(name: str, state, image_set: ImageSet, context: Context):

@@ -20,6 +20,7 @@ from absl import logging
 from PIL import Image
 
 from datasets import folder
+from esm import baselines
 from esm import config as config_lib
 from esm import detector_state
 from esm import detectors as det
@@ -39,6 +40,9 @@ class Prediction:
   maps: List[np.ndarray]  # float32 anomaly maps (eq. 14, blurred), each at its input's size
   masks: List[np.ndarray]  # bool maps: map > the saved pixel threshold
   model_maps: np.ndarray  # (N, S, S) float32 maps at model resolution
+  # (N,) image score of each model-free baseline fitted in the workdir (esm/baselines.py): higher
+  # is more anomalous, on the baseline's own scale (no threshold)
+  baseline_scores: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def to_rgb(image: ImageInput) -> np.ndarray:
@@ -68,6 +72,8 @@ class Detector:
   def __init__(self, scorer, state: Dict[str, Any], workdir: str):
     self.scorer, self.state, self.workdir = scorer, state, workdir
     self.config = scorer.config
+    self.baselines = baselines.load_fitted(self.config, workdir)
+    self._baseline_context = None  # built at the first predict (the kNN baseline loads a ViT)
     self.image_size = scorer.image_size
     self.image_threshold = float(state['image_threshold'])
     self.pixel_threshold = float(state['pixel_threshold'])
@@ -115,4 +121,10 @@ class Detector:
     pixel, scores = self.scorer.score(self.scorer.normalise(out.maps))
     maps = [resize_map(pixel[k], *rgbs[k].shape[:2]) for k in range(len(rgbs))]
     return Prediction(scores.astype(np.float32), scores > self.image_threshold, maps,
-                      [m > self.pixel_threshold for m in maps], pixel)
+                      [m > self.pixel_threshold for m in maps], pixel, self._baseline_scores(data))
+
+  def _baseline_scores(self, data: ImageSet) -> Dict[str, np.ndarray]:
+    if self.baselines and self._baseline_context is None:
+      self._baseline_context = baselines.make_context(self.config, list(self.baselines))
+    return {name: baselines.score_image_set(name, state, data, self._baseline_context)[1]
+            for name, state in self.baselines.items()}

@@ -2,7 +2,9 @@
 
 Per image: an overlay of the anomaly map on the input at the input's own size, on the fixed colour
 scale saved in DIR/detector.json (so colours compare across images and runs) with a colour bar, and
-a binary mask from the saved pixel threshold; scores.csv with each decision. Output goes to
+a binary mask from the saved pixel threshold; scores.csv with each decision, and the image score
+of each model-free baseline fitted beside the model (a `<name>_score` column: esm/baselines.py,
+higher is more anomalous, no threshold). Output goes to
 --output, by default a new folder DIR/predict/run_NNN per run (never the last one's).
 """
 
@@ -79,9 +81,13 @@ def write_outputs(out_dir: str, names: Sequence[str], rgbs, result, state) -> No
     Image.fromarray(result.masks[k].astype(np.uint8) * 255).save(
         os.path.join(out_dir, 'masks', f'{stem}.png'))
   threshold = state['image_threshold']
-  report.write_csv(os.path.join(out_dir, 'scores.csv'), ['filename', 'score', 'threshold', 'decision'],
+  extra = sorted(result.baseline_scores)
+  report.write_csv(os.path.join(out_dir, 'scores.csv'),
+                   ['filename', 'score', 'threshold', 'decision'] + [f'{b}_score' for b in extra],
                    [[n, f'{result.scores[k]:.8g}', f'{threshold:.8g}',
-                     'defect' if result.decisions[k] else 'good'] for k, n in enumerate(names)])
+                     'defect' if result.decisions[k] else 'good'] +
+                    [f'{result.baseline_scores[b][k]:.8g}' for b in extra]
+                    for k, n in enumerate(names)])
   logging.info('predict: %d images, %d defects (image threshold %.4g = percentile %.1f of held-out '
                'good scores); results in %s', len(names), int(result.decisions.sum()), threshold,
                state['threshold_percentile'], out_dir)

@@ -25,6 +25,7 @@ from configs.common import override
 from datasets import pipeline
 from esm import baselines
 from esm import config as config_lib
+from esm import host_memory
 from esm import metrics
 from experiments.models import DATASETS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -76,6 +77,7 @@ def measure(category: str) -> list:
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   logging.set_verbosity(logging.INFO)
   rows = [r for category in _CATEGORIES.value for r in measure(category)]
   print(f'| category ({_IMAGE_SIZE.value}²) | baseline | image AUROC | pixel AUROC | AUPRO | '

@@ -31,6 +31,7 @@ from absl import flags
 
 from datasets import pipeline
 from esm import detector_state
+from esm import host_memory
 from esm import parallel
 from esm import scoring
 from esm.models import utils as mutils
@@ -96,6 +97,7 @@ def measure(name: str, workdir: str, labels, draws: int, seed: int):
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   labels = [int(i) for i in _LABELS.value]
   models = dict(pair.split('=', 1) for pair in _WORKDIRS.value)
   results = {name: measure(name, wd, labels, _DRAWS.value, _SEED.value)

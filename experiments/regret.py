@@ -47,6 +47,7 @@ from esm import baselines
 from esm import config as config_lib
 from esm import detectors as det
 from esm import dev_set
+from esm import host_memory
 from esm import metrics
 from esm import parallel
 from esm import preprocess
@@ -383,6 +384,7 @@ def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'cho
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   logging.set_verbosity(logging.INFO)
   overrides = {k: ast.literal_eval(v) for k, v in (o.split('=', 1) for o in _OVERRIDES.value)}
   runs = make_runs(ROOT.value, _RUNS.value, _CATEGORIES.value, _MODELS.value, _SEEDS.value,

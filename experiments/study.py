@@ -36,6 +36,7 @@ from configs.common import override
 from esm import config as config_lib
 from esm import dev_set
 from esm import evaluate as evaluate_lib
+from esm import host_memory
 from esm import plotting
 from esm import run as run_lib
 from esm import scoring
@@ -311,6 +312,7 @@ flags.mark_flags_as_required(['category', 'root', 'workdir'])
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   stages, workdir, category = _STAGES.value, _WORKDIR.value, _CATEGORY.value
   base = base_config(category, ROOT.value)
   dev = category == DEV_CATEGORY

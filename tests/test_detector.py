@@ -113,6 +113,10 @@ def test_an_image_scores_the_same_alone_in_a_folder_and_at_any_batch_size(evalua
   among = Detector.load(workdir, batch_size=8).predict(images)
   np.testing.assert_allclose(among.scores[3], alone.scores[0], rtol=1e-5)
   np.testing.assert_allclose(among.maps[3], alone.maps[0], rtol=1e-4, atol=1e-5)
+  # The model-free baseline fitted by training scores each image alone too.
+  assert set(among.baseline_scores) == {'zscore'} and among.baseline_scores['zscore'].shape == (6,)
+  np.testing.assert_allclose(among.baseline_scores['zscore'][3], alone.baseline_scores['zscore'][0],
+                             rtol=1e-5)
   assert alone.maps[0].shape == images[3].shape[:2]  # the map comes back at the input's size
   assert alone.decisions.dtype == bool and alone.masks[0].shape == images[3].shape[:2]
 

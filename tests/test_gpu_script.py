@@ -49,24 +49,24 @@ def test_paper_protocol_dry_run(tmp_path):
 
 
 def test_paper_protocol_training_stops_at_its_deadline_with_a_checkpoint(tmp_path):
-  from bench import paper_protocol  # pylint: disable=g-import-not-at-top
+  from bench import paper_plan  # pylint: disable=g-import-not-at-top
   from esm import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = paper_protocol.plan_config(True, str(tmp_path), '', 'default')
+  config = paper_plan.plan_config(True, str(tmp_path), '', 'default')
   wd = str(tmp_path / 'run')
   # A deadline already past: the SIGTERM arrives before the first step, which still completes.
-  assert not paper_protocol.train_until(config, wd, deadline=time.time())
-  assert paper_protocol.trained_steps(wd) == 1 < 6  # of 2 epochs of 12 images at batch 4
+  assert not paper_plan.train_until(config, wd, deadline=time.time())
+  assert paper_plan.trained_steps(wd) == 1 < 6  # of 2 epochs of 12 images at batch 4
   # The options reach XLA.
   config = config_lib.with_fields(config, {'train.compiler_options': {'xla_no_such_option': True}})
   with pytest.raises(Exception, match='xla_no_such_option'):
-    paper_protocol.train_until(config, str(tmp_path / 'run2'), deadline=time.time() + 600)
+    paper_plan.train_until(config, str(tmp_path / 'run2'), deadline=time.time() + 600)
 
 
 def test_paper_protocol_plan_trains_1000_epochs_in_6_minutes_by_its_estimate():
-  from bench import paper_protocol  # pylint: disable=g-import-not-at-top
+  from bench import paper_plan  # pylint: disable=g-import-not-at-top
   from esm import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.from_configdict(paper_protocol.paper_protocol.get_config('bottle'))
-  plan = paper_protocol.estimate(config, num_train=188)
+  config = config_lib.from_configdict(paper_plan.paper_protocol.get_config('bottle'))
+  plan = paper_plan.estimate(config, num_train=188)
   assert config.train.num_epochs == 1000 and plan['planned_images'] == 188_000
-  assert plan['estimated_train_s'][1] <= paper_protocol.PLANNED_TRAIN_S
+  assert plan['estimated_train_s'][1] <= paper_plan.PLANNED_TRAIN_S
   assert config.sde.num_steps == 1000 and config.sampling.t_d == 100  # T and bottle's T_d (table 6)

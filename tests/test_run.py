@@ -88,9 +88,12 @@ def test_predict_scores_a_folder_of_new_images(straight, tmp_path):
   out = str(tmp_path / 'out')
   run.run(cfg, workdir, 'predict', input_dir=str(folder), output_dir=out)
   with open(os.path.join(out, 'scores.csv')) as f:
-    rows = [line.strip().split(',') for line in f][1:]
+    header, *rows = [line.strip().split(',') for line in f]
   assert sorted(r[0] for r in rows) == ['a.png', 'b.png', 'c.png']
   assert all(r[3] in ('good', 'defect') and np.isfinite(float(r[1])) for r in rows)
+  # The z-score baseline fitted by training scores the same images (its own scale).
+  assert header == ['filename', 'score', 'threshold', 'decision', 'zscore_score']
+  assert all(float(r[4]) > 0 for r in rows)
   assert len(os.listdir(os.path.join(out, 'overlays'))) == 3
   assert len(os.listdir(os.path.join(out, 'masks'))) == 3
 
