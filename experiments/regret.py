@@ -1,4 +1,4 @@
-"""Regret of label-free tuning on real categories at CPU scale (docs/benchmarks.md, "Tuning regret").
+"""Regret of label-free tuning on real categories at CPU scale (docs/results.md, "Tuning regret").
 
   python3 experiments/regret.py --stage=STAGE --root=../shared/data --runs=RUNS
 

@@ -1,4 +1,4 @@
-"""The CPU-scale study (docs/benchmarks.md, "Real data at CPU scale"): one model in about 20 minutes on 2 cores.
+"""The CPU-scale study (docs/results.md, "Real data at CPU scale"): one model in about 20 minutes on 2 cores.
 
 Everything not listed here is the paper's setting. What changes, and why:
 - 48² images and a small U-Net (configs/common.py set_cpu_model: ch 16, levels (1, 2, 2), one block
@@ -15,7 +15,7 @@ Everything not listed here is the paper's setting. What changes, and why:
   idle 2-core AMD EPYC VM with AVX-512 on 2026-12-01, or in 11 minutes on one core; on a 2-core
   AMD EPYC VM with AVX2 only, bench/train_throughput.py's step ran at 11-12 img/s, so about 40
   minutes: docs/benchmarks.md, "Training throughput"), not the paper's 1000 epochs. Chosen on
-  bottle's development set (docs/benchmarks.md, "What the evidence supports"): every sampler of
+  bottle's development set (docs/results.md, "What the evidence supports"): every sampler of
   the ESM and SGM models scored higher there at 1600 steps than at 400.
 N_a and the blur σ are scaled with the image area and side by esm/detectors.py; DINO runs at 224².
 """
