@@ -28,7 +28,12 @@ def gpu_config(data_root: str, steps: int, batch: int, res_blocks: int = 1):
 def dry_run_config(workdir: str):
   """Micro model, 16² synthetic images: every stage of the real run in about a minute on CPU (the
   code path does not depend on the model's size; compiling does)."""
-  c = common.set_micro_model(gpu_config('', steps=4, batch=4))
+  return shrink_for_dry_run(gpu_config('', steps=4, batch=4), workdir)
+
+
+def shrink_for_dry_run(c, workdir: str):
+  """A GPU plan's config at micro size on 16² synthetic images under workdir, on CPU (float32)."""
+  c = common.set_micro_model(c)
   c.data.dataset, c.data.category, c.data.image_size = 'synthetic', 'object', 16
   c.data.synthetic_size, c.data.synthetic_num_train, c.data.synthetic_num_test = 32, 16, 8
   c.data.val_fraction = 0.25

@@ -7,6 +7,7 @@ import threading
 import time
 
 from bench.gpu_common import XLA_PRESETS
+from bench.gpu_configs import shrink_for_dry_run
 from configs import common
 from configs import mvtec
 from configs.gpu import paper_protocol
@@ -41,18 +42,9 @@ def estimate(config, num_train: int) -> dict:
 
 def dry_run_config(workdir: str):
   """The plan at micro size on synthetic 16² images: the code path, in well under a minute."""
-  c = common.set_micro_model(paper_protocol.get_config('bottle'))
-  c.data.dataset, c.data.category, c.data.image_size = 'synthetic', 'object', 16
-  c.data.synthetic_size, c.data.synthetic_num_train, c.data.synthetic_num_test = 32, 16, 8
-  c.data.val_fraction = 0.25
-  c.data.root = os.path.join(workdir, 'data', 'synthetic')
-  c.data.tfds_dir = os.path.join(workdir, 'data', 'tfds')
-  c.model.dtype = 'float32'  # bf16 convolutions are slow on CPU
-  c.train.num_epochs, c.train.batch_size, c.train.warmup_steps, c.train.log_every = 2, 4, 0, 1
-  c.sampling.t_d_by_category = {}
-  c.sampling.t_d, c.eval.batch_size, c.sampling.snapshot_steps = 4, 4, (4, 2, 0)
+  c = shrink_for_dry_run(paper_protocol.get_config('bottle'), workdir)
+  c.train.num_epochs, c.train.batch_size = 2, 4
   return c
-
 
 
 def train_until(config, workdir: str, deadline: float) -> bool:
