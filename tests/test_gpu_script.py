@@ -7,6 +7,9 @@ import time
 
 import pytest
 
+from bench import paper_plan
+from esm import config as config_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,8 +52,6 @@ def test_paper_protocol_dry_run(tmp_path):
 
 
 def test_paper_protocol_training_stops_at_its_deadline_with_a_checkpoint(tmp_path):
-  from bench import paper_plan  # pylint: disable=g-import-not-at-top
-  from esm import config as config_lib  # pylint: disable=g-import-not-at-top
   config = paper_plan.plan_config(True, str(tmp_path), '', 'default')
   wd = str(tmp_path / 'run')
   # A deadline already past: the SIGTERM arrives before the first step, which still completes.
@@ -63,8 +64,6 @@ def test_paper_protocol_training_stops_at_its_deadline_with_a_checkpoint(tmp_pat
 
 
 def test_paper_protocol_plan_trains_1000_epochs_in_6_minutes_by_its_estimate():
-  from bench import paper_plan  # pylint: disable=g-import-not-at-top
-  from esm import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.from_configdict(paper_plan.paper_protocol.get_config('bottle'))
   plan = paper_plan.estimate(config, num_train=188)
   assert config.train.num_epochs == 1000 and plan['planned_images'] == 188_000
