@@ -13,8 +13,8 @@ Everything not listed here is the paper's setting. What changes, and why:
 - 1600 steps at batch 16 (136 epochs of bottle) with a large learning rate: a budget of minutes (an
   ESM model trains in about 7 minutes on 2 cores, at the 65-69 img/s that main.py measured on an
   idle 2-core AMD EPYC VM with AVX-512 on 2026-12-01, or in 11 minutes on one core; on a 2-core
-  AMD EPYC VM with AVX2 only, bench/train_throughput.py's step ran at 11-12 img/s, so about 40
-  minutes: docs/benchmarks.md, "Training throughput"), not the paper's 1000 epochs. Chosen on
+  AMD EPYC VM with AVX2 only, main.py trained at 12.4-13.1 img/s, so about 35 minutes:
+  docs/benchmarks.md, "Training throughput"), not the paper's 1000 epochs. Chosen on
   bottle's development set (docs/results.md, "What the evidence supports"): every sampler of
   the ESM and SGM models scored higher there at 1600 steps than at 400.
 N_a and the blur σ are scaled with the image area and side by esm/detectors.py; DINO runs at 224².
