@@ -94,7 +94,15 @@ def _random_batch(config):
   return images, jax.random.key(3)
 
 
-def jax_worker(case: str, steps: int) -> dict:
+def compiled_step(parts: TrainStep, state, images, rng, xla_own: bool = False):
+  """The case's train step compiled as training compiles it (train.step_compiler_options), or
+  with XLA's own options."""
+  if xla_own:
+    return parts.jitted().lower(state, images, rng).compile()
+  return train_lib.compile_step(parts.jitted(), state, images, rng)
+
+
+def jax_worker(case: str, steps: int, xla_own: bool = False) -> dict:
   """Compile seconds and the timed train steps (train_step_cases.timed) of one case."""
   host_memory.reuse_freed_memory()
   # Later rounds load the step compiled by the first instead of compiling it again.
@@ -103,10 +111,10 @@ def jax_worker(case: str, steps: int) -> dict:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   config = case_config(case)
   parts = TrainStep.create(config, vmapped=case == 'esm48v')
-  state, step = parts.init_state(), parts.jitted()
+  state = parts.init_state()
   images, rng = _random_batch(config)
   t = time.perf_counter()
-  compiled = step.lower(state, images, rng).compile()
+  compiled = compiled_step(parts, state, images, rng, xla_own)
   compile_s = time.perf_counter() - t
 
   def step_once():
@@ -133,7 +141,7 @@ def compile_worker(case: str) -> dict:
   lowered = step.lower(state, images, jax.random.key(3))
   lower_s = time.perf_counter() - t
   t = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = lowered.compile(train_lib.step_compiler_options() or None)
   compile_s = time.perf_counter() - t
   hlo_ops = sum(1 for l in compiled.as_text().splitlines() if ' = ' in l)
   return {'lower_s': lower_s, 'compile_s': compile_s, 'hlo_ops': hlo_ops}
@@ -196,7 +204,7 @@ def jax_profile_worker(case: str, steps: int) -> dict:
   parts = TrainStep.create(config)
   state = parts.init_state()
   images, rng = _random_batch(config)
-  compiled = parts.jitted().lower(state, images, rng).compile()
+  compiled = compiled_step(parts, state, images, rng)
   comps = _hlo_computations(compiled.as_text())
   instrs = {n: (op, line) for lst in comps.values() for n, op, line in lst}
   for _ in range(2):

@@ -69,7 +69,7 @@ def train_step_case(name: str, config, steps: int):
   images = jax.random.uniform(jax.random.key(2), (batch, size, size, 3), minval=-1, maxval=1)
   rng = jax.random.key(3)
   t = time.perf_counter()
-  compiled = step.lower(state, images, rng).compile()
+  compiled = train_lib.compile_step(step, state, images, rng)
   compile_s = time.perf_counter() - t
   flops = _flops(compiled)
   # The step returns a new state; time it as a chain like the training loop does.

@@ -56,7 +56,7 @@ def train_step_cost(config, batch: int, repeats: int) -> float:
   state = mutils.init_state(config, built, config.data.image_size)
   step = jax.jit(train_lib.get_train_step_fn(built.loss_fn, config.train.ema_rate))
   images = np.random.default_rng(0).uniform(-1, 1, (batch, 48, 48, 3)).astype(np.float32)
-  compiled = step.lower(state, images, jax.random.key(0)).compile()
+  compiled = train_lib.compile_step(step, state, images, jax.random.key(0))
   jax.block_until_ready(compiled(state, images, jax.random.key(0)))
   return min(cpu_seconds(lambda: compiled(state, images, jax.random.key(0)))
              for _ in range(repeats))

@@ -2,7 +2,7 @@
 
   python3 -m pip install -r requirements-bench.txt   # torch + diffusers, for this script only
   python3 bench/vs_pytorch.py [--cases=a,b] [--rounds=2] [--steps=10] [--threads=2] [--esm]
-                              [--no_torch]
+                              [--no_torch] [--xla_own]
   python3 bench/vs_pytorch.py --profile=a [--steps=5]
   python3 bench/vs_pytorch.py --compile_paper=1
 
@@ -11,14 +11,15 @@ the frameworks alternate within each round, so machine noise hits both alike. A 
 median of `--steps` timed train steps after warm-up. Both sides run the same step: DSM loss on a
 noised batch (uniform integer time, linear β schedule), backward, global-norm clipping at 1, Adam,
 and an EMA update of the parameters. Ours is the project's own train step (esm/train.py, state
-donated as in training; bench/jax_train_step.py); theirs is a plain PyTorch loop around
-UNet2DModel (bench/diffusers_train_step.py). Our process is set up as main.py sets it up: glibc's
-malloc keeps freed memory for reuse (esm/host_memory.py).
+donated and XLA options as in training; bench/jax_train_step.py); theirs is a plain PyTorch loop
+around UNet2DModel (bench/diffusers_train_step.py). Our process is set up as main.py sets it up:
+glibc's malloc keeps freed memory for reuse (esm/host_memory.py).
 
---esm adds the CPU-scale study step (configs/cpu/common.py model, 48², batch 16): the dual-stream
-ESM step against the single-stream DSM step of the same U-Net, ours only. Prints one table; without
-torch the diffusers columns are skipped with a message (exit 0). To compare with an older tree,
-check it out and run that tree's own bench.
+--xla_own adds ours compiled with XLA's own options, beside the train step's. --esm adds the
+CPU-scale study step (configs/cpu/common.py model, 48², batch 16): the dual-stream ESM step against
+the single-stream DSM step of the same U-Net, ours only. Prints one table; without torch the
+diffusers columns are skipped with a message (exit 0). To compare with an older tree, check it out
+and run that tree's own bench.
 """
 
 import json
@@ -49,6 +50,8 @@ _ESM = flags.DEFINE_boolean('esm', False, 'Also the CPU-scale study step, dual a
 _ESM_VMAP = flags.DEFINE_boolean('esm_vmap', False, 'with --esm: also the dual step with the '
                                  'streams as one vmapped U-Net')
 _NO_TORCH = flags.DEFINE_boolean('no_torch', False, 'JAX rows only')
+_XLA_OWN = flags.DEFINE_boolean('xla_own', False, "also ours compiled with XLA's own options "
+                                'instead of the train step\'s (esm.train.step_compiler_options)')
 _PIN = flags.DEFINE_string('pin', '', 'taskset CPU list for every worker, e.g. 1 (with '
                            '--threads=1): on a shared machine, compare CPU time per step instead '
                            'of wall')
@@ -73,7 +76,7 @@ def worker_result(kind: str, case: str, steps: int, threads: int) -> dict:
     return jax_train_step.jax_profile_worker(case, steps)
   if kind == 'compile':
     return jax_train_step.compile_worker(case)
-  return jax_train_step.jax_worker(case, steps)
+  return jax_train_step.jax_worker(case, steps, xla_own=kind == 'jax_xla_own')
 
 
 def _run_worker(kind: str, case: str, steps: int, threads: int) -> dict:
@@ -143,7 +146,8 @@ def run_rounds(jobs) -> dict:
     # Alternate the order between rounds as well: ours first in even rounds, theirs first in odd.
     order = jobs if r % 2 == 0 else list(reversed(jobs))
     for case, kind in order:
-      res = _run_worker('torch' if kind == 'torch' else 'jax', case, _STEPS.value, _THREADS.value)
+      worker = {'torch': 'torch', 'xla_own': 'jax_xla_own'}.get(kind, 'jax')
+      res = _run_worker(worker, case, _STEPS.value, _THREADS.value)
       res['img_s'] = res['batch'] / statistics.median(res['times'])
       res['img_cpu_s'] = res['batch'] / statistics.median(res['cpu'])  # images per CPU second
       res['load'] = os.getloadavg()[0]  # the machine's 1-minute load average after the run
@@ -209,6 +213,17 @@ def print_esm_table(esm_cases, results) -> None:
     print(f'ours: {ESM_LABELS[c]} step time / single-stream step time = {ratio:.2f}')
 
 
+def print_xla_own_table(cases, results) -> None:
+  """Ours with the train step's XLA options against ours with XLA's own."""
+  print("\nOurs with the train step's XLA options (esm.train.step_compiler_options) against XLA's "
+        'own, images per CPU-second:')
+  print("| case | XLA's own | train step's | train step's / XLA's own |")
+  print('|---|---|---|---|')
+  for c in cases:
+    own, ours = _median(results[(c, 'xla_own')], 'img_cpu_s'), _median(results[(c, 'ours')], 'img_cpu_s')
+    print(f'| {c} | {own:.2f} | {ours:.2f} | {ours / own:.2f} |')
+
+
 def print_fault_table(results) -> None:
   print('\nKernel time and minor page faults per timed step (median over rounds):')
   print('| case | tree | kernel ms per step | minor page faults per step |')
@@ -226,6 +241,8 @@ def speed_tables() -> None:
           'skipping the diffusers columns.')
   cases = _CASES.value
   jobs = [(c, 'ours') for c in cases] + ([(c, 'torch') for c in cases] if torch_ok else [])
+  if _XLA_OWN.value:
+    jobs += [(c, 'xla_own') for c in cases]
   esm_cases = ('dsm48', 'esm48') + (('esm48v',) if _ESM_VMAP.value else ())
   if _ESM.value:
     jobs += [(c, 'ours') for c in esm_cases]
@@ -233,6 +250,8 @@ def speed_tables() -> None:
   print_speed_tables(cases, results, torch_ok)
   if _ESM.value:
     print_esm_table(esm_cases, results)
+  if _XLA_OWN.value:
+    print_xla_own_table(cases, results)
   print_fault_table(results)
 
 

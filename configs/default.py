@@ -79,7 +79,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   t.max_bad_steps = 10  # consecutive non-finite steps tolerated (skipped) before stopping
   t.inject_nonfinite_step = -1  # fault injection: NaN loss/gradients from step index N on (-1: off)
   t.inject_nonfinite_count = 1  # fault injection: how many consecutive steps get the NaN
-  t.compiler_options = {}  # XLA options for compiling the train step, e.g. {'xla_gpu_autotune_level': 1}
+  # XLA options of the train step, over the platform's (esm.train.step_compiler_options), e.g.
+  # {'xla_gpu_autotune_level': 1}
+  t.compiler_options = {}
 
   # --- parallel: esm/config.py ParallelConfig, read by esm/parallel.py ----------------------------
   c.parallel = p = ml_collections.ConfigDict()

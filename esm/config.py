@@ -49,7 +49,7 @@ class TrainConfig:
   max_bad_steps: int
   inject_nonfinite_step: int
   inject_nonfinite_count: int
-  compiler_options: Dict[str, Any]  # XLA options of the train step's compilation ({} = XLA's own)
+  compiler_options: Dict[str, Any]  # XLA options of the train step, over the platform's
 
   def __post_init__(self):
     if not 0 < self.lr < FLOAT32_MAX:

@@ -168,10 +168,30 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
       writer.close()
 
 
+# XLA:CPU hands convolutions, dots and reductions to YNNPACK. Its weight-gradient convolution (a
+# window the size of the feature map) runs 9x slower than XLA's own (docs/benchmarks.md), so on CPU
+# the train step gives YNNPACK the dots and reductions only.
+CPU_STEP_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
+                    'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+def step_compiler_options(options=None, platform: Optional[str] = None) -> dict:
+  """The XLA options the train step compiles with: the platform's (CPU_STEP_OPTIONS on CPU), then
+  `options` (train.compiler_options), which win."""
+  platform = platform or jax.default_backend()
+  return {**(CPU_STEP_OPTIONS if platform == 'cpu' else {}), **dict(options or {})}
+
+
+def compile_step(step_fn, state, images, base_rng, compiler_options=None):
+  """step_fn (jitted) lowered and compiled for these arguments with step_compiler_options."""
+  return step_fn.lower(state, images, base_rng).compile(
+      step_compiler_options(compiler_options) or None)
+
+
 def _compile_step(step_fn, state, images, base_rng, compiler_options=None):
   logging.info('compiling the train step (XLA; a rerun reads it from the compilation cache) ...')
   t = time.time()
-  compiled = step_fn.lower(state, images, base_rng).compile(compiler_options or None)
+  compiled = compile_step(step_fn, state, images, base_rng, compiler_options)
   logging.info('compiled the train step in %.1f s', time.time() - t)
   return compiled
 

@@ -1,6 +1,7 @@
 """The train step: NaN skipping, device-count invariance and resume equality."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -175,3 +176,35 @@ def test_esm_with_the_variance_pinned_to_one_minus_alpha_bar_is_sgm():
   labels = np.r_[np.zeros(4), np.ones(4)]
   s_re = {k: np.asarray(jnp.mean(jnp.abs(test - r[1]), axis=(1, 2, 3))) for k, r in recon.items()}
   assert abs(metrics.auroc(s_re['esm'], labels) - metrics.auroc(s_re['dsm'], labels)) <= 1e-3
+
+
+
+def _ynn_convolutions(compiled) -> int:
+  """How many of a compiled function's YNNPACK fusions hold a convolution."""
+  text = compiled.as_text()
+  bodies = dict(re.findall(r'^(?:ENTRY )?%(\S+) .*?\{\n(.*?)^\}', text, re.M | re.S))
+  called = [c for line in text.splitlines() if '"__ynn_fusion"' in line
+            for c in re.findall(r'calls=%([\w.\-]+)', line)]
+  return sum(' convolution(' in bodies.get(c, '') for c in called)
+
+
+def test_train_step_options_are_the_platforms_then_the_configs():
+  assert train_lib.step_compiler_options({'xla_x': 1}, 'gpu') == {'xla_x': 1}
+  assert train_lib.step_compiler_options(None, 'cpu') == train_lib.CPU_STEP_OPTIONS
+  mine = {'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert train_lib.step_compiler_options(mine, 'cpu') == mine
+
+
+def test_cpu_step_options_keep_convolution_gradients_out_of_ynnpack_with_the_same_values():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 32))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) * 0.1
+
+  def loss(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jax.nn.silu(y) ** 2)
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w)
+  xla_own, ours = lowered.compile(), lowered.compile(train_lib.CPU_STEP_OPTIONS)
+  assert _ynn_convolutions(xla_own) > 0 and _ynn_convolutions(ours) == 0
+  for a, b in zip(xla_own(x, w), ours(x, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
