@@ -55,9 +55,10 @@ def jax_row(options: dict, n: int, side: int, ch: int, repeats: int) -> dict:
     return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
+  # Every array is an argument: a captured one would be a constant that XLA folds.
   fns = {'forward': (conv, (x, w)),
-         'input gradient': (lambda dy: jax.vjp(conv, x, w)[1](dy)[0], (dy,)),
-         'weight gradient': (lambda dy: jax.vjp(conv, x, w)[1](dy)[1], (dy,))}
+         'input gradient': (lambda x, w, dy: jax.vjp(conv, x, w)[1](dy)[0], (x, w, dy)),
+         'weight gradient': (lambda x, w, dy: jax.vjp(conv, x, w)[1](dy)[1], (x, w, dy))}
   out = {}
   for part, (fn, args) in fns.items():
     compiled = jax.jit(fn).lower(*args).compile(options or None)

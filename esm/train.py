@@ -169,7 +169,7 @@ def train_and_checkpoint(config, workdir: str, train_iter_fn: Callable) -> Optio
 
 
 # XLA:CPU hands convolutions, dots and reductions to YNNPACK. Its weight-gradient convolution (a
-# window the size of the feature map) runs 9x slower than XLA's own (docs/benchmarks.md), so on CPU
+# window the size of the feature map) runs 8x slower than XLA's own (docs/benchmarks.md), so on CPU
 # the train step gives YNNPACK the dots and reductions only.
 CPU_STEP_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type':
                     'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}

@@ -13,7 +13,8 @@ Everything not listed here is the paper's setting. What changes, and why:
 - 1600 steps at batch 16 (136 epochs of bottle) with a large learning rate: a budget of minutes (an
   ESM model trains in about 7 minutes on 2 cores, at the 65-69 img/s that main.py measured on an
   idle 2-core AMD EPYC VM with AVX-512 on 2026-12-01, or in 11 minutes on one core; on a 2-core
-  AMD EPYC VM with AVX2 only, main.py trained at 12.4-13.1 img/s, so about 35 minutes:
+  AMD EPYC VM with AVX2 only, main.py trained at 12.4-13.1 img/s, so about 35 minutes, with
+  XLA's own options; on one thread there the train step's options took it from 6.6 to 9.5 img/s:
   docs/benchmarks.md, "Training throughput"), not the paper's 1000 epochs. Chosen on
   bottle's development set (docs/results.md, "What the evidence supports"): every sampler of
   the ESM and SGM models scored higher there at 1600 steps than at 400.
