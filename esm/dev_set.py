@@ -185,6 +185,25 @@ class Evidence:
   pixels: resample.PixelPairs
 
 
+def arrays(dev: DevSet) -> List[np.ndarray]:
+  """Every array that defines the development set, its images included (for progress keys)."""
+  images = [dev.data.load(i)['image'] for i in range(dev.data.num_examples)]
+  return [dev.labels, dev.masks, dev.source, dev.folds, dev.strengths, dev.mean_z] + images
+
+
+def evidence_arrays(evidence: List[Evidence]) -> Dict[str, np.ndarray]:
+  """Evidence of several candidates as stacked arrays, and back (evidence_from_arrays)."""
+  return {'image_scores': np.stack([e.image_scores for e in evidence]),
+          'wins': np.stack([e.pixels.wins for e in evidence]),
+          'pos': np.stack([e.pixels.pos for e in evidence]),
+          'neg': np.stack([e.pixels.neg for e in evidence])}
+
+
+def evidence_from_arrays(a: Dict[str, np.ndarray]) -> List[Evidence]:
+  return [Evidence(a['image_scores'][i], resample.PixelPairs(a['wins'][i], a['pos'][i], a['neg'][i]))
+          for i in range(len(a['image_scores']))]
+
+
 def score_candidate(scorer: Scorer, dev: DevSet,
                     stage: int) -> Tuple[List[Dict[str, Any]], List[Evidence]]:
   """Development AUROCs of every detector subset for one reconstruction (cross-fitted), and each

@@ -77,15 +77,25 @@ def score_points(config: Config, workdir: str, dev: dev_set.DevSet, restored, fe
                  points: Sequence[Point], stage: int):
   """(rows, evidence) of every detector subset at each point; stage 2 adds the feature detectors."""
   rows, evidence = [], []
+  base = tuned_lib.progress_base(restored.params, dev_set.arrays(dev))
   for method, t_d, floor in points:
     weights = ((1.0,) * len(det.DETECTORS) if stage == 2 else
                tuple(0.0 if d.needs_features else 1.0 for d in det.DETECTORS.values()))
     cfg = tuned_lib.candidate_config(config, {
         'method': method, 't_d': t_d, 'weights': weights,
         'sigma_floor': floor or config.sampling.sigma_floor})
-    scorer = scoring.Scorer(cfg, workdir, restored=restored,
-                            feature_fn=feature_fn if stage == 2 else None)
-    r, e = dev_set.score_candidate(scorer, dev, stage)
+    key = tuned_lib.progress_key(base, cfg, stage)
+    saved = tuned_lib.load_progress(workdir, key)
+    if saved:
+      r, e = saved[0], dev_set.evidence_from_arrays(saved[1])
+      logging.info('tune: %s T_d=%d%s read from %s', method, t_d, f' floor={floor}' if floor else '',
+                   tuned_lib.PROGRESS_DIR)
+    else:
+      scorer = scoring.Scorer(cfg, workdir, restored=restored,
+                              feature_fn=feature_fn if stage == 2 else None)
+      r, e = dev_set.score_candidate(scorer, dev, stage)
+      if r:
+        tuned_lib.save_progress(workdir, key, r, dev_set.evidence_arrays(e))
     if r:
       top = max(r, key=lambda c: c['score'])
       logging.info('tune: %s T_d=%d%s best %s: image %.3f pixel %.3f', method, t_d,
@@ -304,7 +314,9 @@ def run_tuning(config: Config, workdir: str, restored=None):
   check_held_out_slice(config, workdir)
   restored = restored or scoring.restore_ema_params(config, workdir, parallel.make_mesh())
   run = run_legacy if config.tune.rule == 'legacy' else run_noise_aware
-  return run(config, workdir, restored)
+  out = run(config, workdir, restored)
+  tuned_lib.clear_progress(workdir)  # the caller writes what it returns
+  return out
 
 
 def tune(config: Config, workdir: str) -> Dict[str, Any]:
@@ -314,7 +326,7 @@ def tune(config: Config, workdir: str) -> Dict[str, Any]:
   restored = scoring.restore_ema_params(config, workdir, parallel.make_mesh())
   tuned, (dev, evidence) = run_tuning(config, workdir, restored)
   tuned_lib.write(workdir, tuned)
-  tuned_lib.write_scores(workdir, dev, evidence)
+  tuned_lib.write_scores(workdir, dev, dev_set.evidence_arrays(evidence))
   # The detector state of the choice, so predict, the API and export can follow tune directly.
   val = pipeline.get_eval_data(config.data, 'val', global_batch_size=config.eval.batch_size)
   scorer = scoring.Scorer(tuned_lib.candidate_config(config, tuned), workdir, restored=restored)

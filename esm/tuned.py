@@ -1,14 +1,17 @@
-"""DIR/tuned.json: what label-free tuning (esm/tune.py) chose, and every candidate it scored; and
-DIR/tuning_scores.npz: every candidate's per-image development scores.
+"""DIR/tuned.json: what label-free tuning (esm/tune.py) chose, and every candidate it scored;
+DIR/tuning_scores.npz: every candidate's per-image development scores; and DIR/tune_progress/:
+each candidate point's scores as it finishes, so an interrupted tuning resumes.
 
 The one reader and writer of the files. Tuning writes it; the category loop (esm/run.py) applies its
 choice to the config of the modes that score images; evaluation reads the candidates for the
 report's sweep; a candidate becomes a config in one place (`candidate_config`).
 """
 
+import hashlib
 import json
 import os
-from typing import Any, Dict, List, Optional
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -18,6 +21,7 @@ from esm import files
 
 TUNED_FILE = 'tuned.json'
 SCORES_FILE = 'tuning_scores.npz'
+PROGRESS_DIR = 'tune_progress'
 # Key of tuned.json -> the config field it sets.
 TUNED_FIELDS = {'t_d': 'sampling.t_d', 'method': 'sampling.method', 'weights': 'detect.weights',
                 'sigma_floor': 'sampling.sigma_floor'}
@@ -40,19 +44,15 @@ def write(workdir: str, tuned: Dict[str, Any]) -> None:
     files.write_text(path(workdir), json.dumps(tuned, indent=1))
 
 
-def write_scores(workdir: str, dev, evidence) -> None:
+def write_scores(workdir: str, dev, evidence: Dict[str, np.ndarray]) -> None:
   """DIR/tuning_scores.npz: per candidate (rows in tuned.json's order) its image scores [C, N]
   and its pixel pairs (esm/resample.py: wins [C, N, N], pos and neg [C, N]), with the set's
   labels, source images, families and strengths [N]: what the choice's bootstrap resampled."""
   if jax.process_index() != 0:
     return
   with open(os.path.join(workdir, SCORES_FILE), 'wb') as f:
-    np.savez_compressed(
-        f, image_scores=np.stack([e.image_scores for e in evidence]),
-        wins=np.stack([e.pixels.wins for e in evidence]),
-        pos=np.stack([e.pixels.pos for e in evidence]),
-        neg=np.stack([e.pixels.neg for e in evidence]), labels=dev.labels, source=dev.source,
-        families=np.asarray(dev.families, str), strengths=dev.strengths)
+    np.savez_compressed(f, **evidence, labels=dev.labels, source=dev.source,
+                        families=np.asarray(dev.families, str), strengths=dev.strengths)
 
 
 def load_scores(workdir: str) -> Optional[Dict[str, np.ndarray]]:
@@ -62,6 +62,60 @@ def load_scores(workdir: str) -> Optional[Dict[str, np.ndarray]]:
     return None
   with np.load(p) as z:
     return {k: z[k] for k in z.files}
+
+
+def progress_base(params, dev_arrays) -> Optional[str]:
+  """A digest of what every candidate point's scores depend on besides its config: the restored
+  parameters and the development set's arrays. None in a multi-host run: its processes score every
+  point together, so none may skip one."""
+  if jax.process_count() > 1:
+    return None
+  h = hashlib.sha256()
+  for a in list(jax.tree.leaves(params)) + list(dev_arrays):
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(f'{a.dtype}{a.shape}'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def progress_key(base: Optional[str], candidate: config_lib.Config, stage: int) -> Optional[str]:
+  """The name of one candidate point's saved scores (None: not saved)."""
+  if base is None:
+    return None
+  blob = json.dumps([base, config_lib.to_dict(candidate), stage], sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _progress_path(workdir: str, key: str) -> str:
+  return os.path.join(workdir, PROGRESS_DIR, key + '.npz')
+
+
+def save_progress(workdir: str, key: Optional[str], rows: List[Dict[str, Any]],
+                  evidence: Dict[str, np.ndarray]) -> None:
+  """One candidate point's rows (tuned.json's candidates) and their stacked per-image evidence
+  (image_scores, wins, pos, neg: esm/dev_set.py evidence_arrays)."""
+  if key is None or jax.process_index() != 0:
+    return
+  os.makedirs(os.path.join(workdir, PROGRESS_DIR), exist_ok=True)
+  tmp = _progress_path(workdir, key) + '.tmp'
+  with open(tmp, 'wb') as f:
+    np.savez(f, rows=json.dumps(rows), **evidence)
+  os.replace(tmp, _progress_path(workdir, key))
+
+
+def load_progress(workdir: str,
+                  key: Optional[str]) -> Optional[Tuple[List[Dict[str, Any]], Dict[str, Any]]]:
+  """(rows, {image_scores, wins, pos, neg}) saved under key, or None."""
+  if key is None or not os.path.exists(_progress_path(workdir, key)):
+    return None
+  p = _progress_path(workdir, key)
+  with np.load(p) as z:
+    return json.loads(str(z['rows'])), {k: z[k] for k in ('image_scores', 'wins', 'pos', 'neg')}
+
+
+def clear_progress(workdir: str) -> None:
+  if jax.process_index() == 0:
+    shutil.rmtree(os.path.join(workdir, PROGRESS_DIR), ignore_errors=True)
 
 
 def candidate_config(config: config_lib.Config, candidate: Dict[str, Any]) -> config_lib.Config:

@@ -15,6 +15,7 @@ from esm import defects
 from esm import dev_set
 from esm import run
 from esm import tune
+from esm import tuned as tuned_lib
 from esm.config import from_configdict
 from esm.errors import UserError
 from tests.helpers import runs
@@ -223,3 +224,56 @@ def test_esm_sigma_floor_is_tuned_and_applied(tuned_run, tmp_path):
   result = json.load(open(os.path.join(workdir, 'report', 'results.json')))['object']
   assert result['sigma_floor'] == other
   assert result['settings_source']['sampling.sigma_floor'] == 'command line'
+
+
+class _Interrupted(Exception):
+  pass
+
+
+@pytest.mark.slow
+def test_an_interrupted_tuning_resumes_from_the_points_it_finished(tuned_run, tmp_path,
+                                                                  monkeypatch):
+  cfg, trained, _ = tuned_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns(
+      'report', 'tuned.json', 'tuning_scores.npz', 'detector.json'))
+  reference = json.load(open(os.path.join(trained, 'tuned.json')))
+  points = {(c['method'], c['t_d'], c.get('sigma_floor'), c['stage'])
+            for c in reference['candidates']}
+  score_candidate, calls = dev_set.score_candidate, []
+
+  def interrupted_after_two(scorer, dev, stage):
+    if len(calls) == 2:
+      raise _Interrupted()
+    calls.append(stage)
+    return score_candidate(scorer, dev, stage)
+
+  monkeypatch.setattr(dev_set, 'score_candidate', interrupted_after_two)
+  with pytest.raises(_Interrupted):
+    run.run(cfg, workdir, 'tune')
+  progress = os.path.join(workdir, tuned_lib.PROGRESS_DIR)
+  assert len(os.listdir(progress)) == 2 and not os.path.exists(tuned_lib.path(workdir))
+
+  calls.clear()
+  monkeypatch.setattr(dev_set, 'score_candidate',
+                      lambda *a: calls.append(a[2]) or score_candidate(*a))
+  run.run(cfg, workdir, 'tune')
+  assert len(calls) == len(points) - 2  # the two finished points were read back
+  assert not os.path.exists(progress)
+  resumed = json.load(open(tuned_lib.path(workdir)))
+  assert resumed['candidates'] == reference['candidates']
+  assert resumed['criterion'] == reference['criterion']
+
+
+def test_progress_keys_change_with_the_parameters_the_set_the_config_and_the_stage():
+  cfg = from_configdict(runs.config('micro'))
+  params, dev = {'w': np.ones(3, np.float32)}, [np.arange(4), np.zeros((2, 2))]
+  base = tuned_lib.progress_base(params, dev)
+  key = tuned_lib.progress_key(base, cfg, 1)
+  assert key == tuned_lib.progress_key(tuned_lib.progress_base(params, dev), cfg, 1)
+  assert key != tuned_lib.progress_key(base, cfg, 2)
+  assert key != tuned_lib.progress_key(base, tuned_lib.candidate_config(
+      cfg, {'method': 'esm', 't_d': cfg.sampling.t_d + 1, 'weights': cfg.detect.weights}), 1)
+  assert base != tuned_lib.progress_base({'w': np.full(3, 2, np.float32)}, dev)
+  assert base != tuned_lib.progress_base(params, [np.arange(4), np.ones((2, 2))])
+  assert tuned_lib.progress_key(None, cfg, 1) is None  # a multi-host run saves nothing
