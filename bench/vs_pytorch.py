@@ -220,7 +220,8 @@ def print_xla_own_table(cases, results) -> None:
   print("| case | XLA's own | train step's | train step's / XLA's own |")
   print('|---|---|---|---|')
   for c in cases:
-    own, ours = _median(results[(c, 'xla_own')], 'img_cpu_s'), _median(results[(c, 'ours')], 'img_cpu_s')
+    own = _median(results[(c, 'xla_own')], 'img_cpu_s')
+    ours = _median(results[(c, 'ours')], 'img_cpu_s')
     print(f'| {c} | {own:.2f} | {ours:.2f} | {ours / own:.2f} |')
 
 
