@@ -4,9 +4,10 @@ PyTorch's when torch is installed (requirements-bench.txt).
 
   python3 bench/conv_gradients.py [--batch=8] [--side=64] [--channels=128] [--repeats=5]
 
-Each cell is the median CPU time of `--repeats` calls after a warm-up call, in milliseconds, with
-one thread (XLA's Eigen and PyTorch's intra-op pools are both set to one), so other load on the
-machine changes it little. PyTorch runs in its own subprocess. Prints one table.
+Each cell is the median CPU time of `--repeats` calls after two warm-up calls (bench/
+train_step_cases.py timed), in milliseconds, with one thread (XLA's Eigen and PyTorch's intra-op
+pools are both set to one), so other load on the machine changes it little. PyTorch runs in its
+own subprocess. Prints one table.
 """
 
 import json
@@ -23,6 +24,7 @@ from absl import app
 from absl import flags
 
 from bench import machine
+from bench.train_step_cases import timed
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _BATCH = flags.DEFINE_integer('batch', 8, 'Batch.')
@@ -35,13 +37,7 @@ ONE_THREAD = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
 
 
 def cpu_ms(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.process_time()
-    fn()
-    times.append(time.process_time() - t)
-  return 1e3 * statistics.median(times)
+  return 1e3 * statistics.median(timed(fn, repeats)['cpu'])
 
 
 def jax_row(options: dict, n: int, side: int, ch: int, repeats: int) -> dict:
@@ -79,10 +75,11 @@ def torch_row(n: int, side: int, ch: int, repeats: int) -> dict:
     return {part: cpu_ms(fn, repeats) for part, fn in fns.items()}
 
 
-def torch_subprocess(argv) -> dict:
+def torch_subprocess(n: int, side: int, ch: int, repeats: int) -> dict:
   env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), '--torch_worker'] + argv[1:],
-                       env=env, capture_output=True, text=True, check=False)
+  cmd = [sys.executable, os.path.abspath(__file__), '--torch_worker', f'--batch={n}',
+         f'--side={side}', f'--channels={ch}', f'--repeats={repeats}']
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
   lines = [l for l in out.stdout.splitlines() if l.startswith('{')]
   if out.returncode or not lines:
     print(f'# PyTorch row skipped: {(out.stderr.strip().splitlines() or ["no output"])[-1]}')
@@ -91,6 +88,7 @@ def torch_subprocess(argv) -> dict:
 
 
 def main(argv):
+  del argv
   n, side, ch, repeats = _BATCH.value, _SIDE.value, _CHANNELS.value, _REPEATS.value
   if _TORCH_WORKER.value:
     print(json.dumps(torch_row(n, side, ch, repeats)))
@@ -102,7 +100,7 @@ def main(argv):
   rows = {"XLA's own options": jax_row({}, n, side, ch, repeats),
           "the train step's (esm.train.CPU_STEP_OPTIONS)": jax_row(
               train_lib.CPU_STEP_OPTIONS, n, side, ch, repeats)}
-  theirs = torch_subprocess(argv)
+  theirs = torch_subprocess(n, side, ch, repeats)
   if theirs:
     rows['PyTorch'] = theirs
   print(f'# 3x3 convolution, {n}x{side}²x{ch} -> {ch}, one thread; CPU ms per call, median of '

@@ -108,8 +108,7 @@ def load_progress(workdir: str,
   """(rows, {image_scores, wins, pos, neg}) saved under key, or None."""
   if key is None or not os.path.exists(_progress_path(workdir, key)):
     return None
-  p = _progress_path(workdir, key)
-  with np.load(p) as z:
+  with np.load(_progress_path(workdir, key)) as z:
     return json.loads(str(z['rows'])), {k: z[k] for k in ('image_scores', 'wins', 'pos', 'neg')}
 
 

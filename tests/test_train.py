@@ -178,7 +178,6 @@ def test_esm_with_the_variance_pinned_to_one_minus_alpha_bar_is_sgm():
   assert abs(metrics.auroc(s_re['esm'], labels) - metrics.auroc(s_re['dsm'], labels)) <= 1e-3
 
 
-
 def _ynn_convolutions(compiled) -> int:
   """How many of a compiled function's YNNPACK fusions hold a convolution."""
   text = compiled.as_text()
