@@ -49,7 +49,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   m.ch = 128  # base channels of the U-Net
   m.ch_mult = (1, 1, 2, 2, 4, 4)  # channel multiplier per resolution level
   m.num_res_blocks = 2  # residual blocks per level
-  m.attn_resolutions = (16,)  # feature-map sides that get self-attention
+  m.attn_resolutions = (16,)  # feature-map sides of the training input (the crop) that attend
   m.dropout = 0.1  # dropout inside residual blocks (train only)
   m.resblock_type = 'biggan'  # 'biggan' (resample inside the block) or 'ddpm' (separate up/down)
   m.resamp_with_conv = True  # 3x3 conv after nearest upsampling / strided conv downsampling

@@ -32,10 +32,6 @@ def validate_config(config: Config, mode: str) -> None:
   check_image_size(config.model.unet, config.data.image_size)
   if config.data.train_crop:
     check_image_size(config.model.unet, config.data.train_crop)
-    _expect(not config.model.attn_resolutions,
-            'data.train_crop: the U-Net attends at fixed feature-map sides (model.attn_resolutions), '
-            'which differ between the crops it trains on and the whole images it evaluates; set '
-            'model.attn_resolutions=()')
   sampling = config.sampling
   for t_d in [sampling.t_d] + list(sampling.t_d_by_category.values()):
     check_t_d(t_d, config.sde.num_steps)

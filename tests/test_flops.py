@@ -44,6 +44,9 @@ def test_upsampling_conv_and_attention():
     (UNetConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,), num_groups=8), 32),
     (UNetConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
                 resblock_type='ddpm'), 32),
+    # trained on 16² crops, applied to a whole 32² image: level 1 attends, at 16²
+    (UNetConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
+                attn_side=16), 32),
 ])
 def test_unet_forward_is_xla_count_less_the_elementwise_work(cfg, size):
   model = UNet(cfg)

@@ -80,6 +80,30 @@ def test_paper_scale_parameter_count_without_allocation():
   assert 0.9e9 < 4 * n < 1.1e9
 
 
+def _attention_blocks(config, size: int) -> dict:
+  """AttnBlock name -> the feature-map side it sees, for one stream applied to size² inputs."""
+  model = mutils.create_model(config, size)
+  x = jnp.zeros((1, size, size, 3))
+  _, state = jax.eval_shape(lambda: model.init_with_output(
+      {'params': jax.random.key(0)}, x, jnp.zeros((1,)), False, capture_intermediates=True))
+  calls = state['intermediates']['eps_stream']
+  return {name: calls[name]['__call__'][0].shape[1] for name in calls if name.startswith('AttnBlock')}
+
+
+def test_crop_trained_unet_attends_at_the_crops_levels_on_whole_images():
+  """attn_resolutions are sides of the training crop: on a whole 16² image the blocks that saw
+  the 8² crop's 4² level attend at 8², and the parameter tree is the crop's."""
+  config = common.set_tiny_model(get_default_config())
+  config.model.attn_resolutions = (4,)
+  config.data.train_crop = 8
+  crop = _attention_blocks(from_configdict(config), 8)
+  whole = _attention_blocks(from_configdict(config), SIZE)
+  assert sorted(crop) == sorted(whole) and len(crop) == 4  # one down, two up, one in the middle
+  assert sorted(crop.values()) == [4, 4, 4, 4] and sorted(whole.values()) == [8, 8, 8, 8]
+  config.data.train_crop = 0  # without crops the sides are the input's own: no 4² level at 16²
+  assert sorted(_attention_blocks(from_configdict(config), SIZE).values()) == [8]
+
+
 def test_image_size_must_divide_by_the_downsampling():
   config = from_configdict(get_default_config())
   with pytest.raises(UserError, match='not divisible'):

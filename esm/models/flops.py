@@ -10,7 +10,7 @@ the total against XLA's own count of a small model). A training step costs 3x th
 """
 
 from esm.models.dual_stream import ScoreNetConfig
-from esm.models.unet import UNetConfig
+from esm.models.unet import UNetConfig, attention_levels
 
 
 def _valid_taps(side: int, kernel: int, stride: int) -> int:
@@ -56,13 +56,14 @@ def resnet_block_flops(side: int, c_in: int, c_out: int, temb_ch: int, resample=
 def unet_forward_flops(cfg: UNetConfig, image_size: int) -> int:
   """FLOPs of one image through UNet.__call__ (the same walk over levels and skips)."""
   temb = 4 * cfg.ch
-  attn = lambda side, c: attention_flops(side, c) if side in cfg.attn_resolutions else 0
+  attends = attention_levels(cfg, image_size)
+  attn = lambda level, side, c: attention_flops(side, c) if level in attends else 0
   total = dense_flops(1, cfg.ch, temb) + dense_flops(1, temb, temb)
   total += conv_flops(image_size, 3, cfg.ch, 3)
   side, c, skips = image_size, cfg.ch, [cfg.ch]
   for level, mult in enumerate(cfg.ch_mult):
     for _ in range(cfg.num_res_blocks):
-      total += resnet_block_flops(side, c, cfg.ch * mult, temb) + attn(side, cfg.ch * mult)
+      total += resnet_block_flops(side, c, cfg.ch * mult, temb) + attn(level, side, cfg.ch * mult)
       c = cfg.ch * mult
       skips.append(c)
     if level != len(cfg.ch_mult) - 1:
@@ -77,7 +78,7 @@ def unet_forward_flops(cfg: UNetConfig, image_size: int) -> int:
     for _ in range(cfg.num_res_blocks + 1):
       c_in = c + skips.pop()
       c = cfg.ch * mult
-      total += resnet_block_flops(side, c_in, c, temb) + attn(side, c)
+      total += resnet_block_flops(side, c_in, c, temb) + attn(level, side, c)
     if level != 0:
       if cfg.resblock_type == 'biggan':
         total += resnet_block_flops(side, c, c, temb, 'up')

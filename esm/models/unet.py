@@ -28,7 +28,8 @@ class UNetConfig:
   ch: int = 128
   ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4, 4)
   num_res_blocks: int = 2
-  attn_resolutions: Tuple[int, ...] = (16,)
+  attn_resolutions: Tuple[int, ...] = (16,)  # feature-map sides, measured at attn_side
+  attn_side: int = 0  # the input side attn_resolutions refer to; 0: each input's own side
   dropout: float = 0.1
   resblock_type: str = 'biggan'
   resamp_with_conv: bool = True
@@ -40,6 +41,13 @@ class UNetConfig:
   @property
   def downsampling_factor(self) -> int:
     return 2 ** (len(self.ch_mult) - 1)
+
+
+def attention_levels(cfg: UNetConfig, input_side: int) -> frozenset:
+  """The levels (0: full resolution) whose blocks attend. Decided by level, not by the side an
+  input reaches there, so a U-Net trained on crops attends at the same blocks on whole images."""
+  side = cfg.attn_side or input_side
+  return frozenset(l for l in range(len(cfg.ch_mult)) if side // 2 ** l in cfg.attn_resolutions)
 
 
 def check_image_size(cfg: UNetConfig, image_size: int) -> None:
@@ -126,10 +134,10 @@ class UNet(nn.Module):
     h, _ = body(h, temb, jnp.stack(skips))
     return h, [None] * k
 
-  def _level(self, names: _Names, h, temb, train: bool, out_ch: int, skips: list):
+  def _level(self, names: _Names, h, temb, train: bool, out_ch: int, skips: list,
+             with_attn: bool):
     """h through one level's blocks, skips[j] (None on the down path) joining block j's input;
     returns h and the blocks' outputs."""
-    with_attn = h.shape[1] in self.config.attn_resolutions
     outs = []
     for run in _runs(h.shape[-1], [0 if s is None else s.shape[-1] for s in skips], out_ch,
                      self.config.scan_blocks):
@@ -155,8 +163,10 @@ class UNet(nn.Module):
 
     h = layers.conv(c.ch, 3, dtype)(x.astype(dtype))
     skips = [h]
+    attends = attention_levels(c, x.shape[1])
     for level, mult in enumerate(c.ch_mult):
-      h, outs = self._level(names, h, temb, train, c.ch * mult, [None] * c.num_res_blocks)
+      h, outs = self._level(names, h, temb, train, c.ch * mult, [None] * c.num_res_blocks,
+                            level in attends)
       skips += outs
       if level != len(c.ch_mult) - 1:
         if c.resblock_type == 'biggan':
@@ -171,7 +181,7 @@ class UNet(nn.Module):
 
     for level, mult in reversed(list(enumerate(c.ch_mult))):
       h, _ = self._level(names, h, temb, train, c.ch * mult,
-                         [skips.pop() for _ in range(c.num_res_blocks + 1)])
+                         [skips.pop() for _ in range(c.num_res_blocks + 1)], level in attends)
       if level != 0:
         if c.resblock_type == 'biggan':
           h = self._block(names, h.shape[-1], 'up')(h, temb, train)

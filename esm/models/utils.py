@@ -5,6 +5,7 @@
 what a reader (evaluation) needs to restore one.
 """
 
+import dataclasses
 import math
 from typing import Callable, NamedTuple
 
@@ -29,9 +30,12 @@ class Built(NamedTuple):
 
 
 def create_model(config, image_size: int) -> ScoreNet:
+  """The network for image_size² inputs; model.attn_resolutions are sides of the training input
+  (the crop where data.train_crop is set), so crops and whole images attend at the same levels."""
   model_cfg = ScoreNetConfig.from_model_config(config.model, dual=config.loss.dual_stream)
-  check_image_size(model_cfg.unet, image_size)
-  return ScoreNet(model_cfg)
+  unet = dataclasses.replace(model_cfg.unet, attn_side=config.data.train_crop or image_size)
+  check_image_size(unet, image_size)
+  return ScoreNet(dataclasses.replace(model_cfg, unet=unet))
 
 
 def build(config, image_size: int) -> Built:
