@@ -8,7 +8,7 @@ thresholds (esm/detector_state.py); the test split is reconstructed once, and ev
 import dataclasses
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -21,9 +21,13 @@ from esm import detectors as det
 from esm import metrics
 from esm import parallel
 from esm import report
+from esm import resample
 from esm import scoring
 from esm import tuned as tuned_lib
 from esm.config import Config
+
+EVIDENCE_FILE = 'evidence.npz'  # in the report folder: esm/resample.py save_evidence's format
+METHOD_ENTRY = 'model'  # the evaluated method's entry in it; the baselines go by their names
 
 
 def _figure_indices(records: List[Dict[str, Any]], per_type: int) -> List[int]:
@@ -51,27 +55,40 @@ def evaluate(config: Config, workdir: str, report_dir: Optional[str] = None) -> 
   beside it (for the reader only)."""
   ev = evaluate_outputs(config, workdir)
   ev.result['settings_source'] = tuned_lib.settings_source(config, workdir)
-  ev.result['baselines'] = evaluate_baselines(config, workdir, ev.outputs)
+  ev.result['baselines'], baseline_outputs = evaluate_baselines(config, workdir, ev.outputs)
   tuned = tuned_lib.load(workdir)
   if tuned is not None and config.eval.sweep_t_d:
     ev.result['t_d_sweep'] = sweep_tuning_candidates(config, workdir, tuned)
   if jax.process_index() == 0:
-    report.write_category(ev.result, report_dir or os.path.join(workdir, 'report'), ev.records,
-                          ev.outputs, ev.pixel_maps, ev.scores, tuned=tuned)
+    report_dir = report_dir or os.path.join(workdir, 'report')
+    report.write_category(ev.result, report_dir, ev.records, ev.outputs, ev.pixel_maps, ev.scores,
+                          tuned=tuned)
+    if ev.outputs.masks.any():
+      write_evidence(os.path.join(report_dir, EVIDENCE_FILE), ev,
+                     {METHOD_ENTRY: (ev.pixel_maps, ev.scores), **baseline_outputs})
   return ev.result
 
 
-def evaluate_baselines(config: Config, workdir: str,
-                       outputs: scoring.SplitOutputs) -> Dict[str, Dict[str, Any]]:
+def write_evidence(path: str, ev: Evaluation, outputs: Dict[str, Tuple[np.ndarray, np.ndarray]]):
+  """Per entry (the method, each baseline): its image scores and the pixel pairs of its maps
+  against the test masks, which a paired bootstrap over test images needs (esm/resample.py)."""
+  names = list(outputs)
+  resample.save_evidence(path, [[n] for n in names], [outputs[n][1] for n in names],
+                         [resample.pixel_pairs(outputs[n][0], ev.outputs.masks) for n in names],
+                         ev.outputs.labels)
+
+
+def evaluate_baselines(config: Config, workdir: str, outputs: scoring.SplitOutputs):
   """The model-free baselines on the same test split, with the same metrics; a baseline trained
-  before this workdir had one is fitted now, on the training images."""
+  before this workdir had one is fitted now, on the training images. Returns the result rows and
+  each available baseline's (pixel maps, image scores)."""
   gb = config.eval.batch_size
   baselines.fit_missing(config, workdir,
                         lambda: pipeline.get_eval_data(config.data, 'train', global_batch_size=gb))
   test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
   context = baselines.make_context(config)
   pixel_labels = metrics.prepare_pixel_labels(outputs.masks) if test.has_masks else None
-  rows = {}
+  rows, maps_and_scores = {}, {}
   for name, why in baselines.available(config).items():
     if why:
       rows[name] = {'label': baselines.BASELINES[name].label, 'unavailable': why}
@@ -80,6 +97,7 @@ def evaluate_baselines(config: Config, workdir: str,
     start = time.time()
     pixel_maps, scores = baselines.score_image_set(name, baselines.load_state(workdir, name), test,
                                                    context)
+    maps_and_scores[name] = (pixel_maps, scores)
     image_m = metrics.ranking_metrics(scores, outputs.labels)
     pixel_m = metrics.pixel_metrics(pixel_maps, pixel_labels) if pixel_labels is not None else {}
     rows[name] = {'label': baselines.BASELINES[name].label, 'image_auroc': image_m['auroc'],
@@ -88,7 +106,7 @@ def evaluate_baselines(config: Config, workdir: str,
                   'seconds_per_image': (time.time() - start) / max(test.num_examples, 1)}
     logging.info('baseline %s: image AUROC %.4f, pixel AUROC %.4f', name, rows[name]['image_auroc'],
                  rows[name]['pixel_auroc'])
-  return rows
+  return rows, maps_and_scores
 
 
 def sweep(config: Config, workdir: str, candidates: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -8,6 +8,9 @@ maps themselves. Image AUROC of a resample is esm/metrics.py weighted_auroc. Num
 """
 
 import dataclasses
+import json
+import os
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
@@ -34,6 +37,32 @@ def pixel_pairs(maps: np.ndarray, masks: np.ndarray) -> PixelPairs:
     wins[:, j] = np.bincount(owner, weights=below + 0.5 * tied, minlength=n)
   return PixelPairs(wins, defect.sum(axis=1).astype(np.float64),
                     (~defect).sum(axis=1).astype(np.float64))
+
+
+Evidence = Tuple[np.ndarray, PixelPairs, np.ndarray]  # image scores [N], pixel pairs, labels [N]
+
+
+def save_evidence(path: str, names: Sequence[Sequence[str]], image_scores, pairs, labels) -> None:
+  """What a bootstrap needs of several score sets of one test split, written atomically: entry k
+  is named by the tuple names[k] (a detector subset, or one method's name)."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path + '.tmp', 'wb') as f:
+    np.savez_compressed(f, subsets=json.dumps([list(n) for n in names]),
+                        image_scores=np.stack(image_scores),
+                        wins=np.stack([p.wins for p in pairs]).astype(np.float32),
+                        pos=np.stack([p.pos for p in pairs]), neg=np.stack([p.neg for p in pairs]),
+                        labels=labels)
+  os.replace(path + '.tmp', path)
+
+
+def load_evidence(path: str) -> Dict[Tuple[str, ...], Evidence]:
+  """save_evidence's entries: name tuple -> (image scores, pixel pairs, labels)."""
+  out = {}
+  with np.load(path) as z:
+    for k, name in enumerate(json.loads(str(z['subsets']))):
+      pairs = PixelPairs(z['wins'][k].astype(np.float64), z['pos'][k], z['neg'][k])
+      out[tuple(name)] = (z['image_scores'][k], pairs, z['labels'])
+  return out
 
 
 def pixel_auroc(pairs: PixelPairs, weights: np.ndarray) -> np.ndarray:

@@ -168,16 +168,6 @@ def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
   return [(p, features_at == 'all' or p in chosen) for p in sorted(points, key=str)]
 
 
-def _save_evidence(path: str, subsets, scores, pairs, labels) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'wb') as f:
-    np.savez_compressed(f, subsets=json.dumps(subsets), image_scores=np.stack(scores),
-                        wins=np.stack([p.wins for p in pairs]).astype(np.float32),
-                        pos=np.stack([p.pos for p in pairs]), neg=np.stack([p.neg for p in pairs]),
-                        labels=labels)
-  os.replace(path + '.tmp', path)
-
-
 def evaluate_point(run, config, point, features, restored, feature_fn, val, test) -> None:
   method, t_d, floor = point
   weights = tuple(0.0 if d.needs_features and not features else 1.0 for d in det.DETECTORS.values())
@@ -193,7 +183,7 @@ def evaluate_point(run, config, point, features, restored, feature_fn, val, test
     subsets.append(list(subset))
     scores.append(s)
     pairs.append(resample.pixel_pairs(maps, out.masks))
-  _save_evidence(run.path('test', _key(point) + '.npz'), subsets, scores, pairs, out.labels)
+  resample.save_evidence(run.path('test', _key(point) + '.npz'), subsets, scores, pairs, out.labels)
 
 
 def evaluate_zscore(run: Run, config, test) -> None:
@@ -210,7 +200,7 @@ def evaluate_zscore(run: Run, config, test) -> None:
     masks.append(batch['mask'][keep])
     labels.append(batch['label'][keep])
   pairs = resample.pixel_pairs(np.concatenate(maps), np.concatenate(masks))
-  _save_evidence(run.path('test', 'zscore.npz'), [['zscore']], [np.concatenate(scores)], [pairs],
+  resample.save_evidence(run.path('test', 'zscore.npz'), [['zscore']], [np.concatenate(scores)], [pairs],
                  np.concatenate(labels))
 
 
@@ -231,15 +221,10 @@ def stage_evaluate(run: Run, features_at: str = 'choices') -> None:
 
 
 # --- table -----------------------------------------------------------------------------------------
-def load_evidence(run: Run) -> Dict[Tuple, Tuple[np.ndarray, resample.PixelPairs, np.ndarray]]:
+def load_evidence(run: Run) -> Dict[Tuple, resample.Evidence]:
   """(point, detectors) -> (image scores, pixel pairs, labels) of every evaluated candidate."""
-  out = {}
-  for name in sorted(os.listdir(run.path('test'))):
-    with np.load(run.path('test', name)) as z:
-      for k, subset in enumerate(json.loads(str(z['subsets']))):
-        pairs = resample.PixelPairs(z['wins'][k].astype(np.float64), z['pos'][k], z['neg'][k])
-        out[(name[:-4], tuple(subset))] = (z['image_scores'][k], pairs, z['labels'])
-  return out
+  return {(name[:-4], subset): entry for name in sorted(os.listdir(run.path('test')))
+          for subset, entry in resample.load_evidence(run.path('test', name)).items()}
 
 
 def _detectors_of(weights, available) -> Tuple[str, ...]:

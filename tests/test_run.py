@@ -15,7 +15,9 @@ from PIL import Image
 from configs import common
 from configs.default import get_default_config
 from esm import evaluate
+from esm import metrics
 from esm import plotting
+from esm import resample
 from esm import run
 from esm.config import from_configdict
 from esm.errors import UserError
@@ -63,6 +65,14 @@ def test_train_eval_writes_every_report_file(straight):
   assert result['nfe'] == 8 and result['method'] == 'esm_sigma' and result['t_d'] == 4
   assert len(result['ablation']) == 7  # S_U, S_KL, S_RE: 2^3 - 1 subsets
   assert result['seconds_per_image'] > 0 and result['params'] > 0
+  # the bootstrap's evidence reproduces the reported AUROCs of the method and of each baseline
+  evidence = resample.load_evidence(os.path.join(report, evaluate.EVIDENCE_FILE))
+  rows = {evaluate.METHOD_ENTRY: result, **result['baselines']}
+  assert sorted(evidence) == sorted((n,) for n in rows)
+  for (name,), (scores, pairs, labels) in evidence.items():
+    one = np.ones((1, labels.size))
+    np.testing.assert_allclose(metrics.weighted_auroc(scores, labels, one), rows[name]['image_auroc'])
+    np.testing.assert_allclose(resample.pixel_auroc(pairs, one), rows[name]['pixel_auroc'], rtol=1e-5)
 
 
 def test_bad_config_is_one_line_error_without_traceback(tmp_path):
