@@ -4,7 +4,7 @@ Pixel AUROC is a sum over pairs of images: for images i and j, wins[i, j] counts
 defect pixel of i, a normal pixel of j) that the map orders correctly, ties one half. A resample
 that draws image i w_i times then has pixel AUROC  w·wins·w / ((w·pos)(w·neg)),  exactly what the
 AUROC of the repeated images' pixels would be, from a matrix of N² numbers per map instead of the
-maps themselves. Image AUROC of a resample is esm/metrics.py weighted_auroc. Numpy only.
+maps themselves. Image AUROC of a resample is esm/metrics.py weighted_auroc.
 """
 
 import dataclasses
@@ -13,6 +13,8 @@ import os
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
+
+from esm import metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,25 @@ def pixel_auroc(pairs: PixelPairs, weights: np.ndarray) -> np.ndarray:
   total = (w @ pairs.pos) * (w @ pairs.neg)
   with np.errstate(invalid='ignore', divide='ignore'):
     return np.where(total > 0, wins / np.where(total > 0, total, 1.0), np.nan)
+
+
+def pooled_aurocs(entries: Sequence[Evidence], weights: np.ndarray) -> np.ndarray:
+  """[2, R] image and pixel AUROC of each resample's weights [R, N]: the mean over the entries
+  (the seeds of one method, scored on the same test images)."""
+  return np.mean([np.stack([metrics.weighted_auroc(s, y, weights), pixel_auroc(p, weights)])
+                  for s, p, y in entries], axis=0)
+
+
+def paired_difference(a: Sequence[Evidence], b: Sequence[Evidence], num_resamples: int,
+                      seed: int = 0, level: float = 0.95) -> np.ndarray:
+  """[2, 3]: image and pixel AUROC of a − b (each the mean over its entries) and its paired,
+  class-stratified bootstrap interval over the test images, both metrics from the same resamples."""
+  labels = a[0][2]
+  weights = np.concatenate([np.ones((1, labels.size)),
+                            metrics.bootstrap_counts(labels, num_resamples, seed)])
+  diff = pooled_aurocs(a, weights) - pooled_aurocs(b, weights)
+  lo, hi = np.nanquantile(diff[:, 1:], [(1 - level) / 2, (1 + level) / 2], axis=1)
+  return np.stack([diff[:, 0], lo, hi], axis=1)
 
 
 def group_counts(groups: np.ndarray, num_resamples: int, seed: int) -> np.ndarray:

@@ -28,21 +28,18 @@ import importlib
 import math
 import os
 import shutil
-import subprocess
 import sys
-import time
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, List
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
-from absl import logging
 
 from experiments import evidence_report
 from experiments.evidence_layout import FLOORS, Layout, methods_of
+from experiments.jobs import Job, run_jobs
 from experiments.models import DATASETS, MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -59,14 +56,6 @@ _WORKERS = flags.DEFINE_integer('workers', 2, 'Jobs run at once.')
 _THREADS = flags.DEFINE_integer('threads', 1, 'CPU threads per job.')
 _RESAMPLES = flags.DEFINE_integer('resamples', 2000, 'Bootstrap resamples.')
 flags.mark_flags_as_required(['root', 'workdir'])
-
-
-class Job(NamedTuple):
-  name: str
-  done: str  # this file exists once the job has finished
-  args: Callable[[], List[str]]  # main.py arguments, built when the job starts (reads its inputs)
-  deps: Sequence[str] = ()  # `done` files of the jobs that must finish first
-  prepare: Optional[Callable[[], None]] = None
 
 
 def layout_of_flags() -> Layout:
@@ -158,50 +147,6 @@ def all_jobs(layout: Layout, stages) -> List[Job]:
   return jobs
 
 
-def run_jobs(jobs: List[Job]) -> None:
-  """Runs the jobs in list order as their dependencies allow, --workers at a time; a failed job's
-  dependants are skipped (rerun after fixing the cause)."""
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen='
-                                   f'{"true" if _THREADS.value > 1 else "false"} '
-                                   f'intra_op_parallelism_threads={_THREADS.value}').strip())
-  pending = [j for j in jobs if not os.path.exists(j.done)]
-  failed, running = [], {}
-  logs = os.path.join(_WORKDIR.value, 'logs')
-  os.makedirs(logs, exist_ok=True)
-  logging.info('%d of %d jobs to run', len(pending), len(jobs))
-  while pending or running:
-    for job, (proc, started) in list(running.items()):
-      if proc.poll() is not None:
-        del running[job]
-        ok = proc.returncode == 0 and os.path.exists(job.done)
-        logging.info('%s %s after %.0f s', 'done' if ok else f'FAILED (rc {proc.returncode})',
-                     job.name, time.time() - started)
-        if not ok:
-          failed.append(job.done)
-    blocked = [j for j in pending if any(d in failed for d in j.deps)]
-    for job in blocked:
-      logging.warning('skipping %s: a job it needs failed', job.name)
-      failed.append(job.done)
-    pending = [j for j in pending if j not in blocked]
-    ready = [j for j in pending if all(os.path.exists(d) for d in j.deps)]
-    while ready and len(running) < _WORKERS.value:
-      job = ready.pop(0)
-      pending.remove(job)
-      if job.prepare:
-        job.prepare()
-      log = os.path.join(logs, job.name.replace(' ', '_').replace('/', '-') + '.log')
-      logging.info('start %s (log %s)', job.name, log)
-      with open(log, 'a') as out:
-        proc = subprocess.Popen([sys.executable, 'main.py', *job.args()], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=REPO)
-      running[job] = (proc, time.time())
-    if not ready and not running and pending:
-      raise RuntimeError(f'{len(pending)} jobs wait for outputs no job makes: {pending[0].name}')
-    time.sleep(2)
-  if failed:
-    raise SystemExit(f'{len(failed)} jobs failed or were skipped; see {logs}')
-
-
 def main(argv):
   del argv
   stages = set(_STAGES.value)
@@ -211,7 +156,7 @@ def main(argv):
   layout = layout_of_flags()
   jobs = all_jobs(layout, stages)
   if jobs:
-    run_jobs(jobs)
+    run_jobs(jobs, os.path.join(_WORKDIR.value, 'logs'), _WORKERS.value, _THREADS.value)
   if 'report' in stages:
     everything = all_jobs(layout, {'train', 'tune', 'eval'})
     finished = sum(os.path.exists(j.done) for j in everything)

@@ -133,6 +133,31 @@ def test_pixel_pairs_give_the_pixel_auroc_of_the_resampled_images():
       metrics.auroc(maps[repeated].ravel(), masks[repeated].ravel()))
 
 
+def _evidence(rng, labels, masks, signal: float, path: str) -> resample.Evidence:
+  maps = rng.normal(size=masks.shape).astype(np.float32) + signal * masks
+  scores = maps.reshape(len(labels), -1).max(axis=1)
+  resample.save_evidence(path, [['x']], [scores], [resample.pixel_pairs(maps, masks)], labels)
+  return resample.load_evidence(path)[('x',)]
+
+
+def test_paired_difference_of_image_and_pixel_auroc(tmp_path):
+  rng = np.random.default_rng(4)
+  labels = np.array([0] * 20 + [1] * 20)
+  masks = np.zeros((40, 8, 8), np.uint8)
+  masks[20:, 2:5, 2:5] = 1
+  good = [_evidence(rng, labels, masks, 3.0, str(tmp_path / f'g{k}.npz')) for k in range(2)]
+  weak = [_evidence(rng, labels, masks, 0.3, str(tmp_path / f'w{k}.npz')) for k in range(2)]
+  diff = resample.paired_difference(good, weak, 500)
+  want = [np.mean([metrics.auroc(s, y) for s, _, y in good]) -
+          np.mean([metrics.auroc(s, y) for s, _, y in weak]),
+          np.mean([resample.pixel_auroc(p, np.ones(40))[0] for _, p, _ in good]) -
+          np.mean([resample.pixel_auroc(p, np.ones(40))[0] for _, p, _ in weak])]
+  np.testing.assert_allclose(diff[:, 0], want, rtol=1e-6)
+  assert np.all(diff[:, 1] > 0) and np.all(diff[:, 1] <= diff[:, 0])
+  assert np.all(diff[:, 0] <= diff[:, 2])
+  np.testing.assert_allclose(resample.paired_difference(weak, weak, 100), 0.0)
+
+
 def test_group_counts_draw_a_source_image_with_all_its_copies():
   groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
   counts = resample.group_counts(groups, 200, seed=1)

@@ -1,0 +1,220 @@
+"""Resolution at CPU cost: the 48² model against larger inputs and crop training (docs/results.md).
+
+  python3 experiments/resolution.py --root=../shared/data --workdir=RUNS
+  python3 experiments/resolution.py --root=../shared/data --workdir=RUNS --stages=report
+
+Every job is a `main.py` command on configs/cpu/<category>.py with a variant's overrides (VARIANTS),
+--workers at once on --threads each, resumable as experiments/jobs.py describes:
+  train   --mode=train, the config's budget (1600 steps).
+  eval    --mode=eval at the untuned defaults (the paper's T_d scaled to T = 250, every detector),
+          with the z-score baseline at the variant's own resolution; report/evidence.npz keeps
+          what the bootstrap needs.
+  report  WORKDIR/resolution.md: per category, variant and model, test image / pixel AUROC and
+          AUPRO (mean ± sd over seeds), training and evaluation time, and paired bootstrap 95%
+          intervals over test images, pooled over seeds: against the z-score at the same resolution
+          (image and pixel AUROC), and against the 48² variant of the same model (image AUROC:
+          pixel AUROCs at different resolutions count different pixels); image AUROC per defect
+          type.
+No test label is read before the report; nothing is chosen here.
+"""
+
+import importlib
+import os
+import sys
+from typing import Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+from absl import app
+from absl import flags
+
+from esm import evaluate
+from esm import metrics
+from esm import resample
+from experiments.evidence_layout import read_json
+from experiments.jobs import Job, read_times, run_jobs
+from experiments.models import DATASETS, MODELS, ROOT
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+# name -> config overrides on configs/cpu/<category>.py. model.attn_resolutions are sides of the
+# training input, so every variant attends at its last level, as the 48² model does.
+VARIANTS = {
+    '48': {},
+    '64': {'data.image_size': 64, 'model.attn_resolutions': (16,)},
+    '96_ch12': {'data.image_size': 96, 'model.attn_resolutions': (24,), 'model.ch': 12,
+                'model.num_groups': 4},  # 4x the pixels at 0.56x the width²: ~2.3x the step
+    '96_crop48': {'data.image_size': 96, 'data.train_crop': 48},  # the 48² step, 4x at test
+    '128_crop64': {'data.image_size': 128, 'data.train_crop': 64, 'model.attn_resolutions': (16,)},
+}
+REFERENCE = '48'
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumable).')
+_STAGES = flags.DEFINE_list('stages', ['train', 'eval', 'report'], 'Stages to run.')
+_CATEGORIES = flags.DEFINE_list('categories', ['bottle', 'pill', 'metal_plate'], 'Categories.')
+_VARIANTS = flags.DEFINE_list('variants', list(VARIANTS), f'Of {list(VARIANTS)}.')
+_MODELS = flags.DEFINE_list('models', ['sgm', 'esm'], 'Of experiments/models.py MODELS.')
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Training seeds (--config.seed).')
+_OVERRIDES = flags.DEFINE_list('overrides', [], 'Extra field=value overrides for every job '
+                               '(for a short run: train.num_steps=8).')
+_WORKERS = flags.DEFINE_integer('workers', 2, 'Jobs run at once.')
+_THREADS = flags.DEFINE_integer('threads', 1, 'CPU threads per job.')
+_RESAMPLES = flags.DEFINE_integer('resamples', 2000, 'Bootstrap resamples.')
+flags.mark_flags_as_required(['root', 'workdir'])
+
+
+def run_dir(category: str, variant: str, model: str, seed: int) -> str:
+  return os.path.join(_WORKDIR.value, category, variant, f'{model}_s{seed}')
+
+
+def _flag(key: str, value) -> str:
+  return f'--config.{key}={value}'
+
+
+def base_args(category: str, variant: str, model: str, seed: int) -> List[str]:
+  overrides = {**MODELS[model], **VARIANTS[variant],
+               **dict(o.split('=', 1) for o in _OVERRIDES.value)}
+  return [f'--config=configs/cpu/{category}.py',
+          _flag('data.root', os.path.join(ROOT.value, DATASETS[category])),
+          _flag('data.tfds_dir', os.path.join(_WORKDIR.value, 'tfds')), _flag('seed', seed),
+          _flag('baselines.methods', "('zscore',)"),
+          *[_flag(k, v) for k, v in overrides.items()]]
+
+
+def num_steps(category: str) -> int:
+  steps = importlib.import_module(f'configs.cpu.{category}').get_config().train.num_steps
+  given = dict(o.split('=', 1) for o in _OVERRIDES.value).get('train.num_steps')
+  return int(given or steps)
+
+
+def jobs_of(category: str, variant: str, model: str, seed: int, stages) -> List[Job]:
+  workdir = run_dir(category, variant, model, seed)
+  name = f'{category}/{variant}/{model}/s{seed}'
+  checkpoint = os.path.join(workdir, 'checkpoints', str(num_steps(category)))
+  args = base_args(category, variant, model, seed) + [f'--workdir={workdir}']
+  jobs = []
+  if 'train' in stages:
+    jobs.append(Job(f'train {name}', checkpoint, lambda: args + ['--mode=train']))
+  if 'eval' in stages:
+    jobs.append(Job(f'eval {name}', os.path.join(workdir, 'report', 'results.json'),
+                    lambda: args + ['--mode=eval', '--config.tune.enabled=False'],
+                    deps=(checkpoint,)))
+  return jobs
+
+
+# --- report ------------------------------------------------------------------------------------
+
+class Run:
+  """One evaluated run: its result row, its evidence and its test records' defect types."""
+
+  def __init__(self, workdir: str, category: str):
+    report = os.path.join(workdir, 'report')
+    self.result = read_json(os.path.join(report, 'results.json'))[category]
+    self.evidence = resample.load_evidence(os.path.join(report, evaluate.EVIDENCE_FILE))
+    table = np.genfromtxt(os.path.join(report, 'scores.csv'), delimiter=',', names=True,
+                          dtype=None, encoding='utf-8')
+    self.defect_types = np.asarray(table['defect_type'])
+
+
+def load_runs(category, variant, model, seeds) -> Dict[int, Run]:
+  out = {}
+  for seed in seeds:
+    workdir = run_dir(category, variant, model, seed)
+    if os.path.exists(os.path.join(workdir, 'report', evaluate.EVIDENCE_FILE)):
+      out[seed] = Run(workdir, category)
+  return out
+
+
+def _pm(values) -> str:
+  values = [v for v in values if v == v]
+  if not values:
+    return 'n/a'
+  return f'{np.mean(values):.3f}' + (f' ± {np.std(values):.3f}' if len(values) > 1 else '')
+
+
+def _ci(row) -> str:
+  return f'{row[0]:+.3f} [{row[1]:+.3f}, {row[2]:+.3f}]'
+
+
+def category_tables(category: str, times, resamples: int) -> List[str]:
+  seeds = [int(s) for s in _SEEDS.value]
+  lines = [f'### {category}', '',
+           '| variant | model | seeds | image AUROC | pixel AUROC | AUPRO | train s (CPU s) | '
+           'eval s/image | − z-score, image | − z-score, pixel | − 48², image |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+  types: Dict[str, Dict[str, float]] = {}
+  zscores = {}
+  for variant in _VARIANTS.value:
+    for model in _MODELS.value:
+      runs = load_runs(category, variant, model, seeds)
+      if not runs:
+        continue
+      rows = [r.result for r in runs.values()]
+      first = next(iter(runs.values()))
+      labels = first.evidence[(evaluate.METHOD_ENTRY,)][2]
+      ours = [r.evidence[(evaluate.METHOD_ENTRY,)] for r in runs.values()]
+      zscore = [r.evidence[('zscore',)] for r in runs.values()]
+      zscores[variant] = rows[0]['baselines']['zscore']
+      versus_z = resample.paired_difference(ours, zscore, resamples)
+      ref = load_runs(category, REFERENCE, model, list(runs))
+      versus_ref = (_ci(resample.paired_difference(
+        ours, [ref[s].evidence[(evaluate.METHOD_ENTRY,)] for s in runs], resamples)[0])
+                    if variant != REFERENCE and len(ref) == len(runs) else '')
+      train = [times.get(f'train {category}/{variant}/{model}/s{s}') for s in runs]
+      train_s = ' / '.join(f"{t['wall_s']:.0f} ({t['cpu_s']:.0f})" for t in train if t) or 'n/a'
+      lines.append(
+          f"| {variant} | {model} | {len(runs)} | {_pm([r['image_auroc'] for r in rows])} | "
+          f"{_pm([r['pixel_auroc'] for r in rows])} | {_pm([r['aupro'] for r in rows])} | "
+          f"{train_s} | {_pm([r['seconds_per_image'] for r in rows])} | {_ci(versus_z[0])} | "
+          f"{_ci(versus_z[1])} | {versus_ref} |")
+      for kind in sorted(set(first.defect_types) - {'good'}):
+        keep = ((first.defect_types == kind) | (labels == 0)).astype(np.float64)[None]
+        types.setdefault(kind, {})[f'{variant} {model}'] = float(np.mean(
+            [metrics.weighted_auroc(s, y, keep)[0] for s, _, y in ours]))
+        types[kind][f'{variant} z-score'] = float(metrics.weighted_auroc(
+            zscore[0][0], labels, keep)[0])
+  lines += ['', '| variant | z-score image AUROC | pixel AUROC | AUPRO |', '|---|---|---|---|']
+  lines += [f"| {v} | {z['image_auroc']:.3f} | {z['pixel_auroc']:.3f} | {z['aupro']:.3f} |"
+            for v, z in zscores.items()]
+  if types:
+    columns = sorted({c for row in types.values() for c in row})
+    lines += ['', '| defect type (image AUROC against the good images) | ' + ' | '.join(columns)
+              + ' |', '|---' * (len(columns) + 1) + '|']
+    lines += [f'| {kind} | ' + ' | '.join(f"{row[c]:.3f}" if c in row else '' for c in columns)
+              + ' |' for kind, row in sorted(types.items())]
+  return lines + ['']
+
+
+def report(resamples: int) -> str:
+  times = read_times(os.path.join(_WORKDIR.value, 'logs'))
+  lines = ['# Resolution at CPU cost', '',
+           f'Untuned defaults; {len(_SEEDS.value)} seed(s); intervals: paired, class-stratified '
+           f'bootstrap over test images ({resamples} resamples), pooled over seeds; train s: wall '
+           'and CPU seconds of --mode=train per seed.', '']
+  for category in _CATEGORIES.value:
+    lines += category_tables(category, times, resamples)
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  stages = set(_STAGES.value)
+  unknown = (stages - {'train', 'eval', 'report'}, set(_VARIANTS.value) - set(VARIANTS),
+             set(_MODELS.value) - set(MODELS))
+  if any(unknown):
+    raise app.UsageError(f'unknown stages, variants or models: {[sorted(u) for u in unknown]}')
+  jobs = [job for seed in (int(s) for s in _SEEDS.value) for category in _CATEGORIES.value
+          for variant in _VARIANTS.value for model in _MODELS.value
+          for job in jobs_of(category, variant, model, seed, stages)]
+  if jobs:
+    run_jobs(jobs, os.path.join(_WORKDIR.value, 'logs'), _WORKERS.value, _THREADS.value)
+  if 'report' in stages:
+    text = report(_RESAMPLES.value)
+    with open(os.path.join(_WORKDIR.value, 'resolution.md'), 'w') as f:
+      f.write(text + '\n')
+    print(text)
+
+
+if __name__ == '__main__':
+  app.run(main)
