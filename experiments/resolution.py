@@ -57,7 +57,7 @@ _VARIANTS = flags.DEFINE_list('variants', list(VARIANTS), f'Of {list(VARIANTS)}.
 _MODELS = flags.DEFINE_list('models', ['sgm', 'esm'], 'Of experiments/models.py MODELS.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Training seeds (--config.seed).')
 _OVERRIDES = flags.DEFINE_list('overrides', [], 'Extra field=value overrides for every job '
-                               '(for a short run: train.num_steps=8).')
+                               '(values without commas; for a short run: train.num_steps=8).')
 _WORKERS = flags.DEFINE_integer('workers', 2, 'Jobs run at once.')
 _THREADS = flags.DEFINE_integer('threads', 1, 'CPU threads per job.')
 _RESAMPLES = flags.DEFINE_integer('resamples', 2000, 'Bootstrap resamples.')
