@@ -63,6 +63,9 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
+  def all_steps(self) -> List[int]:
+    return list(self._manager.all_steps())
+
   def save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Starts an asynchronous save; the previous save is finished first. A state with a non-finite
     value is refused (UserError), so no checkpoint ever holds one."""

@@ -8,6 +8,7 @@ and put in example order, so padding and multi-host sharding never drop or dupli
 No dataset code is imported: the caller hands in an ImageSet (esm/image_set.py).
 """
 
+import collections
 import dataclasses
 import os
 import time
@@ -103,6 +104,12 @@ def get_features(config: Config, weights: Dict[str, float]) -> Optional[Callable
   return None
 
 
+# Compiled reconstruct-and-detect programs of this process, by everything that shapes them, so the
+# scorers of one model (tuning's candidates and its evaluation, repeated Detectors) share them.
+_PROGRAMS: 'collections.OrderedDict[Any, Any]' = collections.OrderedDict()
+_MAX_PROGRAMS = 16
+
+
 class Scorer:
   """Everything evaluation and prediction share: the model's EMA parameters, the jitted
   reconstruct-and-detect function, the detector selection and the normalisation.
@@ -122,6 +129,7 @@ class Scorer:
     self.recon = sampling.get_reconstruct_fn(built.net_fn, built.sde, config.sampling)
     self.detect_cfg = config.detect
     weights = self.detect_cfg.weights_by_name()
+    given_features = feature_fn
     feature_fn = feature_fn or get_features(config, weights)
     self.selection = det.select_detectors(weights, variance=self.recon.sampler.needs_variance,
                                           features=feature_fn is not None)
@@ -141,6 +149,11 @@ class Scorer:
     self._analyse = jax.jit(analyse, in_shardings=(parallel.replicated(self.mesh), batch, batch))
     self._compiled = None
     self.compile_seconds = 0.0
+    # A given extractor by identity (the cache keeps it alive), one made here by its config.
+    features_key = given_features or (config.features if feature_fn is not None else None)
+    self._program_base = (config.model, config.loss, config.sde, config.sampling, cfg.re_kind,
+                          cfg.var_floor, config.data.image_size, config.data.train_crop,
+                          features_key, tuple(d.id for d in self.mesh.devices.flat))
     self.stats: Optional[det.NormStats] = None
 
   def _analysed_batches(self, data: ImageSet, what: str, timing: Dict[str, float]) -> Iterator[AnalysedBatch]:
@@ -153,7 +166,7 @@ class Scorer:
           sampling.image_keys(self.config.seed, preprocess.content_digests(local['image']))))
       if self._compiled is None:
         t = time.time()
-        self._compiled = self._analyse.lower(self.params, images, keys).compile()
+        self._compiled = self._program(images, keys)
         self.compile_seconds = time.time() - t
       t = time.time()
       rec, batch_maps = self._compiled(self.params, images, keys)
@@ -165,6 +178,19 @@ class Scorer:
       done += len(batch.real)
       logging.info('%s: %d/%d images  %.2f s/image  ETA %.0f s', what, done, n,
                    timing['seconds'] / max(done, 1), (time.time() - start) / done * (n - done))
+
+  def _program(self, images: jax.Array, keys: jax.Array):
+    """The compiled program for these inputs' shapes and shardings, from this process's cache."""
+    args = (self.params, images, keys)
+    key = (self._program_base, jax.tree.structure(args),
+           tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(args)))
+    if key in _PROGRAMS:
+      _PROGRAMS.move_to_end(key)
+    else:
+      _PROGRAMS[key] = self._analyse.lower(*args).compile()
+      if len(_PROGRAMS) > _MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return _PROGRAMS[key]
 
   def run_split(self, data: ImageSet, *, keep=(), trajectory_index: Optional[int] = None,
                 what: str = 'test') -> SplitOutputs:

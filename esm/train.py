@@ -97,9 +97,11 @@ def _format_eta(seconds: float) -> str:
 def restore_or_init(config, built: mutils.Built, checkpointer: Checkpointer, mesh):
   """(state, start step): the newest readable checkpoint, or a fresh state at step 0."""
   image_size = config.data.image_size
-  abstract = mutils.abstract_state(config, built, image_size)
-  state, start = checkpointer.restore_latest(
-      parallel.with_sharding(abstract, parallel.replicated(mesh)))
+  state, start = None, 0
+  if checkpointer.all_steps():  # tracing the abstract state costs about an init: only to restore
+    abstract = mutils.abstract_state(config, built, image_size)
+    state, start = checkpointer.restore_latest(
+        parallel.with_sharding(abstract, parallel.replicated(mesh)))
   if state is None:
     state, start = mutils.init_state(config, built, image_size), 0
     logging.info('training from scratch: %d steps, global batch %d on %d device(s)',

@@ -200,8 +200,8 @@ def evaluate_zscore(run: Run, config, test) -> None:
     masks.append(batch['mask'][keep])
     labels.append(batch['label'][keep])
   pairs = resample.pixel_pairs(np.concatenate(maps), np.concatenate(masks))
-  resample.save_evidence(run.path('test', 'zscore.npz'), [['zscore']], [np.concatenate(scores)], [pairs],
-                 np.concatenate(labels))
+  resample.save_evidence(run.path('test', 'zscore.npz'), [['zscore']], [np.concatenate(scores)],
+                         [pairs], np.concatenate(labels))
 
 
 def stage_evaluate(run: Run, features_at: str = 'choices') -> None:

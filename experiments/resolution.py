@@ -72,9 +72,12 @@ def _flag(key: str, value) -> str:
   return f'--config.{key}={value}'
 
 
+def extra_overrides() -> Dict[str, str]:
+  return dict(o.split('=', 1) for o in _OVERRIDES.value)
+
+
 def base_args(category: str, variant: str, model: str, seed: int) -> List[str]:
-  overrides = {**MODELS[model], **VARIANTS[variant],
-               **dict(o.split('=', 1) for o in _OVERRIDES.value)}
+  overrides = {**MODELS[model], **VARIANTS[variant], **extra_overrides()}
   return [f'--config=configs/cpu/{category}.py',
           _flag('data.root', os.path.join(ROOT.value, DATASETS[category])),
           _flag('data.tfds_dir', os.path.join(_WORKDIR.value, 'tfds')), _flag('seed', seed),
@@ -84,7 +87,7 @@ def base_args(category: str, variant: str, model: str, seed: int) -> List[str]:
 
 def num_steps(category: str) -> int:
   steps = importlib.import_module(f'configs.cpu.{category}').get_config().train.num_steps
-  given = dict(o.split('=', 1) for o in _OVERRIDES.value).get('train.num_steps')
+  given = extra_overrides().get('train.num_steps')
   return int(given or steps)
 
 
@@ -158,9 +161,10 @@ def category_tables(category: str, times, resamples: int) -> List[str]:
       zscores[variant] = rows[0]['baselines']['zscore']
       versus_z = resample.paired_difference(ours, zscore, resamples)
       ref = load_runs(category, REFERENCE, model, list(runs))
-      versus_ref = (_ci(resample.paired_difference(
-        ours, [ref[s].evidence[(evaluate.METHOD_ENTRY,)] for s in runs], resamples)[0])
-                    if variant != REFERENCE and len(ref) == len(runs) else '')
+      versus_ref = ''
+      if variant != REFERENCE and len(ref) == len(runs):
+        theirs = [ref[s].evidence[(evaluate.METHOD_ENTRY,)] for s in runs]
+        versus_ref = _ci(resample.paired_difference(ours, theirs, resamples)[0])
       train = [times.get(f'train {category}/{variant}/{model}/s{s}') for s in runs]
       train_s = ' / '.join(f"{t['wall_s']:.0f} ({t['cpu_s']:.0f})" for t in train if t) or 'n/a'
       lines.append(

@@ -12,9 +12,13 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 @pytest.fixture(scope='session', autouse=True)
 def jax_compilation_cache(tmp_path_factory):
-  """One persistent XLA cache for the session: subprocesses reuse what this process compiled."""
+  """One persistent XLA cache for the session, shared by the pytest-xdist workers (whose temporary
+  folders sit side by side) and the subprocesses: a program compiles once per session."""
   import jax  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path_factory.getbasetemp() / 'xla_cache')
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  path = str(base / 'xla_cache')
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

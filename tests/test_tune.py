@@ -66,7 +66,7 @@ TUNE_OVERRIDES = {'tune.t_d_fractions': (0.002, 0.004), 'tune.methods': ('sgm', 
 @pytest.fixture(scope='module')
 def tuned_run(tmp_path_factory):
   base = tmp_path_factory.mktemp('tune')
-  cfg = runs.config('tiny', str(base / 'cache'), TUNE_OVERRIDES)  # 8 steps
+  cfg = runs.config('micro', str(base / 'cache'), TUNE_OVERRIDES)  # 8 steps of the smallest U-Net
   workdir = str(base / 'run')
   run.run(cfg, workdir, 'train')
   run.run(cfg, workdir, 'tune')

@@ -6,6 +6,7 @@ what a reader (evaluation) needs to restore one.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -59,7 +60,12 @@ def init_params(model: ScoreNet, rng, image_size: int):
 
 def count_params(model: ScoreNet, image_size: int) -> int:
   """Parameter count through jax.eval_shape: nothing is allocated, so paper scale costs nothing."""
-  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), image_size))
+  return _count_params(model.config, image_size)
+
+
+@functools.lru_cache(maxsize=64)  # tracing the init costs about a second per scorer otherwise
+def _count_params(model_cfg: ScoreNetConfig, image_size: int) -> int:
+  shapes = jax.eval_shape(lambda: init_params(ScoreNet(model_cfg), jax.random.key(0), image_size))
   return int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))
 
 
