@@ -35,7 +35,7 @@ def _losses(workdir):
 def straight(tmp_path_factory):
   """Thirty steps in one go, in this process."""
   base = tmp_path_factory.mktemp('run')
-  cfg = runs.config('tiny', str(base / 'cache'), {'train.num_steps': 30})
+  cfg = runs.config('micro', str(base / 'cache'), {'train.num_steps': 30})
   assert run.run(cfg, str(base / 'straight'), 'train') is True
   return base, cfg
 
