@@ -57,6 +57,7 @@ def test_unet_forward_is_xla_count_less_the_elementwise_work(cfg, size):
   assert 1.0 <= got / flops.unet_forward_flops(cfg, size) < 1.06
 
 
+@pytest.mark.slow
 def test_train_step_is_three_forward_passes_of_both_streams():
   config = from_configdict(common.set_tiny_model(get_default_config()))
   size, batch = 16, 4

@@ -30,6 +30,7 @@ def test_gpu_script_dry_run(tmp_path):
     assert row['seconds_per_image'] > 0
 
 
+@pytest.mark.slow
 def test_paper_protocol_dry_run(tmp_path):
   env = dict(os.environ, OUT=str(tmp_path), ESM_GPU_WORKDIR=str(tmp_path / 'work'))
   out = subprocess.run(['bash', 'bench/gpu.sh', '--plan=paper_protocol', '--dry-run',
@@ -51,6 +52,7 @@ def test_paper_protocol_dry_run(tmp_path):
     assert row['seconds_per_image'] > 0
 
 
+@pytest.mark.slow
 def test_paper_protocol_training_stops_at_its_deadline_with_a_checkpoint(tmp_path):
   config = paper_plan.plan_config(True, str(tmp_path), '', 'default')
   wd = str(tmp_path / 'run')

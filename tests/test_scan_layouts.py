@@ -71,6 +71,7 @@ def test_the_runs_of_identical_blocks():
   assert unet._runs(32, [32, 32, 16], 32, False) == [[0], [1], [2]]
 
 
+@pytest.mark.slow
 def test_scanned_model_equals_the_default_one_with_converted_parameters(reference):
   model, params, x, t = reference
   config = _config(scan_streams=True, scan_blocks=True)
@@ -96,6 +97,7 @@ def test_scanned_model_equals_the_default_one_with_converted_parameters(referenc
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, back)
 
 
+@pytest.mark.slow
 def test_a_converted_train_state_takes_the_same_step():
   config, scanned_config = _config(micro=True), _config(True, True, micro=True)
   built, built_s = mutils.build(config, SIZE), mutils.build(scanned_config, SIZE)

@@ -38,6 +38,7 @@ def test_a_live_holder_refuses_a_second_trainer_and_a_dead_one_is_taken_over(tmp
   assert not os.path.exists(os.path.join(tmp_path, workdir.LOCK_FILE))
 
 
+@pytest.mark.slow
 def test_a_second_trainer_exits_at_once_with_one_line(tmp_path):
   _write_lock(str(tmp_path), os.getpid())  # this test process: alive
   start = time.time()
