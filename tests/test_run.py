@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,9 +17,11 @@ from configs import common
 from configs.default import get_default_config
 from esm import evaluate
 from esm import metrics
+from esm import parallel
 from esm import plotting
 from esm import resample
 from esm import run
+from esm import scoring
 from esm.config import from_configdict
 from esm.errors import UserError
 from tests.helpers import runs
@@ -73,6 +76,25 @@ def test_train_eval_writes_every_report_file(straight):
     one = np.ones((1, labels.size))
     np.testing.assert_allclose(metrics.weighted_auroc(scores, labels, one), rows[name]['image_auroc'])
     np.testing.assert_allclose(resample.pixel_auroc(pairs, one), rows[name]['pixel_auroc'], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_scorers_of_one_model_share_a_compiled_program(straight):
+  """A second Scorer of the same model and fields takes the first one's program from the process
+  cache; another T_d compiles its own."""
+  base, cfg = straight
+  workdir, size = str(base / 'straight'), cfg.data.image_size
+  first = scoring.Scorer(from_configdict(cfg), workdir)
+  images = parallel.shard_batch(first.mesh, np.zeros((4, size, size, 3), np.float32))
+  keys = parallel.shard_batch(first.mesh, np.asarray(jax.random.key_data(
+      jax.random.split(jax.random.key(0), 4))))
+  program = first._program(images, keys)  # pylint: disable=protected-access
+  again = scoring.Scorer(from_configdict(cfg), workdir)
+  assert again._program(images, keys) is program  # pylint: disable=protected-access
+  other = scoring.Scorer(from_configdict(common.override(cfg, {'sampling.t_d': 3})), workdir)
+  assert other._program(images, keys) is not program  # pylint: disable=protected-access
+  rec, _ = program(again.params, images, keys)
+  assert rec.x0_hat.shape == (4, size, size, 3)
 
 
 def test_bad_config_is_one_line_error_without_traceback(tmp_path):
