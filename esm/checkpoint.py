@@ -88,7 +88,7 @@ class Checkpointer:
     Raises UserError when checkpoints exist but none of them restores.
     """
     failed: List[Tuple[int, str]] = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    for step in sorted(self.all_steps(), reverse=True):
       path = os.path.join(self.directory, str(step))
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))

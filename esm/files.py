@@ -3,6 +3,7 @@ and the cache folder of prepared data and converted weights."""
 
 import contextlib
 import os
+import uuid
 from typing import Iterator, Union
 
 PathLike = Union[str, 'os.PathLike[str]']
@@ -16,12 +17,14 @@ def default_cache_dir() -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike, *, fsync: bool = False) -> Iterator[str]:
-  """Yields a temporary path beside `path` with the same extension (`a.tmp.json` for `a.json`, so
-  writers that infer the format from it still work); on success it replaces `path`, on an error it
-  is removed. fsync=True flushes the data to disk before the rename."""
+  """Yields a temporary path beside `path` with the same extension (`a.tmp-<pid>-<hex>.json` for
+  `a.json`, so writers that infer the format from it still work); on success it replaces `path`, on
+  an error it is removed. fsync=True flushes the data to disk before the rename. The name is unique
+  to the writer: processes that fill one cache entry at once (two runs converting the same weights)
+  each rename their own file, and the last complete one wins."""
   path = os.fspath(path)
   root, ext = os.path.splitext(path)
-  tmp = f'{root}.tmp{ext}'
+  tmp = f'{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}'
   try:
     yield tmp
     if fsync:

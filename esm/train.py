@@ -97,7 +97,7 @@ def _format_eta(seconds: float) -> str:
 def restore_or_init(config, built: mutils.Built, checkpointer: Checkpointer, mesh):
   """(state, start step): the newest readable checkpoint, or a fresh state at step 0."""
   image_size = config.data.image_size
-  state, start = None, 0
+  state, start = None, None
   if checkpointer.all_steps():  # tracing the abstract state costs about an init: only to restore
     abstract = mutils.abstract_state(config, built, image_size)
     state, start = checkpointer.restore_latest(
