@@ -11,13 +11,14 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             (legacy_tuned.json: full-contrast painted defects, 2 per image, ties to fewer NFE).
   evaluate  the test split at every candidate point of both tunings (sampler, floor, T_d) and the
             default, every detector subset from the same maps (S_Cos only at the points a rule
-            chose and the default, unless --features_at=all), and the model-free z-score: per test
+            chose and the default, unless --features_at=all), and the model-free baselines the
+            training fitted (z-score, DINO patch kNN; DIR/baselines/): per test
             image its score and the pixel pairs a bootstrap needs (test/*.npz, esm/resample.py).
   table     test image and pixel AUROC at (a) the new rule's choice, (b) today's rule's, (b') today's
             rule on the new development set, (c) the untuned default (the paper's T_d with every
             available detector), (d) the best evaluated candidate on the test split (report only);
             regret (d) - chosen with a paired bootstrap CI over test images; Kendall's τ between the
-            development and the test ranking; the z-score. RUNS/regret.md and RUNS/regret.json.
+            development and the test ranking; the baselines. RUNS/regret.md and RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
 """
@@ -42,7 +43,6 @@ from configs.common import override
 from configs.cpu.common import cpu_config
 from datasets import catalog
 from datasets import pipeline
-from datasets.folder import resize_rgb
 from esm import baselines
 from esm import config as config_lib
 from esm import detectors as det
@@ -50,7 +50,6 @@ from esm import dev_set
 from esm import host_memory
 from esm import metrics
 from esm import parallel
-from esm import preprocess
 from esm import resample
 from esm import run as run_lib
 from esm import scoring
@@ -186,22 +185,23 @@ def evaluate_point(run, config, point, features, restored, feature_fn, val, test
   resample.save_evidence(run.path('test', _key(point) + '.npz'), subsets, scores, pairs, out.labels)
 
 
-def evaluate_zscore(run: Run, config, test) -> None:
-  size = config.data.image_size
-  train = np.stack([preprocess.to_float(resize_rgb(im, size))
-                    for im in pipeline.source_images(config.data, 'train')])
-  stats = baselines.fit_zscore(train)
-  maps, scores, masks, labels = [], [], [], []
+def evaluate_baselines(run: Run, config, test) -> None:
+  """Each model-free baseline the training fitted (DIR/baselines/, the same state evaluation's
+  report uses) on the test split: test/<baseline>.npz."""
+  todo = {n: st for n, st in baselines.load_fitted(config, run.workdir).items()
+          if not os.path.exists(run.path('test', n + '.npz'))}
+  if not todo:
+    return
+  context = baselines.make_context(config, names=list(todo))
+  masks, labels = [], []
   for batch in test.batches():
-    m, s = baselines.zscore_score(stats, batch['image'])
-    keep = batch['valid']
-    maps.append(np.asarray(m)[keep])
-    scores.append(np.asarray(s)[keep])
-    masks.append(batch['mask'][keep])
-    labels.append(batch['label'][keep])
-  pairs = resample.pixel_pairs(np.concatenate(maps), np.concatenate(masks))
-  resample.save_evidence(run.path('test', 'zscore.npz'), [['zscore']], [np.concatenate(scores)],
-                         [pairs], np.concatenate(labels))
+    masks.append(batch['mask'][batch['valid']])
+    labels.append(batch['label'][batch['valid']])
+  masks, labels = np.concatenate(masks), np.concatenate(labels)
+  for name, state in todo.items():
+    maps, scores = baselines.score_image_set(name, state, test, context)
+    resample.save_evidence(run.path('test', name + '.npz'), [[name]], [scores],
+                           [resample.pixel_pairs(maps, masks)], labels)
 
 
 def stage_evaluate(run: Run, features_at: str = 'choices') -> None:
@@ -216,8 +216,7 @@ def stage_evaluate(run: Run, features_at: str = 'choices') -> None:
     feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
     for point, features in todo:
       evaluate_point(run, config, point, features, restored, feature_fn, val, test)
-  if not os.path.exists(run.path('test', 'zscore.npz')):
-    evaluate_zscore(run, config, test)
+  evaluate_baselines(run, config, test)
 
 
 # --- table -----------------------------------------------------------------------------------------
@@ -271,12 +270,13 @@ def role_rows(curves, picks) -> Dict[str, Any]:
 def run_rows(run: Run) -> Dict[str, Any]:
   """The table's numbers for one run."""
   evidence = load_evidence(run)
-  zscore = evidence.pop(('zscore', ('zscore',)))
-  labels = zscore[2]
+  free = {n: evidence.pop((n, (n,))) for n in baselines.BASELINES if (n, (n,)) in evidence}
+  labels = next(iter(evidence.values()))[2]
   weights = np.concatenate([np.ones((1, labels.size)), metrics.bootstrap_counts(labels, RESAMPLES)])
   curves = {k: np.stack(aurocs(v, weights)) for k, v in evidence.items()}  # [2, 1 + R]
   rows = role_rows(curves, choices(run, evidence))
-  rows['zscore'] = {'auroc': np.stack(aurocs(zscore, weights))[:, 0].tolist()}
+  for name, entry in free.items():
+    rows[name] = {'auroc': np.stack(aurocs(entry, weights))[:, 0].tolist()}
   new = tuned_lib.load(run.workdir)
   dev = [(-c['mean_rank'], (_key(tune.point_of(c)), tuple(c['detectors'])))
          for c in new['candidates']]
@@ -311,8 +311,10 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
                 if role == 'best' else _choice(r['choice']))
       lines.append(f"| {name} | {LABELS[role]} | {choice} | {_fmt(r['auroc'][0])} | "
                    f"{regret('image_regret')} | {_fmt(r['auroc'][1])} | {regret('pixel_regret')} |")
-    z = rows['zscore']['auroc']
-    lines.append(f'| {name} | model-free z-score | – | {_fmt(z[0])} | – | {_fmt(z[1])} | – |')
+    for free in [b for b in baselines.BASELINES if b in rows]:
+      z = rows[free]['auroc']
+      lines.append(f'| {name} | {baselines.BASELINES[free].label} | – | {_fmt(z[0])} | – | '
+                   f'{_fmt(z[1])} | – |')
     tau = rows['kendall_tau']
     lines.append(f"| {name} | Kendall's τ, dev vs test | – | {_fmt(tau[0])} | – | "
                  f"{_fmt(tau[1])} | – |")

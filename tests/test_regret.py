@@ -44,7 +44,7 @@ def test_every_stage_writes_its_files_and_resumes(tmp_path):
   assert table['best']['auroc'][0] >= table['new']['auroc'][0]
   assert len(table['kendall_tau']) == 2 and 'zscore' in table
   text = open(tmp_path / 'runs' / 'regret.md').read()
-  assert '(a) new rule' in text and 'model-free z-score' in text
+  assert '(a) new rule' in text and 'z-score (no model)' in text
   # A rerun of every stage finds its files and redoes nothing.
   start = time.time()
   for stage in ('train', 'tune', 'evaluate'):
