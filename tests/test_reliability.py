@@ -335,7 +335,6 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
   assert step_dirs(str(tmp_path)) == ['1']
 
 
-
 def test_two_writers_of_one_file_at_once_both_finish_and_the_last_wins(tmp_path):
   # Two runs converting the same weights into one cache entry: neither may rename the other's file.
   path = tmp_path / 'cache' / 'weights.npz'
@@ -348,6 +347,7 @@ def test_two_writers_of_one_file_at_once_both_finish_and_the_last_wins(tmp_path)
     np.testing.assert_array_equal(np.load(path)['w'], np.ones(2))
   np.testing.assert_array_equal(np.load(path)['w'], np.zeros(2))
   assert os.listdir(path.parent) == ['weights.npz']
+
 
 def test_log_variance_is_bounded_by_construction():
   from esm.models import dual_stream  # pylint: disable=g-import-not-at-top
