@@ -19,6 +19,8 @@ esm/resample.py). The rule, in order:
      the smaller T_d, fewer detectors).
   7. Leave one family out: with each family's entries removed, steps 3-6 again; if one of those
      choices falls outside the full band, the choice hangs on that family and the default is kept.
+RuleOptions switch the T_d-band part of step 5 and step 7 off, and can replace step 6's order
+after the default by the candidate nearest the default (experiments/regret.py compares them).
 """
 
 import dataclasses
@@ -36,6 +38,21 @@ SATURATED = 0.995
 T_D_BAND_SHARE = 1 / 3
 DETECTOR_MARGIN_SE = 2.0
 METRICS = ('image', 'pixel')
+PREFERENCES = ('winner', 'nearest')
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleOptions:
+  """Variants of the rule's guards and tie order (the defaults are the rule above)."""
+  band_guard: bool = True  # step 5: a tie band over a third of the T_d grid keeps the default
+  family_guard: bool = True  # step 7: a choice that hangs on one family keeps the default
+  # step 6 after the default: 'winner' (bootstrap winner, then fewer NFE) or 'nearest' (the
+  # default's sampler and floor, then the T_d nearest the default's on a log scale, then winner)
+  prefer: str = 'winner'
+
+  def __post_init__(self):
+    if self.prefer not in PREFERENCES:
+      raise ValueError(f'RuleOptions.prefer: expected one of {PREFERENCES}, got {self.prefer!r}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +123,21 @@ def _difference(table: ScoreTable, entries, pool, to: int):
     return point, np.nanstd(resampled, axis=0)
 
 
-def _preference(c: Dict[str, Any], index: int, is_default: bool, wins: float):
-  return (not is_default, -wins, c['nfe'], c['t_d'], len(c['detectors']), index)
+def _distance(c: Dict[str, Any], default: Dict[str, Any]) -> Tuple[int, float]:
+  """How far c's point lies from the default's: another sampler or floor first, then |log T_d|."""
+  other = c['method'] != default['method'] or c.get('sigma_floor') != default.get('sigma_floor')
+  return int(other), abs(float(np.log(c['t_d'] / default['t_d'])))
 
 
-def _band(table, candidates, pool, default, tie_tolerance, entries, t_d_grid):
+def _preference(c: Dict[str, Any], index: int, is_default: bool, wins: float,
+                nearest: Optional[Dict[str, Any]] = None):
+  """Sort key of step 6 (nearest: the default's row, under RuleOptions.prefer='nearest')."""
+  near = _distance(c, nearest) if nearest is not None else ()
+  return (not is_default,) + near + (-wins, c['nfe'], c['t_d'], len(c['detectors']), index)
+
+
+def _band(table, candidates, pool, default, tie_tolerance, entries, t_d_grid,
+          options: RuleOptions):
   """Steps 3-6 on `pool`: the decision without the leave-one-family-out check."""
   ranks = mean_ranks(table.point[pool], entries)
   resampled = mean_ranks(table.resampled[:, pool], entries)
@@ -131,20 +158,23 @@ def _band(table, candidates, pool, default, tie_tolerance, entries, t_d_grid):
   if saturated > 0.5:
     return dict(out, index=default, reason=f'default kept: saturated (the leader scores >= '
                 f'{SATURATED} in {saturated:.0%} of resamples)')
-  if t_d_grid and len(spread) > max(1, T_D_BAND_SHARE * len(t_d_grid)):
+  if (options.band_guard and t_d_grid
+      and len(spread) > max(1, T_D_BAND_SHARE * len(t_d_grid))):
     return dict(out, index=default, reason=f'default kept: the tie band holds {len(spread)} of the '
                 f'{len(t_d_grid)} T_d values')
   if default in ties:
     return dict(out, index=default, reason='default: within the tie band of the leader')
-  chosen = min(ties, key=lambda i: _preference(candidates[i], i, False, out['wins'][i]))
-  return dict(out, index=chosen, reason=f"best: {len(ties)} tied, bootstrap winner in "
+  nearest = candidates[default] if options.prefer == 'nearest' else None
+  chosen = min(ties, key=lambda i: _preference(candidates[i], i, False, out['wins'][i], nearest))
+  how = 'nearest the default' if nearest is not None else 'bootstrap winner'
+  return dict(out, index=chosen, reason=f"best: {len(ties)} tied, {how}, bootstrap winner in "
               f"{out['wins'][chosen]:.0%} of resamples, NFE {candidates[chosen]['nfe']}")
 
 
 def choose(table: ScoreTable, candidates: List[Dict[str, Any]], default: int,
            tie_tolerance: float, kept: Sequence[int], default_like: Sequence[bool],
-           t_d_grid: Optional[Sequence[int]] = None,
-           pool: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+           t_d_grid: Optional[Sequence[int]] = None, pool: Optional[Sequence[int]] = None,
+           options: RuleOptions = RuleOptions()) -> Dict[str, Any]:
   """The decision of the rule (module docstring) among `pool` (default: every candidate);
   default_like[i]: candidate i has the default's detectors (for its sampler) and floor, so step 2
   does not apply to it. index is the chosen candidate, reason says why, band and se what noise
@@ -156,15 +186,15 @@ def choose(table: ScoreTable, candidates: List[Dict[str, Any]], default: int,
   diff, se = _difference(table, kept, pool, default)
   eligible = [i for k, i in enumerate(pool)
               if i == default or default_like[i] or diff[k] > DETECTOR_MARGIN_SE * se[k]]
-  out = _band(table, candidates, eligible, default, tie_tolerance, kept, t_d_grid)
+  out = _band(table, candidates, eligible, default, tie_tolerance, kept, t_d_grid, options)
   out['eligible'] = eligible
   out['leave_one_family_out'] = {}
-  if out['index'] == default:
+  if out['index'] == default or not options.family_guard:
     return out
   for family in sorted({table.entries[e][0] for e in kept}):
     rest = [e for e in kept if table.entries[e][0] != family]
-    alone = (_band(table, candidates, eligible, default, tie_tolerance, rest, t_d_grid)['index']
-             if rest else default)
+    alone = (_band(table, candidates, eligible, default, tie_tolerance, rest, t_d_grid,
+                   options)['index'] if rest else default)
     out['leave_one_family_out'][family] = {'index': alone, 'in_band': alone in out['band']}
     if alone not in out['band']:
       return dict(out, index=default, reason=f'default kept: the choice hangs on family {family} '

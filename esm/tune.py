@@ -12,6 +12,7 @@ DIR/tuned.json, their per-image development scores to DIR/tuning_scores.npz (esm
 the choice's DIR/detector.json is written too, so predict can follow tune directly.
 """
 
+import dataclasses
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -128,17 +129,18 @@ def _default_flags(config: Config, rows, features: bool) -> Tuple[int, List[bool
   return (like[0] if like else max(there, key=lambda i: len(rows[i]['detectors']))), flags
 
 
-def _decide(config, rows, evidence, dev, model_free, features: bool, pool=None, grid=None):
+def _decide(config, rows, evidence, dev, model_free, features: bool, options, pool=None,
+            grid=None):
   table = _table(dev, evidence, config.tune)
   kept, left = choice_lib.informative_entries(table, model_free['families'])
   default, flags = _default_flags(config, rows, features)
   decision = choice_lib.choose(table, rows, default, config.tune.tie_tolerance, kept, flags,
-                               t_d_grid=grid, pool=pool)
+                               t_d_grid=grid, pool=pool, options=options)
   return dict(decision, default=default, kept=kept, left_out=left), table
 
 
 def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, restored,
-                           model_free: Dict[str, Any]):
+                           model_free: Dict[str, Any], options: choice_lib.RuleOptions):
   """(rows, evidence, decision, table): stage 1 at every point, the rule on it; stage 2 at the
   chosen point and the default's, the rule on the subsets there."""
   tc = config.tune
@@ -149,7 +151,7 @@ def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, re
   if default_point(config) not in points:
     points.append(default_point(config))
   rows, evidence = score_points(config, workdir, dev, restored, None, points, 1)
-  step1, table = _decide(config, rows, evidence, dev, model_free, False, grid=grid)
+  step1, table = _decide(config, rows, evidence, dev, model_free, False, options, grid=grid)
   logging.info('tune: stage 1 chose %s (%s)', point_of(rows[step1['index']]), step1['reason'])
   if feature_fn is None:
     return rows, evidence, dict(step1, stage1=None), table
@@ -157,7 +159,7 @@ def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, re
   more, more_evidence = score_points(config, workdir, dev, restored, feature_fn, there, 2)
   rows, evidence = rows + more, evidence + more_evidence
   pool = [i for i, c in enumerate(rows) if point_of(c) in there]
-  step2, table = _decide(config, rows, evidence, dev, model_free, True, pool=pool)
+  step2, table = _decide(config, rows, evidence, dev, model_free, True, options, pool=pool)
   return rows, evidence, dict(step2, stage1=_brief(step1, rows)), table
 
 
@@ -188,7 +190,8 @@ def _annotate(rows, table: choice_lib.ScoreTable, kept) -> None:
     c['criterion_auroc'] = float(np.mean(table.point[i, kept])) if kept else float('nan')
 
 
-def noise_aware_record(config: Config, dev, rows, decision, table, model_free, step: int):
+def noise_aware_record(config: Config, dev, rows, decision, table, model_free, step: int,
+                       options: choice_lib.RuleOptions):
   """The content of DIR/tuned.json under the noise-aware rule."""
   tc = config.tune
   _annotate(rows, table, decision['kept'])
@@ -198,13 +201,14 @@ def noise_aware_record(config: Config, dev, rows, decision, table, model_free, s
     pool = [i for i, c in enumerate(rows) if c['method'] == m and c['stage'] == 1]
     own = [i for i in pool if flags[i] and rows[i]['t_d'] == config.sampling.t_d] or pool
     pick = choice_lib.choose(table, rows, own[0], tc.tie_tolerance, decision['kept'], flags,
-                             pool=pool)['index']
+                             pool=pool, options=options)['index']
     by_method[m] = {k: rows[pick][k] for k in KEPT if k in rows[pick]}
   own = default_point(config)
   return {
       't_d': chosen['t_d'], 'method': chosen['method'], 'weights': chosen['weights'],
       **({'sigma_floor': chosen['sigma_floor']} if 'sigma_floor' in chosen else {}),
       'criterion': {'name': dev_set.CRITERION, 'rule': 'noise_aware',
+                    'options': dataclasses.asdict(options),
                     'tie_tolerance': tc.tie_tolerance, 'bootstrap': tc.bootstrap,
                     **_brief(decision, rows), 'stage1': decision.get('stage1'),
                     'entries_used': [f'{table.entries[e][0]}/{table.entries[e][1]}'
@@ -235,13 +239,15 @@ def development_set(config: Config) -> Tuple[dev_set.DevSet, dev_defects.Normal]
   return dev, normal
 
 
-def run_noise_aware(config: Config, workdir: str, restored) -> Tuple[Dict[str, Any], Any]:
+def run_noise_aware(config: Config, workdir: str, restored,
+                    options: choice_lib.RuleOptions) -> Tuple[Dict[str, Any], Any]:
   """(tuned.json content, per-candidate evidence) under the noise-aware rule."""
   dev, normal = development_set(config)
   model_free = dev_set.model_free(dev, normal.stats)
   rows, evidence, decision, table = noise_aware_candidates(config, workdir, dev, restored,
-                                                           model_free)
-  record = noise_aware_record(config, dev, rows, decision, table, model_free, restored.step)
+                                                           model_free, options)
+  record = noise_aware_record(config, dev, rows, decision, table, model_free, restored.step,
+                              options)
   return record, (dev, evidence)
 
 
@@ -285,7 +291,8 @@ def legacy_record(config: Config, dev, rows, step: int) -> Dict[str, Any]:
   }
 
 
-def run_legacy(config: Config, workdir: str, restored) -> Tuple[Dict[str, Any], Any]:
+def run_legacy(config: Config, workdir: str, restored, options=None) -> Tuple[Dict[str, Any], Any]:
+  del options  # the legacy rule has no guards
   val = pipeline.get_eval_data(config.data, 'val', global_batch_size=config.eval.batch_size)
   dev = dev_set.make_painted_dev_set(val, config.tune)
   rows, evidence = legacy_candidates(config, workdir, dev, restored)
@@ -308,23 +315,27 @@ def check_held_out_slice(config: Config, workdir: str) -> None:
                     'config.json); tuning on this one would score images the model trained on')
 
 
-def run_tuning(config: Config, workdir: str, restored=None):
+def run_tuning(config: Config, workdir: str, restored=None, keep_progress: bool = False,
+               options: choice_lib.RuleOptions = choice_lib.RuleOptions()):
   """(tuned.json content, (development set, per-candidate evidence)) of config.tune.rule, written
-  nowhere: experiments/ compare rules on one checkpoint with it."""
+  nowhere: experiments/ compare rules on one checkpoint with it. keep_progress leaves every
+  point's saved scores in DIR/tune_progress/, so another rule on the same points reads them;
+  options: the noise-aware rule's variant (esm/choice.py)."""
   check_held_out_slice(config, workdir)
   restored = restored or scoring.restore_ema_params(config, workdir, parallel.make_mesh())
   run = run_legacy if config.tune.rule == 'legacy' else run_noise_aware
-  out = run(config, workdir, restored)
-  tuned_lib.clear_progress(workdir)  # the caller writes what it returns
+  out = run(config, workdir, restored, options)
+  if not keep_progress:
+    tuned_lib.clear_progress(workdir)  # the caller writes what it returns
   return out
 
 
-def tune(config: Config, workdir: str) -> Dict[str, Any]:
+def tune(config: Config, workdir: str, keep_progress: bool = False) -> Dict[str, Any]:
   """Runs every candidate on the development set and writes DIR/tuned.json, the per-image scores
-  and the choice's DIR/detector.json; returns tuned.json's content."""
+  and the choice's DIR/detector.json; returns tuned.json's content (keep_progress: run_tuning)."""
   start = time.time()
   restored = scoring.restore_ema_params(config, workdir, parallel.make_mesh())
-  tuned, (dev, evidence) = run_tuning(config, workdir, restored)
+  tuned, (dev, evidence) = run_tuning(config, workdir, restored, keep_progress)
   tuned_lib.write(workdir, tuned)
   tuned_lib.write_scores(workdir, dev, dev_set.evidence_arrays(evidence))
   # The detector state of the choice, so predict, the API and export can follow tune directly.

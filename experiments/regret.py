@@ -44,6 +44,7 @@ from configs.cpu.common import cpu_config
 from datasets import catalog
 from datasets import pipeline
 from esm import baselines
+from esm import choice
 from esm import config as config_lib
 from esm import detectors as det
 from esm import dev_set
@@ -60,10 +61,18 @@ from experiments.models import MODELS, ROOT
 
 STAGES = ('train', 'tune', 'evaluate', 'table', 'difficulty')
 LEGACY = {'tune.rule': 'legacy', 'tune.defects_per_image': 2}
-ROLES = ('new', 'legacy', 'legacy_rule', 'default', 'best')
+# Variants of the noise-aware rule's guards and tie order (esm/choice.py RuleOptions), each on the
+# same development scores: variants/<name>.json.
+VARIANTS = {
+    'no_band_guard': choice.RuleOptions(band_guard=False),
+    'nearest': choice.RuleOptions(band_guard=False, prefer='nearest'),
+    'nearest_no_family': choice.RuleOptions(band_guard=False, family_guard=False, prefer='nearest'),
+    'no_guards': choice.RuleOptions(band_guard=False, family_guard=False),
+}
+ROLES = ('new', *VARIANTS, 'legacy', 'legacy_rule', 'default', 'best')
 LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",
           'legacy_rule': "(b') today's rule, new set", 'default': '(c) untuned default',
-          'best': '(d) best on test'}
+          'best': '(d) best on test', **{v: f'(a) variant {v}' for v in VARIANTS}}
 RESAMPLES = 2000
 
 _STAGE = flags.DEFINE_enum('stage', None, STAGES, 'The stage to run.')
@@ -144,10 +153,25 @@ def stage_train(run: Run) -> None:
 
 def stage_tune(run: Run) -> None:
   if tuned_lib.load(run.workdir) is None:
-    timed(run, 'tune', lambda: tune.tune(run.config(), run.workdir))
+    timed(run, 'tune', lambda: tune.tune(run.config(), run.workdir, keep_progress=True))
   if read_json(run.path('legacy_tuned.json')) is None:
-    timed(run, 'tune_legacy', lambda: write_json(
-        run.path('legacy_tuned.json'), tune.run_tuning(run.config(LEGACY), run.workdir)[0]))
+    timed(run, 'tune_legacy', lambda: write_json(run.path('legacy_tuned.json'), tune.run_tuning(
+        run.config(LEGACY), run.workdir, keep_progress=True)[0]))
+  for name, options in VARIANTS.items():  # stage 1's scores are read back, S_Cos may run anew
+    if read_json(variant_path(run, name)) is None:
+      timed(run, f'tune_{name}', lambda: write_json(variant_path(run, name), tune.run_tuning(
+          run.config(), run.workdir, keep_progress=True, options=options)[0]))
+
+
+def variant_path(run: Run, name: str) -> str:
+  return run.path('variants', name + '.json')
+
+
+def tunings(run: Run) -> Dict[str, Dict[str, Any]]:
+  """Role -> tuned.json content of each tuning of the run that exists (new, legacy, variants)."""
+  out = {'new': tuned_lib.load(run.workdir), 'legacy': read_json(run.path('legacy_tuned.json')),
+         **{name: read_json(variant_path(run, name)) for name in VARIANTS}}
+  return {role: t for role, t in out.items() if t is not None}
 
 
 def _key(point) -> str:
@@ -157,13 +181,13 @@ def _key(point) -> str:
 def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
   """(point, with S_Cos) of every candidate point of both tunings and the default; S_Cos at
   every point (features_at='all') or at the choices and the default ('choices')."""
-  config = run.config()
-  tunings = [tuned_lib.load(run.workdir), read_json(run.path('legacy_tuned.json'))]
-  points = {tune.point_of(c) for t in tunings for c in t['candidates']} | {tune.default_point(config)}
-  chosen = {tune.point_of(t) for t in tunings} | {tune.default_point(config),
-                                                  tune.point_of(dev_set.choose(
-                                                      tunings[0]['candidates'],
-                                                      config.tune.tie_tolerance))}
+  config, done = run.config(), tunings(run)
+  points = ({tune.point_of(c) for t in done.values() for c in t['candidates']}
+            | {tune.default_point(config)})
+  chosen = {tune.point_of(t) for t in done.values()} | {tune.default_point(config),
+                                                        tune.point_of(dev_set.choose(
+                                                            done['new']['candidates'],
+                                                            config.tune.tie_tolerance))}
   return [(p, features_at == 'all' or p in chosen) for p in sorted(points, key=str)]
 
 
@@ -232,13 +256,12 @@ def _detectors_of(weights, available) -> Tuple[str, ...]:
 
 def choices(run: Run, evidence) -> Dict[str, Tuple]:
   """Role -> the evidence key of the candidate each rule chose, the default, and the best."""
-  config, new = run.config(), tuned_lib.load(run.workdir)
-  legacy = read_json(run.path('legacy_tuned.json'))
+  config, done = run.config(), tunings(run)
   at = lambda point: {d for (k, s) in evidence if k == _key(point) for d in s}
   key = lambda c: (_key(tune.point_of(c)), _detectors_of(c['weights'], at(tune.point_of(c))))
   own = tune.default_point(config)
-  out = {'new': key(new), 'legacy': key(legacy),
-         'legacy_rule': key(dev_set.choose(new['candidates'], config.tune.tie_tolerance)),
+  out = {**{role: key(t) for role, t in done.items()},
+         'legacy_rule': key(dev_set.choose(done['new']['candidates'], config.tune.tie_tolerance)),
          'default': (_key(own), _detectors_of(config.detect.weights, at(own)))}
   return {role: k for role, k in out.items() if k in evidence}
 

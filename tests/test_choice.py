@@ -27,10 +27,11 @@ def _table(point, noise, seed=0, num_resamples=400):
   return choice.ScoreTable(ENTRIES, point, np.clip(point + common + own, 0, 1))
 
 
-def _choose(table, candidates, default=0, kept=None, like=None, grid=None, tol=0.005):
+def _choose(table, candidates, default=0, kept=None, like=None, grid=None, tol=0.005, **options):
   kept = list(range(len(ENTRIES))) if kept is None else kept
   like = [True] * len(candidates) if like is None else like
-  return choice.choose(table, candidates, default, tol, kept, like, t_d_grid=grid)
+  return choice.choose(table, candidates, default, tol, kept, like, t_d_grid=grid,
+                       options=choice.RuleOptions(**options))
 
 
 def test_a_clear_winner_beyond_the_noise_is_chosen():
@@ -81,6 +82,19 @@ def test_a_band_over_a_third_of_the_t_d_grid_keeps_the_default():
   grid = [1, 3, 6, 12, 25, 50]
   out = _choose(table, _candidates([25, 1, 3, 6]), grid=grid)
   assert len(out['t_d_in_band']) == 3 and out['index'] == 0 and 'T_d' in out['reason']
+  # Without the guard the band decides: fewest NFE, or the T_d nearest the default's (25).
+  assert _choose(table, _candidates([25, 1, 3, 6]), grid=grid, band_guard=False)['index'] == 1
+  out = _choose(table, _candidates([25, 1, 3, 6]), grid=grid, band_guard=False, prefer='nearest')
+  assert out['index'] == 3 and 'nearest the default' in out['reason']
+
+
+def test_nearest_prefers_the_default_sampler_and_floor_before_the_t_d():
+  table = _table([[0.5] * 6, [0.80] * 6, [0.80] * 6], noise=0.02)
+  candidates = _candidates([25, 20, 6])
+  candidates[1]['method'] = 'esm_sigma'
+  assert _choose(table, candidates, band_guard=False, prefer='nearest')['index'] == 2
+  with pytest.raises(ValueError, match='prefer'):
+    choice.RuleOptions(prefer='closest')
 
 
 def test_a_choice_that_hangs_on_one_family_keeps_the_default():
@@ -94,6 +108,7 @@ def test_a_choice_that_hangs_on_one_family_keeps_the_default():
   assert out['leader'] == 1 and out['band'] == [1]
   assert out['index'] == 0 and 'hangs on family a' in out['reason']
   assert out['leave_one_family_out']['a'] == {'index': 2, 'in_band': False}
+  assert _choose(table, _candidates([25, 12, 6]), family_guard=False)['index'] == 1
   # A lead that every family agrees with stands.
   point[2][4:] = [0.78, 0.78]
   out = _choose(_table(point, noise=0.002), _candidates([25, 12, 6]))

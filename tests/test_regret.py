@@ -1,5 +1,6 @@
 """experiments/regret.py end to end on the tiny synthetic category: every stage, resumed."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -33,9 +34,17 @@ def test_every_stage_writes_its_files_and_resumes(tmp_path):
                '../difficulty.json'):
     assert os.path.exists(run.path(name)), name
   timing = json.load(open(run.path('timing.json')))
-  assert set(timing) == {'train', 'tune', 'tune_legacy'}
+  assert set(timing) == {'train', 'tune', 'tune_legacy', *(f'tune_{v}' for v in regret.VARIANTS)}
+  # Every variant of the rule decided on the development scores of the new rule's stage 1.
+  new = json.load(open(run.path('tuned.json')))
+  stage1 = lambda t: [(c['method'], c['t_d'], c['detectors'], c['image_auroc'], c['pixel_auroc'])
+                      for c in t['candidates'] if c['stage'] == 1]
+  for name, options in regret.VARIANTS.items():
+    variant = json.load(open(regret.variant_path(run, name)))
+    assert stage1(variant) == stage1(new)
+    assert variant['criterion']['options'] == dataclasses.asdict(options)
   table = json.load(open(tmp_path / 'runs' / 'regret.json'))[run.name]
-  for role in ('new', 'legacy', 'legacy_rule', 'default'):
+  for role in ('new', *regret.VARIANTS, 'legacy', 'legacy_rule', 'default'):
     row = table[role]
     assert all(0.0 <= a <= 1.0 for a in row['auroc'])
     for metric in ('image', 'pixel'):
