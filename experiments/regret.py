@@ -7,9 +7,11 @@ only reported), model (--models: ESM, SGM) and seed (--seeds), with configs/cpu/
 RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
   difficulty  (no model) the model-free z-score on the development set and on today's painted one.
   train     --mode=train (a finished run is skipped, an interrupted one resumes); timing.json.
-  tune      the noise-aware rule (tuned.json, tuning_scores.npz) and today's rule on today's set
-            (legacy_tuned.json: full-contrast painted defects, 2 per image, ties to fewer NFE).
-  evaluate  the test split at every candidate point of both tunings (sampler, floor, T_d) and the
+  tune      the noise-aware rule (tuned.json, tuning_scores.npz), today's rule on today's set
+            (legacy_tuned.json: full-contrast painted defects, 2 per image, ties to fewer NFE),
+            and each of VARIANTS of the noise-aware rule on its development scores
+            (variants/<name>.json).
+  evaluate  the test split at every candidate point of every tuning (sampler, floor, T_d) and the
             default, every detector subset from the same maps (S_Cos only at the points a rule
             chose and the default, unless --features_at=all), and the model-free baselines the
             training fitted (z-score, DINO patch kNN; DIR/baselines/): per test
@@ -17,8 +19,9 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
   table     test image and pixel AUROC at (a) the new rule's choice, (b) today's rule's, (b') today's
             rule on the new development set, (c) the untuned default (the paper's T_d with every
             available detector), (d) the best evaluated candidate on the test split (report only);
-            regret (d) - chosen with a paired bootstrap CI over test images; Kendall's τ between the
-            development and the test ranking; the baselines. RUNS/regret.md and RUNS/regret.json.
+            regret (d) - chosen with a paired bootstrap CI over test images; the same for each variant;
+            Kendall's τ between the development and the test ranking; the baselines; each rule's
+            reason; tuning and training seconds. RUNS/regret.md and RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
 """
@@ -74,6 +77,7 @@ LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",
           'legacy_rule': "(b') today's rule, new set", 'default': '(c) untuned default',
           'best': '(d) best on test', **{v: f'(a) variant {v}' for v in VARIANTS}}
 RESAMPLES = 2000
+DEVELOPMENT = ('bottle', 'pill')  # the categories a rule or default may be chosen on
 
 _STAGE = flags.DEFINE_enum('stage', None, STAGES, 'The stage to run.')
 _RUNS = flags.DEFINE_string('runs', None, 'Folder of the runs and the tables.')
@@ -309,6 +313,9 @@ def run_rows(run: Run) -> Dict[str, Any]:
   rows['dev'] = {'reason': new['criterion']['reason'],
                  'model_free': new['dev_set']['model_free']['all'],
                  'left_out': new['criterion']['entries_left_out']}
+  for role, t in tunings(run).items():
+    if role in rows:
+      rows[role]['reason'] = t['criterion'].get('reason', t['criterion']['rule'])
   rows['timing'] = read_json(run.path('timing.json'))
   return rows
 
@@ -341,15 +348,31 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
     tau = rows['kendall_tau']
     lines.append(f"| {name} | Kendall's τ, dev vs test | – | {_fmt(tau[0])} | – | "
                  f"{_fmt(tau[1])} | – |")
-  lines += ['', '| rule | mean image regret | mean pixel regret | runs worse than (c) by > 1 test SE |',
-            '|---|---|---|---|']
+  lines += ['', '| rule | mean image regret | mean pixel regret | the same, development categories '
+            f"({', '.join(DEVELOPMENT)}) | runs worse than (c) by > 1 test SE |",
+            '|---|---|---|---|---|']
+  mean = lambda got, m: _fmt(np.mean([r[f'{m}_regret'][0] for r in got])) if got else 'n/a'
   for role in ROLES[:-1]:
     got = [rows[role] for rows in table.values() if role in rows]
+    dev = [rows[role] for name, rows in table.items()
+           if role in rows and name.split()[0] in DEVELOPMENT]
     if got:
       worse = sum(any(r[f'{m}_vs_default'][0] < -r[f'{m}_vs_default'][1] for m in ('image', 'pixel'))
                   for r in got)
-      lines.append(f"| {LABELS[role]} | {_fmt(np.mean([r['image_regret'][0] for r in got]))} | "
-                   f"{_fmt(np.mean([r['pixel_regret'][0] for r in got]))} | {worse} of {len(got)} |")
+      lines.append(f"| {LABELS[role]} | {mean(got, 'image')} | {mean(got, 'pixel')} | "
+                   f"{mean(dev, 'image')} / {mean(dev, 'pixel')} | {worse} of {len(got)} |")
+  lines += ['', 'Why each rule chose what it did (tuned.json criterion.reason):', '']
+  for name, rows in table.items():
+    for role in [r for r in ROLES if 'reason' in rows.get(r, {})]:
+      lines.append(f"- {name}, {LABELS[role]}: {rows[role]['reason']}")
+  lines += ['', '| run | training s | tuning s, new rule | legacy rule | new / training | legacy / '
+            'training |', '|---|---|---|---|---|---|']
+  for name, rows in table.items():
+    wall = {k: v['wall_s'] for k, v in (rows.get('timing') or {}).items()}
+    if {'train', 'tune', 'tune_legacy'} <= set(wall):
+      lines.append(f"| {name} | {wall['train']:.0f} | {wall['tune']:.0f} | "
+                   f"{wall['tune_legacy']:.0f} | {wall['tune'] / wall['train']:.2f} | "
+                   f"{wall['tune_legacy'] / wall['train']:.2f} |")
   return '\n'.join(lines)
 
 
