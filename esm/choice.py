@@ -166,9 +166,9 @@ def _band(table, candidates, pool, default, tie_tolerance, entries, t_d_grid,
     return dict(out, index=default, reason='default: within the tie band of the leader')
   nearest = candidates[default] if options.prefer == 'nearest' else None
   chosen = min(ties, key=lambda i: _preference(candidates[i], i, False, out['wins'][i], nearest))
-  how = 'nearest the default' if nearest is not None else 'bootstrap winner'
-  return dict(out, index=chosen, reason=f"best: {len(ties)} tied, {how}, bootstrap winner in "
-              f"{out['wins'][chosen]:.0%} of resamples, NFE {candidates[chosen]['nfe']}")
+  how = 'the one nearest the default' if nearest is not None else 'the bootstrap winner'
+  return dict(out, index=chosen, reason=f"best: {len(ties)} tied, {how} (first in "
+              f"{out['wins'][chosen]:.0%} of resamples), NFE {candidates[chosen]['nfe']}")
 
 
 def choose(table: ScoreTable, candidates: List[Dict[str, Any]], default: int,
