@@ -19,8 +19,8 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
   table     test image and pixel AUROC at (a) the new rule's choice, (b) today's rule's, (b') today's
             rule on the new development set, (c) the untuned default (the paper's T_d with every
             available detector), (d) the best evaluated candidate on the test split (report only);
-            regret (d) - chosen with a paired bootstrap CI over test images; the same for each variant;
-            Kendall's τ between the development and the test ranking; the baselines; each rule's
+            regret (d) - chosen with a paired bootstrap CI over test images; the same for each
+            variant; Kendall's τ between the development and the test ranking; the baselines; each rule's
             reason; tuning and training seconds. RUNS/regret.md and RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
@@ -183,7 +183,7 @@ def _key(point) -> str:
 
 
 def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
-  """(point, with S_Cos) of every candidate point of both tunings and the default; S_Cos at
+  """(point, with S_Cos) of every candidate point of every tuning and the default; S_Cos at
   every point (features_at='all') or at the choices and the default ('choices')."""
   config, done = run.config(), tunings(run)
   points = ({tune.point_of(c) for t in done.values() for c in t['candidates']}
@@ -258,9 +258,10 @@ def _detectors_of(weights, available) -> Tuple[str, ...]:
   return tuple(n for n, w in zip(det.DETECTOR_NAMES, weights) if w and n in available)
 
 
-def choices(run: Run, evidence) -> Dict[str, Tuple]:
-  """Role -> the evidence key of the candidate each rule chose, the default, and the best."""
-  config, done = run.config(), tunings(run)
+def choices(run: Run, evidence, done) -> Dict[str, Tuple]:
+  """Role -> the evidence key of the candidate each rule chose (done: tunings(run)) and of the
+  default."""
+  config = run.config()
   at = lambda point: {d for (k, s) in evidence if k == _key(point) for d in s}
   key = lambda c: (_key(tune.point_of(c)), _detectors_of(c['weights'], at(tune.point_of(c))))
   own = tune.default_point(config)
@@ -301,10 +302,11 @@ def run_rows(run: Run) -> Dict[str, Any]:
   labels = next(iter(evidence.values()))[2]
   weights = np.concatenate([np.ones((1, labels.size)), metrics.bootstrap_counts(labels, RESAMPLES)])
   curves = {k: np.stack(aurocs(v, weights)) for k, v in evidence.items()}  # [2, 1 + R]
-  rows = role_rows(curves, choices(run, evidence))
+  done = tunings(run)
+  rows = role_rows(curves, choices(run, evidence, done))
   for name, entry in free.items():
     rows[name] = {'auroc': np.stack(aurocs(entry, weights))[:, 0].tolist()}
-  new = tuned_lib.load(run.workdir)
+  new = done['new']
   dev = [(-c['mean_rank'], (_key(tune.point_of(c)), tuple(c['detectors'])))
          for c in new['candidates']]
   dev = [(d, k) for d, k in dev if k in curves]
@@ -313,7 +315,7 @@ def run_rows(run: Run) -> Dict[str, Any]:
   rows['dev'] = {'reason': new['criterion']['reason'],
                  'model_free': new['dev_set']['model_free']['all'],
                  'left_out': new['criterion']['entries_left_out']}
-  for role, t in tunings(run).items():
+  for role, t in done.items():
     if role in rows:
       rows[role]['reason'] = t['criterion'].get('reason', t['criterion']['rule'])
   rows['timing'] = read_json(run.path('timing.json'))
