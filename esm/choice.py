@@ -12,15 +12,18 @@ esm/resample.py). The rule, in order:
   3. The leader has the best mean rank over the entries (families combined by rank, not pooled).
   4. Its ties: candidates whose difference to the leader (the mean over the entries of their
      AUROC differences, paired over resamples) is within max(1 SE, tune.tie_tolerance).
-  5. Saturation guard: the leader scores >= SATURATED in most resamples, or the ties hold more than
-     a third of the T_d grid (and more than one T_d): the set cannot tell candidates apart, and
-     the default is kept.
-  6. Among the ties: the default, then the most frequent bootstrap winner, then fewer NFE (then
-     the smaller T_d, fewer detectors).
-  7. Leave one family out: with each family's entries removed, steps 3-6 again; if one of those
-     choices falls outside the full band, the choice hangs on that family and the default is kept.
-RuleOptions switch the T_d-band part of step 5 and step 7 off, and can replace step 6's order
-after the default by the candidate nearest the default (experiments/regret.py compares them).
+  5. Saturation guard: the leader scores >= SATURATED in most resamples: the set cannot tell
+     candidates apart, and the default is kept. (RuleOptions.band_guard: also when the ties hold
+     more than a third of the T_d grid, and more than one T_d.)
+  6. Among the ties: the default, then the one nearest the default (its sampler and floor, then
+     the T_d nearest the default's on a log scale), then the most frequent bootstrap winner, then
+     fewer NFE (then the smaller T_d, fewer detectors). RuleOptions.prefer='winner' drops the
+     nearness.
+  7. Leave one family out: with each family's entries removed, steps 3-6 again, recorded; under
+     RuleOptions.family_guard, if one of those choices falls outside the full band, the choice
+     hangs on that family and the default is kept.
+The defaults were chosen on bottle and pill by a rule written before the test results of the
+variants existed (docs/results.md, "Tuning regret"); experiments/regret.py compares the variants.
 """
 
 import dataclasses
@@ -43,12 +46,12 @@ PREFERENCES = ('winner', 'nearest')
 
 @dataclasses.dataclass(frozen=True)
 class RuleOptions:
-  """Variants of the rule's guards and tie order (the defaults are the rule above)."""
-  band_guard: bool = True  # step 5: a tie band over a third of the T_d grid keeps the default
-  family_guard: bool = True  # step 7: a choice that hangs on one family keeps the default
-  # step 6 after the default: 'winner' (bootstrap winner, then fewer NFE) or 'nearest' (the
-  # default's sampler and floor, then the T_d nearest the default's on a log scale, then winner)
-  prefer: str = 'winner'
+  """Variants of the rule's guards and tie order (the module docstring's steps)."""
+  band_guard: bool = False  # step 5: a tie band over a third of the T_d grid keeps the default
+  family_guard: bool = False  # step 7: a choice that hangs on one family keeps the default
+  # step 6 after the default: 'nearest' (the default's sampler and floor, then the T_d nearest the
+  # default's on a log scale, then the winner) or 'winner' (bootstrap winner, then fewer NFE)
+  prefer: str = 'nearest'
 
   def __post_init__(self):
     if self.prefer not in PREFERENCES:
@@ -189,14 +192,14 @@ def choose(table: ScoreTable, candidates: List[Dict[str, Any]], default: int,
   out = _band(table, candidates, eligible, default, tie_tolerance, kept, t_d_grid, options)
   out['eligible'] = eligible
   out['leave_one_family_out'] = {}
-  if out['index'] == default or not options.family_guard:
+  if out['index'] == default:
     return out
-  for family in sorted({table.entries[e][0] for e in kept}):
+  for family in sorted({table.entries[e][0] for e in kept}):  # step 7, recorded even when off
     rest = [e for e in kept if table.entries[e][0] != family]
     alone = (_band(table, candidates, eligible, default, tie_tolerance, rest, t_d_grid,
                    options)['index'] if rest else default)
     out['leave_one_family_out'][family] = {'index': alone, 'in_band': alone in out['band']}
-    if alone not in out['band']:
+    if alone not in out['band'] and options.family_guard:
       return dict(out, index=default, reason=f'default kept: the choice hangs on family {family} '
                   f'(without it the rule picks candidate {alone}, outside the band)')
   return out

@@ -67,10 +67,10 @@ LEGACY = {'tune.rule': 'legacy', 'tune.defects_per_image': 2}
 # Variants of the noise-aware rule's guards and tie order (esm/choice.py RuleOptions), each on the
 # same development scores: variants/<name>.json.
 VARIANTS = {
-    'no_band_guard': choice.RuleOptions(band_guard=False),
-    'nearest': choice.RuleOptions(band_guard=False, prefer='nearest'),
-    'nearest_no_family': choice.RuleOptions(band_guard=False, family_guard=False, prefer='nearest'),
-    'no_guards': choice.RuleOptions(band_guard=False, family_guard=False),
+    'guarded': choice.RuleOptions(band_guard=True, family_guard=True, prefer='winner'),
+    'no_band_guard': choice.RuleOptions(family_guard=True, prefer='winner'),
+    'nearest': choice.RuleOptions(family_guard=True),
+    'no_guards': choice.RuleOptions(prefer='winner'),
 }
 ROLES = ('new', *VARIANTS, 'legacy', 'legacy_rule', 'default', 'best')
 LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",

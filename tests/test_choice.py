@@ -51,14 +51,18 @@ def test_a_tie_within_one_se_goes_to_the_default():
 
 def test_ties_without_the_default_go_to_the_bootstrap_winner_then_fewer_nfe():
   table = _table([[0.50] * 6, [0.90] * 6, [0.90] * 6, [0.899] * 6], noise=0.01)
-  out = _choose(table, _candidates([25, 12, 6, 3]), grid=[3, 6, 12, 25, 50, 100, 200, 400, 800])
+  grid = [3, 6, 12, 25, 50, 100, 200, 400, 800]
+  out = _choose(table, _candidates([25, 12, 6, 3]), grid=grid, prefer='winner')
   assert set(out['band']) == {1, 2, 3}
   wins = {i: out['wins'][i] for i in out['band']}
   assert out['index'] == max(wins, key=lambda i: (wins[i], -i))
   # Equal evidence for every tied candidate: fewer NFE decides.
   same = choice.ScoreTable(ENTRIES, np.array([[0.5] * 6, [0.9] * 6, [0.9] * 6]),
                            np.array([[[0.5] * 6, [0.9] * 6, [0.9] * 6]] * 50))
-  assert _choose(same, _candidates([25, 12, 6]))['index'] == 2
+  assert _choose(same, _candidates([25, 12, 6]), prefer='winner')['index'] == 2
+  # By default the tie nearest the default's T_d (25) goes first.
+  out = _choose(table, _candidates([25, 12, 6, 3]), grid=grid)
+  assert out['index'] == 1 and 'nearest the default' in out['reason']
 
 
 def test_a_non_default_detector_subset_must_beat_the_default_by_two_se():
@@ -80,11 +84,11 @@ def test_saturation_keeps_the_default():
 def test_a_band_over_a_third_of_the_t_d_grid_keeps_the_default():
   table = _table([[0.5] * 6, [0.80] * 6, [0.80] * 6, [0.80] * 6], noise=0.02)
   grid = [1, 3, 6, 12, 25, 50]
-  out = _choose(table, _candidates([25, 1, 3, 6]), grid=grid)
+  out = _choose(table, _candidates([25, 1, 3, 6]), grid=grid, band_guard=True)
   assert len(out['t_d_in_band']) == 3 and out['index'] == 0 and 'T_d' in out['reason']
   # Without the guard the band decides: fewest NFE, or the T_d nearest the default's (25).
-  assert _choose(table, _candidates([25, 1, 3, 6]), grid=grid, band_guard=False)['index'] == 1
-  out = _choose(table, _candidates([25, 1, 3, 6]), grid=grid, band_guard=False, prefer='nearest')
+  assert _choose(table, _candidates([25, 1, 3, 6]), grid=grid, prefer='winner')['index'] == 1
+  out = _choose(table, _candidates([25, 1, 3, 6]), grid=grid)
   assert out['index'] == 3 and 'nearest the default' in out['reason']
 
 
@@ -92,7 +96,7 @@ def test_nearest_prefers_the_default_sampler_and_floor_before_the_t_d():
   table = _table([[0.5] * 6, [0.80] * 6, [0.80] * 6], noise=0.02)
   candidates = _candidates([25, 20, 6])
   candidates[1]['method'] = 'esm_sigma'
-  assert _choose(table, candidates, band_guard=False, prefer='nearest')['index'] == 2
+  assert _choose(table, candidates)['index'] == 2
   with pytest.raises(ValueError, match='prefer'):
     choice.RuleOptions(prefer='closest')
 
@@ -104,14 +108,15 @@ def test_a_choice_that_hangs_on_one_family_keeps_the_default():
            [0.95, 0.95, 0.86, 0.86, 0.80, 0.80],
            [0.80, 0.80, 0.85, 0.85, 0.90, 0.90]]
   table = _table(point, noise=0.002)
-  out = _choose(table, _candidates([25, 12, 6]))
+  out = _choose(table, _candidates([25, 12, 6]), family_guard=True)
   assert out['leader'] == 1 and out['band'] == [1]
   assert out['index'] == 0 and 'hangs on family a' in out['reason']
   assert out['leave_one_family_out']['a'] == {'index': 2, 'in_band': False}
-  assert _choose(table, _candidates([25, 12, 6]), family_guard=False)['index'] == 1
+  out = _choose(table, _candidates([25, 12, 6]))  # without the guard it is recorded only
+  assert out['index'] == 1 and out['leave_one_family_out']['a'] == {'index': 2, 'in_band': False}
   # A lead that every family agrees with stands.
   point[2][4:] = [0.78, 0.78]
-  out = _choose(_table(point, noise=0.002), _candidates([25, 12, 6]))
+  out = _choose(_table(point, noise=0.002), _candidates([25, 12, 6]), family_guard=True)
   assert out['index'] == 1, out['reason']
 
 
