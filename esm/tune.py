@@ -120,20 +120,22 @@ def default_like(config: Config, rows, features: bool) -> List[bool]:
           and c.get('sigma_floor') in (None, config.sampling.sigma_floor) for c in rows]
 
 
-def _default_flags(config: Config, rows, features: bool) -> Tuple[int, List[bool]]:
-  """(index of the default candidate, default_like of every row). Where no subset at the default
-  point is the config's (S_Cos alone, in the first stage), the default is its largest one."""
-  own, flags = default_point(config), default_like(config, rows, features)
+def _default_flags(config: Config, rows, features: bool,
+                   at: Optional[Point] = None) -> Tuple[int, List[bool]]:
+  """(index of the reference candidate, default_like of every row): the row with the default's
+  detectors at point `at` (the default point unless given). Where no subset there is the config's
+  (S_Cos alone, in the first stage; another floor), the reference is its largest one."""
+  own, flags = at or default_point(config), default_like(config, rows, features)
   there = [i for i, c in enumerate(rows) if point_of(c) == own]
   like = [i for i in there if flags[i]]
   return (like[0] if like else max(there, key=lambda i: len(rows[i]['detectors']))), flags
 
 
 def _decide(config, rows, evidence, dev, model_free, features: bool, options, pool=None,
-            grid=None):
+            grid=None, at=None):
   table = _table(dev, evidence, config.tune)
   kept, left = choice_lib.informative_entries(table, model_free['families'])
-  default, flags = _default_flags(config, rows, features)
+  default, flags = _default_flags(config, rows, features, at)
   decision = choice_lib.choose(table, rows, default, config.tune.tie_tolerance, kept, flags,
                                t_d_grid=grid, pool=pool, options=options)
   return dict(decision, default=default, kept=kept, left_out=left), table
@@ -141,8 +143,8 @@ def _decide(config, rows, evidence, dev, model_free, features: bool, options, po
 
 def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, restored,
                            model_free: Dict[str, Any], options: choice_lib.RuleOptions):
-  """(rows, evidence, decision, table): stage 1 at every point, the rule on it; stage 2 at the
-  chosen point and the default's, the rule on the subsets there."""
+  """(rows, evidence, decision, table): stage 1 at every point, the rule on it; stage 2, with S_Cos,
+  at the chosen point (and the default's, options.stage2_points), the rule on the subsets there."""
   tc = config.tune
   grid = t_d_grid(tc.t_d_fractions, config.sde.num_steps, config.sampling.t_d)
   feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
@@ -155,11 +157,14 @@ def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, re
   logging.info('tune: stage 1 chose %s (%s)', point_of(rows[step1['index']]), step1['reason'])
   if feature_fn is None:
     return rows, evidence, dict(step1, stage1=None), table
-  there = list(dict.fromkeys([point_of(rows[step1['index']]), default_point(config)]))
+  chosen = point_of(rows[step1['index']])
+  there = ([chosen] if options.stage2_points == 'chosen'
+           else list(dict.fromkeys([chosen, default_point(config)])))
   more, more_evidence = score_points(config, workdir, dev, restored, feature_fn, there, 2)
   rows, evidence = rows + more, evidence + more_evidence
   pool = [i for i, c in enumerate(rows) if point_of(c) in there]
-  step2, table = _decide(config, rows, evidence, dev, model_free, True, options, pool=pool)
+  at = chosen if options.stage2_points == 'chosen' else None
+  step2, table = _decide(config, rows, evidence, dev, model_free, True, options, pool=pool, at=at)
   return rows, evidence, dict(step2, stage1=_brief(step1, rows)), table
 
 

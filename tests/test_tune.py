@@ -11,6 +11,7 @@ from PIL import Image
 
 from configs import common
 from configs.default import get_default_config
+from esm import choice
 from esm import defects
 from esm import dev_set
 from esm import run
@@ -277,3 +278,15 @@ def test_progress_keys_change_with_the_parameters_the_set_the_config_and_the_sta
   assert base != tuned_lib.progress_base({'w': np.full(3, 2, np.float32)}, dev)
   assert base != tuned_lib.progress_base(params, [np.arange(4), np.ones((2, 2))])
   assert tuned_lib.progress_key(None, cfg, 1) is None  # a multi-host run saves nothing
+
+
+def test_the_second_stage_reference_is_the_default_detectors_at_the_point_it_is_given():
+  cfg = from_configdict(runs.config('micro'))
+  full = tune.default_detectors(cfg, 'esm', True)
+  method, t_d, floor = tune.default_point(cfg)
+  rows = [{'method': m, 't_d': t, 'detectors': d, **({'sigma_floor': f} if f else {})}
+          for m, t, f in ((method, t_d, floor), ('esm', 2, None)) for d in (['re'], full)]
+  assert tune._default_flags(cfg, rows, True)[0] == 1  # the config's default point
+  assert tune._default_flags(cfg, rows, True, at=('esm', 2, None))[0] == 3
+  with pytest.raises(ValueError, match='stage2_points'):
+    choice.RuleOptions(stage2_points='default')
