@@ -313,8 +313,7 @@ def run_rows(run: Run) -> Dict[str, Any]:
   dev = [(d, k) for d, k in dev if k in curves]
   rows['kendall_tau'] = [resample.kendall_tau([d for d, _ in dev], [curves[k][m, 0] for _, k in dev])
                          for m in (0, 1)]
-  rows['dev'] = {'reason': new['criterion']['reason'],
-                 'model_free': new['dev_set']['model_free']['all'],
+  rows['dev'] = {'model_free': new['dev_set']['model_free']['all'],
                  'left_out': new['criterion']['entries_left_out']}
   for role, t in done.items():
     if role in rows:
