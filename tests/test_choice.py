@@ -49,7 +49,7 @@ def test_a_tie_within_one_se_goes_to_the_default():
   assert out['se'][0] > 0.01  # the band is the SE, not the 0.005 tolerance
 
 
-def test_ties_without_the_default_go_to_the_bootstrap_winner_then_fewer_nfe():
+def test_ties_without_the_default_go_nearest_it_or_to_the_bootstrap_winner_then_fewer_nfe():
   table = _table([[0.50] * 6, [0.90] * 6, [0.90] * 6, [0.899] * 6], noise=0.01)
   grid = [3, 6, 12, 25, 50, 100, 200, 400, 800]
   out = _choose(table, _candidates([25, 12, 6, 3]), grid=grid, prefer='winner')
