@@ -22,11 +22,11 @@ esm/resample.py). The rule, in order:
   7. Leave one family out: with each family's entries removed, steps 3-6 again, recorded; under
      RuleOptions.family_guard, if one of those choices falls outside the full band, the choice
      hangs on that family and the default is kept.
-The rule runs twice (esm/tune.py): on every point without S_Cos, then on the S_Cos subsets at the
-first stage's choice and, under RuleOptions.stage2_points='chosen_and_default', at the default
-point too, where the config's default stays the reference; under 'chosen' the second stage only
-picks detectors at the first stage's point, and its reference is that point with the default's
-detectors.
+The rule runs twice (esm/tune.py): on every point without S_Cos, then on the detector subsets,
+S_Cos among them, at the first stage's choice; RuleOptions.stage2_reference names the second
+stage's reference: the config's default, whose point joins the pool ('default'); the first
+stage's point with the default's detectors ('choice_point'); or the first stage's choice itself,
+so that S_Cos enters only by beating it by DETECTOR_MARGIN_SE ('choice').
 The defaults were chosen on bottle and pill by a rule written before the test results of the
 variants existed (docs/results.md, "Tuning regret"); experiments/regret.py compares the variants.
 """
@@ -47,7 +47,7 @@ T_D_BAND_SHARE = 1 / 3
 DETECTOR_MARGIN_SE = 2.0
 METRICS = ('image', 'pixel')
 PREFERENCES = ('winner', 'nearest')
-STAGE2_POINTS = ('chosen_and_default', 'chosen')
+STAGE2_REFERENCES = ('default', 'choice_point', 'choice')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,17 +58,16 @@ class RuleOptions:
   # step 6 after the default: 'nearest' (the default's sampler and floor, then the T_d nearest the
   # default's on a log scale, then the winner) or 'winner' (bootstrap winner, then fewer NFE)
   prefer: str = 'nearest'
-  # the points of the second (S_Cos) stage: the first stage's choice and the default point, with
-  # the config's default as the reference ('chosen_and_default'), or the choice alone with its
-  # default-detector row as the reference ('chosen'), so S_Cos cannot undo the first stage's T_d
-  stage2_points: str = 'chosen_and_default'
+  # the second (S_Cos) stage's reference (module docstring): 'default', 'choice_point' or
+  # 'choice'; the last two keep the first stage's T_d, so S_Cos cannot undo it
+  stage2_reference: str = 'default'
 
   def __post_init__(self):
     if self.prefer not in PREFERENCES:
       raise ValueError(f'RuleOptions.prefer: expected one of {PREFERENCES}, got {self.prefer!r}')
-    if self.stage2_points not in STAGE2_POINTS:
-      raise ValueError(f'RuleOptions.stage2_points: expected one of {STAGE2_POINTS}, got '
-                       f'{self.stage2_points!r}')
+    if self.stage2_reference not in STAGE2_REFERENCES:
+      raise ValueError(f'RuleOptions.stage2_reference: expected one of {STAGE2_REFERENCES}, got '
+                       f'{self.stage2_reference!r}')
 
 
 @dataclasses.dataclass(frozen=True)

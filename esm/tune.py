@@ -132,10 +132,14 @@ def _default_flags(config: Config, rows, features: bool,
 
 
 def _decide(config, rows, evidence, dev, model_free, features: bool, options, pool=None,
-            grid=None, at=None):
+            grid=None, at=None, reference=None):
+  """The rule's decision with the default at point `at` (the default point unless given), or
+  with candidate `reference` as the only default-like row."""
   table = _table(dev, evidence, config.tune)
   kept, left = choice_lib.informative_entries(table, model_free['families'])
   default, flags = _default_flags(config, rows, features, at)
+  if reference is not None:
+    default, flags = reference, [i == reference for i in range(len(rows))]
   decision = choice_lib.choose(table, rows, default, config.tune.tie_tolerance, kept, flags,
                                t_d_grid=grid, pool=pool, options=options)
   return dict(decision, default=default, kept=kept, left_out=left), table
@@ -144,7 +148,8 @@ def _decide(config, rows, evidence, dev, model_free, features: bool, options, po
 def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, restored,
                            model_free: Dict[str, Any], options: choice_lib.RuleOptions):
   """(rows, evidence, decision, table): stage 1 at every point, the rule on it; stage 2, with S_Cos,
-  at the chosen point (and the default's, options.stage2_points), the rule on the subsets there."""
+  at the chosen point (and the default's under options.stage2_reference='default'), the rule on
+  the subsets there."""
   tc = config.tune
   grid = t_d_grid(tc.t_d_fractions, config.sde.num_steps, config.sampling.t_d)
   feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
@@ -157,14 +162,15 @@ def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, re
   logging.info('tune: stage 1 chose %s (%s)', point_of(rows[step1['index']]), step1['reason'])
   if feature_fn is None:
     return rows, evidence, dict(step1, stage1=None), table
-  chosen = point_of(rows[step1['index']])
-  there = ([chosen] if options.stage2_points == 'chosen'
+  chosen, reference = point_of(rows[step1['index']]), options.stage2_reference
+  there = ([chosen] if reference != 'default'
            else list(dict.fromkeys([chosen, default_point(config)])))
   more, more_evidence = score_points(config, workdir, dev, restored, feature_fn, there, 2)
   rows, evidence = rows + more, evidence + more_evidence
   pool = [i for i, c in enumerate(rows) if point_of(c) in there]
-  at = chosen if options.stage2_points == 'chosen' else None
-  step2, table = _decide(config, rows, evidence, dev, model_free, True, options, pool=pool, at=at)
+  step2, table = _decide(config, rows, evidence, dev, model_free, True, options, pool=pool,
+                         at=chosen if reference == 'choice_point' else None,
+                         reference=step1['index'] if reference == 'choice' else None)
   return rows, evidence, dict(step2, stage1=_brief(step1, rows)), table
 
 

@@ -71,7 +71,8 @@ VARIANTS = {
     'no_band_guard': choice.RuleOptions(family_guard=True, prefer='winner'),
     'nearest': choice.RuleOptions(family_guard=True),
     'no_guards': choice.RuleOptions(prefer='winner'),
-    'stage1_point': choice.RuleOptions(stage2_points='chosen'),
+    'choice_point': choice.RuleOptions(stage2_reference='choice_point'),
+    'choice': choice.RuleOptions(stage2_reference='choice'),
 }
 ROLES = ('new', *VARIANTS, 'legacy', 'legacy_rule', 'default', 'best')
 LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",

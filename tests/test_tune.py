@@ -288,5 +288,5 @@ def test_the_second_stage_reference_is_the_default_detectors_at_the_point_it_is_
           for m, t, f in ((method, t_d, floor), ('esm', 2, None)) for d in (['re'], full)]
   assert tune._default_flags(cfg, rows, True)[0] == 1  # the config's default point
   assert tune._default_flags(cfg, rows, True, at=('esm', 2, None))[0] == 3
-  with pytest.raises(ValueError, match='stage2_points'):
-    choice.RuleOptions(stage2_points='default')
+  with pytest.raises(ValueError, match='stage2_reference'):
+    choice.RuleOptions(stage2_reference='chosen')
