@@ -20,7 +20,7 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             rule on the new development set, (c) the untuned default (the paper's T_d with every
             available detector), (d) the best evaluated candidate on the test split (report only);
             regret (d) - chosen with a paired bootstrap CI over test images; the same for each
-            variant; Kendall's τ between the development and the test ranking; the baselines; each rule's
+            variant; each choice minus each model-free baseline, with its CI; Kendall's τ between the development and the test ranking; the baselines; each rule's
             reason; tuning and training seconds. RUNS/regret.md and RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
@@ -307,7 +307,12 @@ def run_rows(run: Run) -> Dict[str, Any]:
   done = tunings(run)
   rows = role_rows(curves, choices(run, evidence, done))
   for name, entry in free.items():
-    rows[name] = {'auroc': np.stack(aurocs(entry, weights))[:, 0].tolist()}
+    floor = np.stack(aurocs(entry, weights))  # [2, 1 + R], the same resamples as the candidates
+    rows[name] = {'auroc': floor[:, 0].tolist()}
+    for role in [r for r in ROLES[:-1] if r in rows]:  # paired over the test images
+      gap = curves[tuple(rows[role]['choice'])] - floor
+      rows[role][f'minus_{name}'] = [[float(g[0])] + np.quantile(g[1:], [0.025, 0.975]).tolist()
+                                     for g in gap]
   new = done['new']
   dev = [(-c['mean_rank'], (_key(tune.point_of(c)), tuple(c['detectors'])))
          for c in new['candidates']]
@@ -364,6 +369,17 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
                   for r in got)
       lines.append(f"| {LABELS[role]} | {mean(got, 'image')} | {mean(got, 'pixel')} | "
                    f"{mean(dev, 'image')} / {mean(dev, 'pixel')} | {worse} of {len(got)} |")
+  fitted = [b for b in baselines.BASELINES if any(b in rows for rows in table.values())]
+  lines += ['', 'Each rule\'s choice minus each model-free baseline, test image / pixel AUROC '
+            '[95% paired bootstrap CI]:', '',
+            '| run | rule | ' + ' | '.join(baselines.BASELINES[b].label for b in fitted) + ' |',
+            '|---|---|' + '---|' * len(fitted)]
+  interval = lambda g: f'{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]'
+  for name, rows in table.items():
+    for role in [r for r in ROLES[:-1] if r in rows]:
+      cells = [' / '.join(interval(g) for g in rows[role][f'minus_{b}'])
+               if f'minus_{b}' in rows[role] else '–' for b in fitted]
+      lines.append(f"| {name} | {LABELS[role]} | {' | '.join(cells)} |")
   lines += ['', 'Why each rule chose what it did (tuned.json criterion.reason):', '']
   for name, rows in table.items():
     for role in [r for r in ROLES if 'reason' in rows.get(r, {})]:

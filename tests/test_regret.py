@@ -50,6 +50,9 @@ def test_every_stage_writes_its_files_and_resumes(tmp_path):
     for metric in ('image', 'pixel'):
       point, lo, hi = row[f'{metric}_regret']
       assert lo <= point <= hi and point >= 0.0  # (d) is the best of the evaluated candidates
+    for (point, lo, hi), own, floor in zip(row['minus_zscore'], row['auroc'],
+                                           table['zscore']['auroc']):
+      assert lo <= point <= hi and point == pytest.approx(own - floor)
   assert table['best']['auroc'][0] >= table['new']['auroc'][0]
   assert len(table['kendall_tau']) == 2 and 'zscore' in table
   text = open(tmp_path / 'runs' / 'regret.md').read()
