@@ -137,8 +137,9 @@ def _decide(config, rows, evidence, dev, model_free, features: bool, options, po
   with candidate `reference` as the only default-like row."""
   table = _table(dev, evidence, config.tune)
   kept, left = choice_lib.informative_entries(table, model_free['families'])
-  default, flags = _default_flags(config, rows, features, at)
-  if reference is not None:
+  if reference is None:
+    default, flags = _default_flags(config, rows, features, at)
+  else:
     default, flags = reference, [i == reference for i in range(len(rows))]
   decision = choice_lib.choose(table, rows, default, config.tune.tie_tolerance, kept, flags,
                                t_d_grid=grid, pool=pool, options=options)

@@ -20,8 +20,9 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             rule on the new development set, (c) the untuned default (the paper's T_d with every
             available detector), (d) the best evaluated candidate on the test split (report only);
             regret (d) - chosen with a paired bootstrap CI over test images; the same for each
-            variant; each choice minus each model-free baseline, with its CI; Kendall's τ between the development and the test ranking; the baselines; each rule's
-            reason; tuning and training seconds. RUNS/regret.md and RUNS/regret.json.
+            variant; each choice minus each model-free baseline, with its CI; Kendall's τ
+            between the development and the test ranking; the baselines; each rule's reason;
+            tuning and training seconds. RUNS/regret.md and RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
 """
@@ -305,12 +306,13 @@ def run_rows(run: Run) -> Dict[str, Any]:
   weights = np.concatenate([np.ones((1, labels.size)), metrics.bootstrap_counts(labels, RESAMPLES)])
   curves = {k: np.stack(aurocs(v, weights)) for k, v in evidence.items()}  # [2, 1 + R]
   done = tunings(run)
-  rows = role_rows(curves, choices(run, evidence, done))
+  picks = choices(run, evidence, done)
+  rows = role_rows(curves, picks)
   for name, entry in free.items():
     floor = np.stack(aurocs(entry, weights))  # [2, 1 + R], the same resamples as the candidates
     rows[name] = {'auroc': floor[:, 0].tolist()}
-    for role in [r for r in ROLES[:-1] if r in rows]:  # paired over the test images
-      gap = curves[tuple(rows[role]['choice'])] - floor
+    for role in [r for r in ROLES[:-1] if r in picks]:  # paired over the test images
+      gap = curves[picks[role]] - floor
       rows[role][f'minus_{name}'] = [[float(g[0])] + np.quantile(g[1:], [0.025, 0.975]).tolist()
                                      for g in gap]
   new = done['new']
