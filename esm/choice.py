@@ -5,8 +5,8 @@ family and a metric: image or pixel AUROC), its AUROC on the development set and
 tune.bootstrap resamples of the source images (a painted copy is drawn with its clean image;
 esm/resample.py). The rule, in order:
   1. Entries the model-free z-score solves (>= SOLVED) or that every candidate scores at chance
-     (AUROC - 0.5 <= 2 SE for all) carry no ranking information and leave the criterion. With none
-     left, the default is kept.
+     (AUROC - 0.5 <= 2 SE for all) carry no ranking information and leave the criterion; under
+     RuleOptions.metric only that metric's entries stay. With none left, the default is kept.
   2. A candidate whose detector subset or ESM^σ floor is not the default's is eligible only when
      it beats the default by more than DETECTOR_MARGIN_SE standard errors.
   3. The leader has the best mean rank over the entries (families combined by rank, not pooled).
@@ -61,6 +61,9 @@ class RuleOptions:
   # the second (S_Cos) stage's reference (module docstring): 'default', 'choice_point' or
   # 'choice'; the last two keep the first stage's T_d, so S_Cos cannot undo it
   stage2_reference: str = 'default'
+  # the entries' metric: None (image and pixel AUROC together) or one of METRICS, which decides
+  # that metric's reading alone (experiments/regret.py's split roles pair the two decisions)
+  metric: Optional[str] = None
 
   def __post_init__(self):
     if self.prefer not in PREFERENCES:
@@ -68,6 +71,8 @@ class RuleOptions:
     if self.stage2_reference not in STAGE2_REFERENCES:
       raise ValueError(f'RuleOptions.stage2_reference: expected one of {STAGE2_REFERENCES}, got '
                        f'{self.stage2_reference!r}')
+    if self.metric not in (None, *METRICS):
+      raise ValueError(f'RuleOptions.metric: expected None or one of {METRICS}, got {self.metric!r}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +119,11 @@ def informative_entries(table: ScoreTable, model_free: Dict[str, Dict[str, float
     else:
       kept.append(e)
   return kept, left
+
+
+def of_metric(table: ScoreTable, kept: Sequence[int], metric: Optional[str]) -> List[int]:
+  """The kept entries of `metric` (all of them for None)."""
+  return [e for e in kept if metric is None or table.entries[e][1] == metric]
 
 
 def _mean(values: np.ndarray, entries: Sequence[int]) -> np.ndarray:
@@ -195,6 +205,7 @@ def choose(table: ScoreTable, candidates: List[Dict[str, Any]], default: int,
   does not apply to it. index is the chosen candidate, reason says why, band and se what noise
   the choice saw."""
   pool = list(range(len(candidates)) if pool is None else pool)
+  kept = of_metric(table, kept, options.metric)
   if not kept:
     return {'index': default, 'reason': 'default kept: no development family carries ranking '
             'information', 'band': [default], 'eligible': [default], 'leave_one_family_out': {}}

@@ -20,7 +20,8 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             rule on the new development set, (c) the untuned default (the paper's T_d with every
             available detector), (d) the best evaluated candidate on the test split (report only);
             regret (d) - chosen with a paired bootstrap CI over test images; the same for each
-            variant; each choice minus each model-free baseline, with its CI; Kendall's τ
+            variant and for SPLITS (the image AUROC at the image decision's candidate, the pixel
+            AUROC at the pixel decision's: two operating points per image); each choice minus each model-free baseline, with its CI; Kendall's τ
             between the development and the test ranking; the baselines; each rule's reason;
             tuning and training seconds. RUNS/regret.md and RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
@@ -74,11 +75,19 @@ VARIANTS = {
     'no_guards': choice.RuleOptions(prefer='winner'),
     'choice_point': choice.RuleOptions(stage2_reference='choice_point'),
     'choice': choice.RuleOptions(stage2_reference='choice'),
+    'image_only': choice.RuleOptions(metric='image'),
+    'pixel_only': choice.RuleOptions(metric='pixel'),
 }
-ROLES = ('new', *VARIANTS, 'legacy', 'legacy_rule', 'default', 'best')
+# Roles that read each metric at its own choice: the image score at the image decision's
+# candidate, the pixel map at the pixel decision's (two operating points per image).
+SPLITS = {'split': ('image_only', 'pixel_only'), 'legacy_split': ('legacy_image', 'legacy_pixel')}
+ROLES = ('new', *VARIANTS, 'split', 'legacy', 'legacy_rule', 'legacy_split', 'default', 'best')
 LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",
           'legacy_rule': "(b') today's rule, new set", 'default': '(c) untuned default',
-          'best': '(d) best on test', **{v: f'(a) variant {v}' for v in VARIANTS}}
+          'best': '(d) best on test', **{v: f'(a) variant {v}' for v in VARIANTS},
+          'split': '(a) split: image_only / pixel_only',
+          'legacy_split': "(b') split: today's rule on each metric, new set"}
+METRICS = ('image', 'pixel')
 RESAMPLES = 2000
 DEVELOPMENT = ('bottle', 'pill')  # the categories a rule or default may be chosen on
 
@@ -191,10 +200,9 @@ def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
   config, done = run.config(), tunings(run)
   points = ({tune.point_of(c) for t in done.values() for c in t['candidates']}
             | {tune.default_point(config)})
-  chosen = {tune.point_of(t) for t in done.values()} | {tune.default_point(config),
-                                                        tune.point_of(dev_set.choose(
-                                                            done['new']['candidates'],
-                                                            config.tune.tie_tolerance))}
+  chosen = ({tune.point_of(t) for t in done.values()} | {tune.default_point(config)}
+            | {tune.point_of(legacy_pick(done['new']['candidates'], config.tune.tie_tolerance, m))
+               for m in (None, *METRICS)})
   return [(p, features_at == 'all' or p in chosen) for p in sorted(points, key=str)]
 
 
@@ -261,17 +269,30 @@ def _detectors_of(weights, available) -> Tuple[str, ...]:
   return tuple(n for n, w in zip(det.DETECTOR_NAMES, weights) if w and n in available)
 
 
-def choices(run: Run, evidence, done) -> Dict[str, Tuple]:
-  """Role -> the evidence key of the candidate each rule chose (done: tunings(run)) and of the
-  default."""
+def legacy_pick(candidates, tie_tolerance: float, metric=None) -> Dict[str, Any]:
+  """Today's rule (esm/dev_set.py choose) on the candidates' score, or on one metric's AUROC."""
+  if metric is None:
+    return dev_set.choose(candidates, tie_tolerance)
+  return dev_set.choose([dict(c, score=c[f'{metric}_auroc']) for c in candidates], tie_tolerance)
+
+
+def choices(run: Run, evidence, done) -> Dict[str, Tuple[Tuple, Tuple]]:
+  """Role -> the evidence keys (image, pixel) of the candidates whose test AUROCs it reads: the
+  one each rule chose (done: tunings(run)) for both metrics, each metric's own under SPLITS, and
+  the default's."""
   config = run.config()
   at = lambda point: {d for (k, s) in evidence if k == _key(point) for d in s}
   key = lambda c: (_key(tune.point_of(c)), _detectors_of(c['weights'], at(tune.point_of(c))))
   own = tune.default_point(config)
-  out = {**{role: key(t) for role, t in done.items()},
-         'legacy_rule': key(dev_set.choose(done['new']['candidates'], config.tune.tie_tolerance)),
-         'default': (_key(own), _detectors_of(config.detect.weights, at(own)))}
-  return {role: k for role, k in out.items() if k in evidence}
+  single = {**{role: key(t) for role, t in done.items()},
+            **{f'legacy_{m or "rule"}': key(legacy_pick(done['new']['candidates'],
+                                                         config.tune.tie_tolerance, m))
+               for m in (None, *METRICS)},
+            'default': (_key(own), _detectors_of(config.detect.weights, at(own)))}
+  out = {role: (k, k) for role, k in single.items() if role in ROLES}
+  out.update({role: (single[a], single[b]) for role, (a, b) in SPLITS.items()
+              if a in single and b in single})
+  return {role: ks for role, ks in out.items() if all(k in evidence for k in ks)}
 
 
 def aurocs(entry, weights) -> Tuple[np.ndarray, np.ndarray]:
@@ -279,17 +300,27 @@ def aurocs(entry, weights) -> Tuple[np.ndarray, np.ndarray]:
   return metrics.weighted_auroc(scores, labels, weights), resample.pixel_auroc(pairs, weights)
 
 
+def picked(curves, keys) -> np.ndarray:
+  """[2, 1 + R] test AUROCs of a role: image from keys[0]'s candidate, pixel from keys[1]'s."""
+  return np.stack([curves[k][m] for m, k in enumerate(keys)])
+
+
+def _choice_of(keys):
+  return list(keys[0]) if keys[0] == keys[1] else dict(zip(METRICS, map(list, keys)))
+
+
 def role_rows(curves, picks) -> Dict[str, Any]:
   """Per role: its test AUROCs, its regret against the best with a 95% interval, and its
   difference to the default with that difference's bootstrap SE."""
   rows = {}
-  for m, metric in enumerate(('image', 'pixel')):
+  for m, metric in enumerate(METRICS):
     best = max(curves, key=lambda k: curves[k][m, 0])
     for role in [r for r in ROLES[:-1] if r in picks]:
-      regret = curves[best][m] - curves[picks[role]][m]
-      versus = curves[picks[role]][m] - curves[picks['default']][m]
-      row = rows.setdefault(role, {'choice': list(picks[role]), 'auroc': [None, None]})
-      row['auroc'][m] = float(curves[picks[role]][m, 0])
+      own = picked(curves, picks[role])[m]
+      regret = curves[best][m] - own
+      versus = own - picked(curves, picks['default'])[m]
+      row = rows.setdefault(role, {'choice': _choice_of(picks[role]), 'auroc': [None, None]})
+      row['auroc'][m] = float(own[0])
       row[f'{metric}_regret'] = [float(regret[0])] + np.quantile(regret[1:], [0.025, 0.975]).tolist()
       row[f'{metric}_vs_default'] = [float(versus[0]), float(np.std(versus[1:]))]
     row = rows.setdefault('best', {'choice': {}, 'auroc': [None, None]})
@@ -312,7 +343,7 @@ def run_rows(run: Run) -> Dict[str, Any]:
     floor = np.stack(aurocs(entry, weights))  # [2, 1 + R], the same resamples as the candidates
     rows[name] = {'auroc': floor[:, 0].tolist()}
     for role in [r for r in ROLES[:-1] if r in picks]:  # paired over the test images
-      gap = curves[picks[role]] - floor
+      gap = picked(curves, picks[role]) - floor
       rows[role][f'minus_{name}'] = [[float(g[0])] + np.quantile(g[1:], [0.025, 0.975]).tolist()
                                      for g in gap]
   new = done['new']
@@ -348,7 +379,7 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
         continue
       regret = lambda m: (f"{_fmt(r[m][0])} [{_fmt(r[m][1])}, {_fmt(r[m][2])}]" if m in r else '–')
       choice = ('; '.join(f'{m}: {_choice(c)}' for m, c in r['choice'].items())
-                if role == 'best' else _choice(r['choice']))
+                if isinstance(r['choice'], dict) else _choice(r['choice']))
       lines.append(f"| {name} | {LABELS[role]} | {choice} | {_fmt(r['auroc'][0])} | "
                    f"{regret('image_regret')} | {_fmt(r['auroc'][1])} | {regret('pixel_regret')} |")
     for free in [b for b in baselines.BASELINES if b in rows]:

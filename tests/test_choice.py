@@ -120,6 +120,19 @@ def test_a_choice_that_hangs_on_one_family_keeps_the_default():
   assert out['index'] == 1, out['reason']
 
 
+def test_a_metric_of_its_own_decides_on_that_metrics_entries_alone():
+  # Candidate 1 leads on image AUROC, candidate 2 on pixel AUROC, both far beyond the noise.
+  table = _table([[0.70, 0.70] * 3, [0.95, 0.60] * 3, [0.60, 0.95] * 3], noise=0.01)
+  kept = list(range(len(ENTRIES)))
+  image = choice.of_metric(table, kept, 'image')
+  assert image == [0, 2, 4] and choice.of_metric(table, kept, None) == kept
+  pick = lambda metric: _choose(table, _candidates([25, 6, 50]), grid=[6, 25, 50],
+                                metric=metric)['index']
+  assert (pick('image'), pick('pixel')) == (1, 2)
+  with pytest.raises(ValueError, match='metric'):
+    choice.RuleOptions(metric='aupro')
+
+
 def test_entries_that_carry_no_information_leave_the_criterion():
   point = np.array([[0.5, 0.52, 0.8, 0.9, 0.7, 0.7], [0.51, 0.5, 0.9, 0.8, 0.7, 0.8]])
   table = _table(point, noise=0.05)
