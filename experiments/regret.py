@@ -21,8 +21,9 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             available detector), (d) the best evaluated candidate on the test split (report only);
             regret (d) - chosen with a paired bootstrap CI over test images; the same for each
             variant and for SPLITS (the image AUROC at the image decision's candidate, the pixel
-            AUROC at the pixel decision's: two operating points per image); each choice minus each model-free baseline, with its CI; Kendall's τ
-            between the development and the test ranking; the baselines; each rule's reason;
+            AUROC at the pixel decision's: two operating points per image); each choice minus
+            each model-free baseline, with its CI; Kendall's τ between the development and the
+            test ranking; the baselines; each rule's reason;
             tuning and training seconds. RUNS/regret.md and RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
@@ -81,13 +82,15 @@ VARIANTS = {
 # Roles that read each metric at its own choice: the image score at the image decision's
 # candidate, the pixel map at the pixel decision's (two operating points per image).
 SPLITS = {'split': ('image_only', 'pixel_only'), 'legacy_split': ('legacy_image', 'legacy_pixel')}
+# Today's rule on the new set's candidates: role -> the metric it ranks by (None: their score).
+LEGACY_PICKS = {'legacy_rule': None, 'legacy_image': 'image', 'legacy_pixel': 'pixel'}
 ROLES = ('new', *VARIANTS, 'split', 'legacy', 'legacy_rule', 'legacy_split', 'default', 'best')
 LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",
           'legacy_rule': "(b') today's rule, new set", 'default': '(c) untuned default',
           'best': '(d) best on test', **{v: f'(a) variant {v}' for v in VARIANTS},
           'split': '(a) split: image_only / pixel_only',
           'legacy_split': "(b') split: today's rule on each metric, new set"}
-METRICS = ('image', 'pixel')
+METRICS = choice.METRICS
 RESAMPLES = 2000
 DEVELOPMENT = ('bottle', 'pill')  # the categories a rule or default may be chosen on
 
@@ -202,7 +205,7 @@ def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
             | {tune.default_point(config)})
   chosen = ({tune.point_of(t) for t in done.values()} | {tune.default_point(config)}
             | {tune.point_of(legacy_pick(done['new']['candidates'], config.tune.tie_tolerance, m))
-               for m in (None, *METRICS)})
+               for m in LEGACY_PICKS.values()})
   return [(p, features_at == 'all' or p in chosen) for p in sorted(points, key=str)]
 
 
@@ -285,9 +288,8 @@ def choices(run: Run, evidence, done) -> Dict[str, Tuple[Tuple, Tuple]]:
   key = lambda c: (_key(tune.point_of(c)), _detectors_of(c['weights'], at(tune.point_of(c))))
   own = tune.default_point(config)
   single = {**{role: key(t) for role, t in done.items()},
-            **{f'legacy_{m or "rule"}': key(legacy_pick(done['new']['candidates'],
-                                                         config.tune.tie_tolerance, m))
-               for m in (None, *METRICS)},
+            **{role: key(legacy_pick(done['new']['candidates'], config.tune.tie_tolerance, m))
+               for role, m in LEGACY_PICKS.items()},
             'default': (_key(own), _detectors_of(config.detect.weights, at(own)))}
   out = {role: (k, k) for role, k in single.items() if role in ROLES}
   out.update({role: (single[a], single[b]) for role, (a, b) in SPLITS.items()
@@ -398,7 +400,7 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
     dev = [rows[role] for name, rows in table.items()
            if role in rows and name.split()[0] in DEVELOPMENT]
     if got:
-      worse = sum(any(r[f'{m}_vs_default'][0] < -r[f'{m}_vs_default'][1] for m in ('image', 'pixel'))
+      worse = sum(any(r[f'{m}_vs_default'][0] < -r[f'{m}_vs_default'][1] for m in METRICS)
                   for r in got)
       lines.append(f"| {LABELS[role]} | {mean(got, 'image')} | {mean(got, 'pixel')} | "
                    f"{mean(dev, 'image')} / {mean(dev, 'pixel')} | {worse} of {len(got)} |")
