@@ -7,11 +7,14 @@ overrides to main.py as --config.<field>=<value>.
 
 from absl import flags
 
+# The dual-stream models sample with ESM at T_d = 12 of 250: below it ESM's clamp on σ²_θ binds
+# at every step (docs/results.md, "Real data at CPU scale"); 'sgm' is configs/cpu's own default.
+DUAL = {'sampling.method': 'esm', 'sampling.t_d': 12}
 MODELS = {
-    'esm': {'loss.kind': 'esm'},  # dual stream, eq. 10
+    'esm': {'loss.kind': 'esm', **DUAL},  # dual stream, eq. 10
     'sgm': {'loss.kind': 'dsm', 'sampling.method': 'sgm'},  # single stream, DSM
-    'hybrid': {'loss.kind': 'hybrid'},  # ours: DSM ε + eq. 10 σ²
-    'esm_direct': {'loss.kind': 'esm', 'model.var_param': 'direct'},  # ESM, σ² = exp(v)
+    'hybrid': {'loss.kind': 'hybrid', **DUAL},  # ours: DSM ε + eq. 10 σ²
+    'esm_direct': {'loss.kind': 'esm', 'model.var_param': 'direct', **DUAL},  # ESM, σ² = exp(v)
 }
 
 # The CPU-scale categories (configs/cpu/<category>.py) and the dataset folder each lies in.

@@ -17,7 +17,7 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             training fitted (z-score, DINO patch kNN; DIR/baselines/): per test
             image its score and the pixel pairs a bootstrap needs (test/*.npz, esm/resample.py).
   table     test image and pixel AUROC at (a) the new rule's choice, (b) today's rule's, (b') today's
-            rule on the new development set, (c) the untuned default (the paper's T_d with every
+            rule on the new development set, (c) the untuned default (the config's T_d with every
             available detector), (d) the best evaluated candidate on the test split (report only);
             regret (d) - chosen with a paired bootstrap CI over test images; the same for each
             variant and for SPLITS (the image AUROC at the image decision's candidate, the pixel
@@ -47,7 +47,6 @@ from absl import logging
 
 from configs.common import override
 from configs.cpu.common import cpu_config
-from datasets import catalog
 from datasets import pipeline
 from esm import baselines
 from esm import choice
@@ -131,10 +130,9 @@ def make_runs(root: str, runs: str, categories, models, seeds, overrides) -> Lis
   out = []
   for spec in categories:
     dataset, category = spec.split('/')
-    paper_t_d = catalog.PAPER_T_D.get(dataset, {}).get(category, 100)
     for model in models:
       for seed in seeds:
-        c = override(cpu_config(dataset, category, paper_t_d), {
+        c = override(cpu_config(dataset, category), {
             **MODELS[model], 'seed': int(seed), 'data.root': os.path.join(root, dataset),
             'data.tfds_dir': os.path.join(runs, 'tfds')})
         c = override(c, overrides)

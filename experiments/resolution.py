@@ -6,20 +6,24 @@
 Every job is a `main.py` command on configs/cpu/<category>.py with a variant's overrides (VARIANTS),
 --workers at once on --threads each, resumable as experiments/jobs.py describes:
   train   --mode=train, the config's budget (1600 steps).
-  eval    --mode=eval at the untuned defaults (the paper's T_d scaled to T = 250, every detector),
+  eval    --mode=eval at the untuned defaults (configs/cpu's T_d, every detector) and at each other
+          operating point of --points (POINTS: eval-time overrides, or 'tuned': --mode=tune's
+          choice, tuned first; each in its own folder holding a copy of the final checkpoint),
           with the z-score baseline at the variant's own resolution; report/evidence.npz keeps
           what the bootstrap needs.
   report  WORKDIR/resolution.md: per category, variant and model, test image / pixel AUROC and
           AUPRO (mean ± sd over seeds), training and evaluation time, and paired bootstrap 95%
           intervals over test images, pooled over seeds: against the z-score at the same resolution
-          (image and pixel AUROC), and against the 48² variant of the same model (image AUROC:
-          pixel AUROCs at different resolutions count different pixels); image AUROC per defect
-          type.
+          (image and pixel AUROC), and against the 48² variant of the same model at the same point
+          (its default point for the 48² variant's other points; image AUROC, and pixel AUROC at
+          the same resolution: at different resolutions they count different pixels); image AUROC
+          per defect type.
 No test label is read before the report; nothing is chosen here.
 """
 
 import importlib
 import os
+import shutil
 import sys
 from typing import Dict, List
 
@@ -30,6 +34,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from configs.cpu.common import T_SCALE
+from datasets import catalog
 from esm import evaluate
 from esm import metrics
 from esm import resample
@@ -49,12 +55,24 @@ VARIANTS = {
     '128_crop64': {'data.image_size': 128, 'data.train_crop': 64, 'model.attn_resolutions': (16,)},
 }
 REFERENCE = '48'
+# name -> category -> eval-time overrides on the trained run. 'paper_t_d': the paper's T_d of the
+# category scaled to T = 250, the operating point of configs/cpu before T_d = 4. 'tuned': what
+# train_eval gives, --mode=tune's choice (TUNED: a tune job runs first in the point's folder).
+POINTS = {
+    'default': lambda category: {},
+    'paper_t_d': lambda category: {'sampling.t_d': max(1, round(
+        catalog.PAPER_T_D[DATASETS[category]][category] / T_SCALE))},
+    'tuned': lambda category: {},
+}
+DEFAULT_POINT = 'default'
+TUNED = 'tuned'
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumable).')
 _STAGES = flags.DEFINE_list('stages', ['train', 'eval', 'report'], 'Stages to run.')
 _CATEGORIES = flags.DEFINE_list('categories', ['bottle', 'pill', 'metal_plate'], 'Categories.')
 _VARIANTS = flags.DEFINE_list('variants', list(VARIANTS), f'Of {list(VARIANTS)}.')
 _MODELS = flags.DEFINE_list('models', ['sgm', 'esm'], 'Of experiments/models.py MODELS.')
+_POINTS = flags.DEFINE_list('points', [DEFAULT_POINT], f'Operating points, of {list(POINTS)}.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Training seeds (--config.seed).')
 _OVERRIDES = flags.DEFINE_list('overrides', [], 'Extra field=value overrides for every job '
                                '(values without commas; for a short run: train.num_steps=8).')
@@ -66,6 +84,12 @@ flags.mark_flags_as_required(['root', 'workdir'])
 
 def run_dir(category: str, variant: str, model: str, seed: int) -> str:
   return os.path.join(_WORKDIR.value, category, variant, f'{model}_s{seed}')
+
+
+def eval_dir(category: str, variant: str, model: str, seed: int, point: str) -> str:
+  """The training run itself at the default point, else a folder of its own for the point."""
+  workdir = run_dir(category, variant, model, seed)
+  return workdir if point == DEFAULT_POINT else os.path.join(workdir, 'points', point)
 
 
 def _flag(key: str, value) -> str:
@@ -91,18 +115,41 @@ def num_steps(category: str) -> int:
   return int(given or steps)
 
 
-def jobs_of(category: str, variant: str, model: str, seed: int, stages) -> List[Job]:
+def copy_of_checkpoint(checkpoint: str, view: str):
+  """prepare of a point's eval job: its folder gets the final checkpoint (eval reads the newest)."""
+  def prepare():
+    target = os.path.join(view, 'checkpoints', os.path.basename(checkpoint))
+    if not os.path.exists(target):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.copytree(checkpoint, target + '.tmp')
+      os.rename(target + '.tmp', target)
+  return prepare
+
+
+def jobs_of(category: str, variant: str, model: str, seed: int, stages, points) -> List[Job]:
   workdir = run_dir(category, variant, model, seed)
   name = f'{category}/{variant}/{model}/s{seed}'
   checkpoint = os.path.join(workdir, 'checkpoints', str(num_steps(category)))
-  args = base_args(category, variant, model, seed) + [f'--workdir={workdir}']
+  args = base_args(category, variant, model, seed)
   jobs = []
   if 'train' in stages:
-    jobs.append(Job(f'train {name}', checkpoint, lambda: args + ['--mode=train']))
-  if 'eval' in stages:
-    jobs.append(Job(f'eval {name}', os.path.join(workdir, 'report', 'results.json'),
-                    lambda: args + ['--mode=eval', '--config.tune.enabled=False'],
-                    deps=(checkpoint,)))
+    jobs.append(Job(f'train {name}', checkpoint,
+                    lambda: args + [f'--workdir={workdir}', '--mode=train']))
+  for point in points if 'eval' in stages else ():
+    view = eval_dir(category, variant, model, seed, point)
+    extra = [_flag(k, v) for k, v in POINTS[point](category).items()]
+    prepare = None if view == workdir else copy_of_checkpoint(checkpoint, view)
+    deps = (checkpoint,)
+    if point == TUNED:  # evaluation then reads the point's DIR/tuned.json
+      deps = (os.path.join(view, 'tuned.json'),)
+      jobs.append(Job(f'tune {name}', deps[0],
+                      lambda view=view: args + [f'--workdir={view}', '--mode=tune'],
+                      deps=(checkpoint,), prepare=prepare))
+    jobs.append(Job(f'eval {name}' + ('' if point == DEFAULT_POINT else f' {point}'),
+                    os.path.join(view, 'report', 'results.json'),
+                    lambda view=view, extra=extra: args + [
+                        f'--workdir={view}', '--mode=eval', '--config.tune.enabled=False', *extra],
+                    deps=deps, prepare=prepare))
   return jobs
 
 
@@ -120,10 +167,10 @@ class Run:
     self.defect_types = np.asarray(table['defect_type'])
 
 
-def load_runs(category, variant, model, seeds) -> Dict[int, Run]:
+def load_runs(category, variant, model, seeds, point=DEFAULT_POINT) -> Dict[int, Run]:
   out = {}
   for seed in seeds:
-    workdir = run_dir(category, variant, model, seed)
+    workdir = eval_dir(category, variant, model, seed, point)
     if os.path.exists(os.path.join(workdir, 'report', evaluate.EVIDENCE_FILE)):
       out[seed] = Run(workdir, category)
   return out
@@ -143,41 +190,47 @@ def _ci(row) -> str:
 def category_tables(category: str, times, resamples: int) -> List[str]:
   seeds = [int(s) for s in _SEEDS.value]
   lines = [f'### {category}', '',
-           '| variant | model | seeds | image AUROC | pixel AUROC | AUPRO | train s (CPU s) | '
-           'eval s/image | − z-score, image | − z-score, pixel | − 48², image |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           '| variant | model | point | seeds | image AUROC | pixel AUROC | AUPRO | '
+           'train s (CPU s) | eval s/image | − z-score, image | − z-score, pixel | '
+           '− ref., image | − ref., pixel |', '|---' * 13 + '|']
   types: Dict[str, Dict[str, float]] = {}
   zscores = {}
-  for variant in _VARIANTS.value:
-    for model in _MODELS.value:
-      runs = load_runs(category, variant, model, seeds)
-      if not runs:
-        continue
-      rows = [r.result for r in runs.values()]
-      first = next(iter(runs.values()))
-      labels = first.evidence[(evaluate.METHOD_ENTRY,)][2]
-      ours = [r.evidence[(evaluate.METHOD_ENTRY,)] for r in runs.values()]
-      zscore = [r.evidence[('zscore',)] for r in runs.values()]
-      zscores[variant] = rows[0]['baselines']['zscore']
-      versus_z = resample.paired_difference(ours, zscore, resamples)
-      ref = load_runs(category, REFERENCE, model, list(runs))
-      versus_ref = ''
-      if variant != REFERENCE and len(ref) == len(runs):
-        theirs = [ref[s].evidence[(evaluate.METHOD_ENTRY,)] for s in runs]
-        versus_ref = _ci(resample.paired_difference(ours, theirs, resamples)[0])
-      train = [times.get(f'train {category}/{variant}/{model}/s{s}') for s in runs]
-      train_s = ' / '.join(f"{t['wall_s']:.0f} ({t['cpu_s']:.0f})" for t in train if t) or 'n/a'
-      lines.append(
-          f"| {variant} | {model} | {len(runs)} | {_pm([r['image_auroc'] for r in rows])} | "
-          f"{_pm([r['pixel_auroc'] for r in rows])} | {_pm([r['aupro'] for r in rows])} | "
-          f"{train_s} | {_pm([r['seconds_per_image'] for r in rows])} | {_ci(versus_z[0])} | "
-          f"{_ci(versus_z[1])} | {versus_ref} |")
-      for kind in sorted(set(first.defect_types) - {'good'}):
-        keep = ((first.defect_types == kind) | (labels == 0)).astype(np.float64)[None]
-        types.setdefault(kind, {})[f'{variant} {model}'] = float(np.mean(
-            [metrics.weighted_auroc(s, y, keep)[0] for s, _, y in ours]))
-        types[kind][f'{variant} z-score'] = float(metrics.weighted_auroc(
-            zscore[0][0], labels, keep)[0])
+  for variant, model, point in [(v, m, p) for v in _VARIANTS.value for m in _MODELS.value
+                                for p in _POINTS.value]:
+    runs = load_runs(category, variant, model, seeds, point)
+    if not runs:
+      continue
+    label = f'{variant} {model}' + ('' if point == DEFAULT_POINT else f' {point}')
+    rows = [r.result for r in runs.values()]
+    first = next(iter(runs.values()))
+    labels = first.evidence[(evaluate.METHOD_ENTRY,)][2]
+    ours = [r.evidence[(evaluate.METHOD_ENTRY,)] for r in runs.values()]
+    zscore = [r.evidence[('zscore',)] for r in runs.values()]
+    zscores[variant] = rows[0]['baselines']['zscore']
+    versus_z = resample.paired_difference(ours, zscore, resamples)
+    ref = load_runs(category, REFERENCE, model, list(runs),
+                    point if variant != REFERENCE else DEFAULT_POINT)
+    versus_ref = ['', '']
+    if (variant, point) != (REFERENCE, DEFAULT_POINT) and len(ref) == len(runs):
+      theirs = [ref[s].evidence[(evaluate.METHOD_ENTRY,)] for s in runs]
+      diff = resample.paired_difference(ours, theirs, resamples)
+      same_side = VARIANTS[variant].get('data.image_size') == VARIANTS[REFERENCE].get(
+          'data.image_size')
+      versus_ref = [_ci(diff[0]), _ci(diff[1]) if same_side else '']
+    train = [times.get(f'train {category}/{variant}/{model}/s{s}') for s in runs]
+    train_s = ' / '.join(f"{t['wall_s']:.0f} ({t['cpu_s']:.0f})" for t in train if t) or 'n/a'
+    lines.append(
+        f"| {variant} | {model} | {point} | {len(runs)} | "
+        f"{_pm([r['image_auroc'] for r in rows])} | "
+        f"{_pm([r['pixel_auroc'] for r in rows])} | {_pm([r['aupro'] for r in rows])} | "
+        f"{train_s} | {_pm([r['seconds_per_image'] for r in rows])} | {_ci(versus_z[0])} | "
+        f"{_ci(versus_z[1])} | {' | '.join(versus_ref)} |")
+    for kind in sorted(set(first.defect_types) - {'good'}):
+      keep = ((first.defect_types == kind) | (labels == 0)).astype(np.float64)[None]
+      types.setdefault(kind, {})[label] = float(np.mean(
+          [metrics.weighted_auroc(s, y, keep)[0] for s, _, y in ours]))
+      types[kind][f'{variant} z-score'] = float(metrics.weighted_auroc(
+          zscore[0][0], labels, keep)[0])
   lines += ['', '| variant | z-score image AUROC | pixel AUROC | AUPRO |', '|---|---|---|---|']
   lines += [f"| {v} | {z['image_auroc']:.3f} | {z['pixel_auroc']:.3f} | {z['aupro']:.3f} |"
             for v, z in zscores.items()]
@@ -193,9 +246,11 @@ def category_tables(category: str, times, resamples: int) -> List[str]:
 def report(resamples: int) -> str:
   times = read_times(os.path.join(_WORKDIR.value, 'logs'))
   lines = ['# Resolution at CPU cost', '',
-           f'Untuned defaults; {len(_SEEDS.value)} seed(s); intervals: paired, class-stratified '
+           f'Operating points: {", ".join(_POINTS.value)}; {len(_SEEDS.value)} seed(s); '
+           'intervals: paired, class-stratified '
            f'bootstrap over test images ({resamples} resamples), pooled over seeds; train s: wall '
-           'and CPU seconds of --mode=train per seed.', '']
+           'and CPU seconds of --mode=train per seed; ref.: the 48² variant at the same point '
+           '(at the default point for the 48² variant\'s other points).', '']
   for category in _CATEGORIES.value:
     lines += category_tables(category, times, resamples)
   return '\n'.join(lines)
@@ -205,12 +260,13 @@ def main(argv):
   del argv
   stages = set(_STAGES.value)
   unknown = (stages - {'train', 'eval', 'report'}, set(_VARIANTS.value) - set(VARIANTS),
-             set(_MODELS.value) - set(MODELS))
+             set(_MODELS.value) - set(MODELS), set(_POINTS.value) - set(POINTS))
   if any(unknown):
-    raise app.UsageError(f'unknown stages, variants or models: {[sorted(u) for u in unknown]}')
+    raise app.UsageError(
+        f'unknown stages, variants, models or points: {[sorted(u) for u in unknown]}')
   jobs = [job for seed in (int(s) for s in _SEEDS.value) for category in _CATEGORIES.value
           for variant in _VARIANTS.value for model in _MODELS.value
-          for job in jobs_of(category, variant, model, seed, stages)]
+          for job in jobs_of(category, variant, model, seed, stages, _POINTS.value)]
   if jobs:
     run_jobs(jobs, os.path.join(_WORKDIR.value, 'logs'), _WORKERS.value, _THREADS.value)
   if 'report' in stages:

@@ -5,6 +5,8 @@ import json
 import pytest
 
 from configs import common, mpdd, mvtec
+from configs.cpu import common as cpu_common
+from configs.cpu import pill as cpu_pill
 from configs.default import get_default_config
 from esm import config as config_lib
 from esm import validate, workdir
@@ -111,3 +113,12 @@ def test_workdirs_written_before_the_scan_layouts_stay_compatible(tmp_path):
   c.model.scan_streams = True  # another parameter tree: refused until converted (convert_state)
   with pytest.raises(UserError, match='model.scan_streams'):
     validate.check_checkpoint_compatible(saved, config_lib.from_configdict(c), str(tmp_path))
+
+
+def test_cpu_scale_default_is_the_dsm_model_at_one_t_d_for_every_category():
+  for c in (cpu_pill.get_config(), cpu_common.get_config('mvtec_ad/screw'),
+            cpu_common.get_config('visa/candle')):
+    check(c, 'train_eval')
+    assert (c.loss.kind, c.sampling.method, c.sampling.t_d) == ('dsm', 'sgm', cpu_common.T_D)
+  with pytest.raises(ValueError, match='DATASET/CATEGORY'):
+    cpu_common.get_config('screw')

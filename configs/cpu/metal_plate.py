@@ -3,10 +3,9 @@
   python main.py --config=configs/cpu/metal_plate.py --config.data.root=../shared/data/mpdd --workdir=DIR
 """
 
-from configs import mpdd
 from configs.cpu.common import cpu_config
 
 
 def get_config(arg=None):
   del arg
-  return cpu_config('mpdd', 'metal_plate', mpdd.T_D['metal_plate'])
+  return cpu_config('mpdd', 'metal_plate')

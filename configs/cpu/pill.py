@@ -3,10 +3,9 @@
   python main.py --config=configs/cpu/pill.py --config.data.root=../shared/data/mvtec_ad --workdir=DIR
 """
 
-from configs import mvtec
 from configs.cpu.common import cpu_config
 
 
 def get_config(arg=None):
   del arg
-  return cpu_config('mvtec_ad', 'pill', mvtec.T_D['pill'])
+  return cpu_config('mvtec_ad', 'pill')
