@@ -121,9 +121,9 @@ def main(argv):
   del argv
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   print(machine.header(), flush=True)
-  base = cpu_config('mvtec_ad', 'bottle', 100)
+  base = cpu_config('mvtec_ad', 'bottle')  # the DSM model; the ESM one by its two fields
   esm, dsm = (from_configdict(override(base, o)) for o in (
-      {}, {'loss.kind': 'dsm', 'sampling.method': 'sgm'}))
+      {'loss.kind': 'esm', 'sampling.method': 'esm'}, {}))
   step = {'esm': train_step_cost(esm, _BATCH.value, _REPEATS.value),
           'sgm': train_step_cost(dsm, _BATCH.value, _REPEATS.value)}
   t_d = 6
