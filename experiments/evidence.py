@@ -27,7 +27,6 @@ Test labels are read only by the report, after every choice is made.
 import importlib
 import math
 import os
-import shutil
 import sys
 from typing import Callable, List
 
@@ -39,7 +38,7 @@ from absl import flags
 
 from experiments import evidence_report
 from experiments.evidence_layout import FLOORS, Layout, methods_of
-from experiments.jobs import Job, run_jobs
+from experiments.jobs import Job, copy_of_checkpoint, run_jobs
 from experiments.models import DATASETS, MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -71,16 +70,10 @@ def base_args(layout: Layout, category: str, model: str, seed: int) -> List[str]
 
 
 def view_of(layout: Layout, category, model, seed, step, leaf) -> Callable[[], None]:
-  """A workdir holding only the step-`step` checkpoint of the training run, so that tune and eval
-  (which read the newest checkpoint) see that budget and write their files apart."""
-  def prepare():
-    view = layout.step_dir(category, model, seed, step, leaf)
-    target = os.path.join(view, 'checkpoints', str(step))
-    if not os.path.exists(target):
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.copytree(layout.checkpoint_of(category, model, seed, step), target + '.tmp')
-      os.rename(target + '.tmp', target)
-  return prepare
+  """A workdir holding only the step-`step` checkpoint of the training run: tune and eval there
+  see that budget."""
+  return copy_of_checkpoint(layout.checkpoint_of(category, model, seed, step),
+                            layout.step_dir(category, model, seed, step, leaf))
 
 
 # --- jobs ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ attempt; a resumed job adds to them) go to LOGS/times.json.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,19 @@ class Job(NamedTuple):
   args: Callable[[], List[str]]  # main.py arguments, built when the job starts (reads its inputs)
   deps: Sequence[str] = ()  # `done` files of the jobs that must finish first
   prepare: Optional[Callable[[], None]] = None
+
+
+def copy_of_checkpoint(checkpoint: str, view: str) -> Callable[[], None]:
+  """A job's prepare: the folder `view` gets a copy of the checkpoint folder `checkpoint` (step
+  S -> view/checkpoints/S), so that a mode run there, which reads the newest checkpoint, sees it
+  and writes its files apart from the training run."""
+  def prepare():
+    target = os.path.join(view, 'checkpoints', os.path.basename(checkpoint))
+    if not os.path.exists(target):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.copytree(checkpoint, target + '.tmp')
+      os.rename(target + '.tmp', target)
+  return prepare
 
 
 def xla_env(threads: int) -> Dict[str, str]:

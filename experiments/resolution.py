@@ -23,7 +23,6 @@ No test label is read before the report; nothing is chosen here.
 
 import importlib
 import os
-import shutil
 import sys
 from typing import Dict, List
 
@@ -40,7 +39,7 @@ from esm import evaluate
 from esm import metrics
 from esm import resample
 from experiments.evidence_layout import read_json
-from experiments.jobs import Job, read_times, run_jobs
+from experiments.jobs import Job, copy_of_checkpoint, read_times, run_jobs
 from experiments.models import DATASETS, MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -113,17 +112,6 @@ def num_steps(category: str) -> int:
   steps = importlib.import_module(f'configs.cpu.{category}').get_config().train.num_steps
   given = extra_overrides().get('train.num_steps')
   return int(given or steps)
-
-
-def copy_of_checkpoint(checkpoint: str, view: str):
-  """prepare of a point's eval job: its folder gets the final checkpoint (eval reads the newest)."""
-  def prepare():
-    target = os.path.join(view, 'checkpoints', os.path.basename(checkpoint))
-    if not os.path.exists(target):
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.copytree(checkpoint, target + '.tmp')
-      os.rename(target + '.tmp', target)
-  return prepare
 
 
 def jobs_of(category: str, variant: str, model: str, seed: int, stages, points) -> List[Job]:
