@@ -38,6 +38,7 @@ from datasets import catalog
 from esm import evaluate
 from esm import metrics
 from esm import resample
+from esm import tuned as tuned_lib
 from experiments.evidence_layout import read_json
 from experiments.jobs import Job, copy_of_checkpoint, read_times, run_jobs
 from experiments.models import DATASETS, MODELS, ROOT
@@ -99,8 +100,10 @@ def extra_overrides() -> Dict[str, str]:
   return dict(o.split('=', 1) for o in _OVERRIDES.value)
 
 
-def base_args(category: str, variant: str, model: str, seed: int) -> List[str]:
-  overrides = {**MODELS[model], **VARIANTS[variant], **extra_overrides()}
+def base_args(category: str, variant: str, model: str, seed: int, leave_out=()) -> List[str]:
+  """main.py's arguments of a run; `leave_out`: config fields not to give on the command line."""
+  overrides = {k: v for k, v in {**MODELS[model], **VARIANTS[variant], **extra_overrides()}.items()
+               if k not in leave_out}
   return [f'--config=configs/cpu/{category}.py',
           _flag('data.root', os.path.join(ROOT.value, DATASETS[category])),
           _flag('data.tfds_dir', os.path.join(_WORKDIR.value, 'tfds')), _flag('seed', seed),
@@ -133,9 +136,12 @@ def jobs_of(category: str, variant: str, model: str, seed: int, stages, points) 
       jobs.append(Job(f'tune {name}', deps[0],
                       lambda view=view: args + [f'--workdir={view}', '--mode=tune'],
                       deps=(checkpoint,), prepare=prepare))
+    # Fields on the command line win over DIR/tuned.json: the tuned point's eval leaves them out.
+    own = (base_args(category, variant, model, seed, tuned_lib.TUNED_FIELDS.values())
+           if point == TUNED else args)
     jobs.append(Job(f'eval {name}' + ('' if point == DEFAULT_POINT else f' {point}'),
                     os.path.join(view, 'report', 'results.json'),
-                    lambda view=view, extra=extra: args + [
+                    lambda view=view, extra=extra, own=own: own + [
                         f'--workdir={view}', '--mode=eval', '--config.tune.enabled=False', *extra],
                     deps=deps, prepare=prepare))
   return jobs

@@ -40,5 +40,8 @@ def test_each_point_is_evaluated_in_its_own_folder_from_a_copy_of_the_final_chec
   assert '--mode=tune' in tune[0] and f'--workdir={run / "points" / "tuned"}' in tune[0]
   assert default[1] == paper[1] == tune[1] == [str(checkpoint)]
   assert tuned[1] == [str(run / 'points' / 'tuned' / 'tuned.json')]  # tuned, then evaluated
+  # the model's sampler is the tuning's default, and tuned.json's choice is what evaluation reads
+  assert '--config.sampling.method=sgm' in tune[0]
+  assert not any(a.startswith('--config.sampling.') for a in tuned[0])
   for point in ('paper_t_d', 'tuned'):
     assert (run / 'points' / point / 'checkpoints' / '1600' / 'state').exists()
