@@ -17,7 +17,7 @@ Everything not listed here is the paper's setting. What changes, and why:
 - Label-free tuning (esm/tune.py) is on: train_eval trains, tunes T_d, the sampler and the
   detector weights on held-out training images, then evaluates with them.
 - 1600 steps at batch 16 (136 epochs of bottle) with a large learning rate: a budget of minutes (the
-  default model trained in 394-540 s on one core of a 2-core AMD EPYC VM with AVX-512, with another
+  default model trained in 308-540 s on one core of a 2-core AMD EPYC VM with AVX-512, with another
   job on the other, and evaluates at 0.2-0.3 s per test image there, on 2026-12-03; a dual-stream
   ESM model trains in about 7 minutes on 2 cores, at the 65-69 img/s that main.py measured on an
   idle 2-core AMD EPYC VM with AVX-512 on 2026-12-01, or in 11 minutes on one core; on a 2-core
