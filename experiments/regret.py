@@ -13,8 +13,8 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             (variants/<name>.json).
   evaluate  the test split at every candidate point of every tuning (sampler, floor, T_d) and the
             default, every detector subset from the same maps (S_Cos only at the points a rule
-            chose and the default, unless --features_at=all), and the model-free baselines the
-            training fitted (z-score, DINO patch kNN; DIR/baselines/): per test
+            chose and the default, unless --features_at=all), and the model-free baselines
+            (z-score, DINO patch kNN; DIR/baselines/, fitted there if training did not): per test
             image its score and the pixel pairs a bootstrap needs (test/*.npz, esm/resample.py).
   table     test image and pixel AUROC at (a) the new rule's choice, (b) today's rule's, (b') today's
             rule on the new development set, (c) the untuned default (the config's T_d with every
@@ -226,8 +226,11 @@ def evaluate_point(run, config, point, features, restored, feature_fn, val, test
 
 
 def evaluate_baselines(run: Run, config, test) -> None:
-  """Each model-free baseline the training fitted (DIR/baselines/, the same state evaluation's
-  report uses) on the test split: test/<baseline>.npz."""
+  """Each model-free baseline of config (DIR/baselines/, the same state evaluation's report uses;
+  one trained before the workdir had it is fitted now, as evaluation does) on the test split:
+  test/<baseline>.npz."""
+  baselines.fit_missing(config, run.workdir, lambda: pipeline.get_eval_data(
+      config.data, 'train', global_batch_size=config.eval.batch_size))
   todo = {n: st for n, st in baselines.load_fitted(config, run.workdir).items()
           if not os.path.exists(run.path('test', n + '.npz'))}
   if not todo:
