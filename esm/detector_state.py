@@ -35,7 +35,7 @@ SAVED_FIELDS = (
     'sampling.method', 'sampling.t_d', 'sampling.esm_min_var', 'sampling.sigma_min_var',
     'sampling.sigma_max_var', 'sampling.sigma_time', 'sampling.sigma_floor', 'sampling.var_source',
     'detect.weights', 'detect.blur_sigma', 'detect.top_n', 'detect.re_kind', 'detect.var_floor',
-    'detect.threshold_percentile')
+    'detect.threshold_percentile', 'detect.image_detectors')
 FEATURE_FIELDS = ('features.model', 'features.weights', 'features.layers', 'features.image_size',
                   'features.norm')
 

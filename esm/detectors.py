@@ -7,7 +7,9 @@ Four raw detectors, each a per-pixel map averaged over channels (inputs NHWC in 
   S_Cos = mean over feature layers of 1 - cos(F_l(x_0), F_l(x̂_0)), upsampled  s_cos
 Then: normalise each map with mean/std of held-out train/good maps (NormAccumulator, normalise),
 combine with eq. 14 (combine), blur (gaussian_blur) and take the image score of eq. 15
-(image_score). get_score_fn packages the last three; iter_ablation scores every detector subset.
+(image_score), by default of the same map; detect.image_detectors lets eq. 15 read the combination
+of some of the detectors only (image_weights), the pixel map keeping all. get_score_fn packages
+the last three; iter_ablation scores every detector subset.
 
 Each detector is registered in DETECTORS (`register_detector`) with what it needs: S_U and S_KL a
 predicted variance (none for an SGM model), S_Cos a feature extractor. select_detectors says which
@@ -46,6 +48,7 @@ class DetectConfig:
   re_kind: str = 'absolute'
   var_floor: float = 1e-8
   threshold_percentile: float = 99.0  # predict's decision threshold over held-out good scores
+  image_detectors: tuple[str, ...] = ()  # eq. 15 reads these of the map's detectors; () = all
 
   def __post_init__(self):
     weights = self.weights
@@ -60,6 +63,10 @@ class DetectConfig:
       raise UserError(f'detect.re_kind: expected one of {RE_KINDS}, got {self.re_kind!r}')
     if not self.var_floor > 0.0:
       raise UserError(f'detect.var_floor: expected a number > 0, got {self.var_floor!r}')
+    unknown = [n for n in self.image_detectors if n not in DETECTOR_NAMES]
+    if unknown or isinstance(self.image_detectors, str):
+      raise UserError(f'detect.image_detectors: expected a tuple of names from {DETECTOR_NAMES}, '
+                      f'got {self.image_detectors!r}')
     if not 0.0 <= self.threshold_percentile <= 100.0:
       raise UserError(f'detect.threshold_percentile: expected a percentile in [0, 100], got '
                       f'{self.threshold_percentile!r}')
@@ -325,14 +332,22 @@ def image_score(maps: jax.Array, top_n: int) -> jax.Array:
   return jnp.mean(jax.lax.top_k(flat, min(top_n, flat.shape[1]))[0], axis=-1)
 
 
+def image_weights(weights: Mapping[str, float], image_detectors: Sequence[str]) -> dict:
+  """The eq. 14 weights of the map eq. 15 reads: those of image_detectors, the others 0; the map's
+  own weights when image_detectors is empty or names no detector the map combines."""
+  kept = {k: (w if k in image_detectors else 0.0) for k, w in weights.items()}
+  return kept if any(float(w) != 0.0 for w in kept.values()) else dict(weights)
+
+
 @functools.lru_cache(maxsize=None)
 def _weighted_score_fn(sigma: float, top_n: int) -> Callable:
-  """One compiled (maps, weights) -> (pixel maps, image scores), weights passed at run time."""
+  """One compiled (maps, weights, image weights) -> (pixel maps, image scores), both weights
+  passed at run time; the image score reads its own combination (image_weights)."""
 
   @jax.jit
-  def score(maps, weights):
+  def score(maps, weights, weights_of_image):
     pixel = gaussian_blur(combine(maps, weights), sigma)
-    return pixel, image_score(pixel, top_n)
+    return pixel, image_score(gaussian_blur(combine(maps, weights_of_image), sigma), top_n)
 
   return score
 
@@ -340,14 +355,15 @@ def _weighted_score_fn(sigma: float, top_n: int) -> Callable:
 def get_score_fn(cfg: DetectConfig, image_size: ImageSize,
                  detectors: Sequence[str]) -> Callable[[Mapping[str, jax.Array]], tuple]:
   """Jitted normalised maps {name: [B,H,W]} -> (blurred combined map [B,H,W], image score [B])
-  over `detectors` with cfg's weights, blur σ and N_a scaled to image_size."""
+  over `detectors` with cfg's weights, image detectors, blur σ and N_a scaled to image_size."""
   detectors = tuple(detectors)
   unknown = set(detectors) - set(DETECTOR_NAMES)
   if unknown:
     raise ValueError(f'unknown detectors {sorted(unknown)}; expected names from {DETECTOR_NAMES}')
   weights = {k: cfg.weights_by_name()[k] for k in detectors}
   core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size))
-  return jax.jit(lambda maps: core({k: maps[k] for k in detectors}, weights))
+  of_image = image_weights(weights, cfg.image_detectors)
+  return jax.jit(lambda maps: core({k: maps[k] for k in detectors}, weights, of_image))
 
 
 def ablation_subsets(detectors: Sequence[str]) -> list[tuple[str, ...]]:
@@ -373,6 +389,8 @@ def iter_ablation(cfg: DetectConfig, image_size: ImageSize,
   num = int(np.shape(maps_norm[detectors[0]])[0])
   for subset in ablation_subsets(detectors):
     weights = {k: jnp.float32(weight_of[k] if k in subset else 0.0) for k in detectors}
+    of_image = {k: jnp.float32(w) for k, w in image_weights(
+        {k: weight_of[k] if k in subset else 0.0 for k in detectors}, cfg.image_detectors).items()}
     pixel, score = [], []
     for start in range(0, num, batch_size):
       batch = {k: np.asarray(maps_norm[k][start:start + batch_size], np.float32)
@@ -380,7 +398,7 @@ def iter_ablation(cfg: DetectConfig, image_size: ImageSize,
       real = next(iter(batch.values())).shape[0]
       if real < batch_size:  # pad the last batch so that every call has one shape
         batch = {k: np.pad(v, ((0, batch_size - real), (0, 0), (0, 0))) for k, v in batch.items()}
-      p, s = jax.device_get(core(batch, weights))
+      p, s = jax.device_get(core(batch, weights, of_image))
       pixel.append(p[:real])
       score.append(s[:real])
     yield subset, np.concatenate(pixel), np.concatenate(score)

@@ -41,7 +41,7 @@ def test_config_from_default_and_bad_fields():
   assert cfg == detectors.DetectConfig((1.0, 1.0, 1.0, 1.0), 4.0, 250, 'absolute', 1e-8, 99.0)
   assert cfg == detectors.DetectConfig()  # the dataclass and the config agree
   bad = {'weights': (1.0, 1.0), 're_kind': 'cubed', 'top_n': 0, 'blur_sigma': -1.0,
-         'var_floor': 0.0, 'threshold_percentile': 101.0}
+         'var_floor': 0.0, 'threshold_percentile': 101.0, 'image_detectors': ('x',)}
   for field, value in bad.items():
     detect = default.get_default_config().detect.to_dict()
     detect[field] = value
@@ -183,3 +183,26 @@ def test_combine_score_fn_and_ablation():
   np.testing.assert_allclose(by_subset[('u', 're')][0], pixel, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(by_subset[('u', 're')][1], score, rtol=1e-5)
   assert by_subset[('kl',)][0].shape == (3, H, W) and by_subset[('kl',)][1].shape == (3,)
+
+
+def test_image_detectors_score_their_own_map_and_keep_the_pixel_map():
+  rng = np.random.default_rng(6)
+  maps = {k: rng.normal(size=(3, H, W)).astype(np.float32) for k in ('cos', 're')}
+  cfg = detectors.DetectConfig(blur_sigma=16.0, top_n=1024, image_detectors=('re',))
+  pixel, score = detectors.get_score_fn(cfg, H, ('cos', 're'))(maps)
+  np.testing.assert_allclose(pixel, detectors.gaussian_blur(maps['cos'] + maps['re'], 1.0),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(score, detectors.image_score(detectors.gaussian_blur(maps['re'], 1.0),
+                                                          4), rtol=1e-5)
+  by_subset = {s: (p, sc) for s, p, sc in detectors.iter_ablation(cfg, H, maps, batch_size=2)}
+  np.testing.assert_allclose(by_subset[('cos', 're')][1], score, rtol=1e-5)
+  np.testing.assert_allclose(by_subset[('re',)][1], score, rtol=1e-5)
+  # A subset without S_RE scores images from its own map, as the paper does.
+  np.testing.assert_allclose(by_subset[('cos',)][1], detectors.image_score(
+      detectors.gaussian_blur(maps['cos'], 1.0), 4), rtol=1e-5)
+  assert detectors.image_weights({'cos': 1.0, 're': 2.0}, ()) == {'cos': 1.0, 're': 2.0}
+  assert detectors.image_weights({'cos': 1.0, 're': 0.0}, ('re',)) == {'cos': 1.0, 're': 0.0}
+  with pytest.raises(UserError, match='image_detectors'):
+    detectors.DetectConfig(image_detectors=('sharpness',))
+  with pytest.raises(UserError, match='image_detectors'):
+    detectors.DetectConfig(image_detectors='re')
