@@ -23,8 +23,9 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             variant and for SPLITS (the image AUROC at the image decision's candidate, the pixel
             AUROC at the pixel decision's: two operating points per image); each choice minus
             each model-free baseline, with its CI; Kendall's τ between the development and the
-            test ranking; the baselines; each rule's reason;
-            tuning and training seconds. RUNS/regret.md and RUNS/regret.json.
+            test ranking; the baselines; each rule's reason; tuning and training seconds; and
+            over the seeds of each category and model, (a), (b) and (c) minus each baseline and
+            minus (c), pooled, with their CIs. RUNS/regret.md and RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
 """
@@ -83,6 +84,7 @@ VARIANTS = {
 SPLITS = {'split': ('image_only', 'pixel_only'), 'legacy_split': ('legacy_image', 'legacy_pixel')}
 # Today's rule on the new set's candidates: role -> the metric it ranks by (None: their score).
 LEGACY_PICKS = {'legacy_rule': None, 'legacy_image': 'image', 'legacy_pixel': 'pixel'}
+POOLED_ROLES = ('new', 'legacy', 'default')  # the roles whose choice the over-seeds table pools
 ROLES = ('new', *VARIANTS, 'split', 'legacy', 'legacy_rule', 'legacy_split', 'default', 'best')
 LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",
           'legacy_rule': "(b') today's rule, new set", 'default': '(c) untuned default',
@@ -431,10 +433,62 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+def pooled_rows(runs: List[Run]) -> Dict[str, Dict[str, Any]]:
+  """Per category and model with more than one seed: each of POOLED_ROLES minus each model-free
+  baseline and minus (c), test image and pixel AUROC averaged over the seeds, with a paired
+  bootstrap 95% interval over the test images ([2, 3] each: value, low, high)."""
+  groups: Dict[str, List[Run]] = {}
+  for run in runs:
+    groups.setdefault(f'{run.category} {run.model}', []).append(run)
+  out = {}
+  for name, group in groups.items():
+    chosen: Dict[str, list] = {}
+    free: Dict[str, list] = {}
+    for run in group:
+      evidence = load_evidence(run)
+      picks = choices(run, evidence, tunings(run))
+      for role in POOLED_ROLES:
+        if role in picks:
+          chosen.setdefault(role, []).append(evidence[picks[role][0]])
+      for b in baselines.BASELINES:
+        if (b, (b,)) in evidence:
+          free.setdefault(b, []).append(evidence[(b, (b,))])
+    if len(group) < 2 or any(len(v) != len(group) for v in [*chosen.values(), *free.values()]):
+      continue
+    against = {**{f'minus_{b}': entries for b, entries in free.items()},
+               'minus_default': chosen.get('default')}
+    out[name] = {'seeds': [r.seed for r in group]}
+    for role, entries in chosen.items():
+      out[name][role] = {k: resample.paired_difference(entries, other, RESAMPLES).tolist()
+                         for k, other in against.items()
+                         if other and not (role == 'default' and k == 'minus_default')}
+  return out
+
+
+def pooled_markdown(pooled: Dict[str, Dict[str, Any]]) -> str:
+  fitted = [b for b in baselines.BASELINES
+            if any(f'minus_{b}' in r.get('default', {}) for r in pooled.values())]
+  lines = ['Over the seeds: each rule\'s choice minus each model-free baseline and minus (c), test '
+           'image / pixel AUROC averaged over the seeds [95% paired bootstrap CI over the test '
+           'images]:', '',
+           '| category, model (seeds) | rule | ' +
+           ' | '.join(baselines.BASELINES[b].label for b in fitted) + ' | − (c) untuned default |',
+           '|---|---|' + '---|' * (len(fitted) + 1)]
+  interval = lambda g: f'{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]'
+  for name, rows in pooled.items():
+    for role in [r for r in POOLED_ROLES if r in rows]:
+      cells = [' / '.join(interval(g) for g in rows[role][k]) if k in rows[role] else '–'
+               for k in [f'minus_{b}' for b in fitted] + ['minus_default']]
+      seeds = ', '.join(map(str, rows['seeds']))
+      lines.append(f"| {name} ({seeds}) | {LABELS[role]} | {' | '.join(cells)} |")
+  return '\n'.join(lines)
+
+
 def stage_table(runs: List[Run], out_dir: str) -> str:
   table = {r.name: run_rows(r) for r in runs if os.path.isdir(r.path('test'))}
-  write_json(os.path.join(out_dir, 'regret.json'), table)
-  text = markdown(table)
+  pooled = pooled_rows([r for r in runs if os.path.isdir(r.path('test'))])
+  write_json(os.path.join(out_dir, 'regret.json'), {**table, 'over_seeds': pooled})
+  text = markdown(table) + ('\n\n' + pooled_markdown(pooled) if pooled else '')
   with open(os.path.join(out_dir, 'regret.md'), 'w') as f:
     f.write(text + '\n')
   return text

@@ -6,10 +6,12 @@ import os
 import sys
 import time
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
 import regret  # pylint: disable=g-import-not-at-top,wrong-import-position
+from esm import resample  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TINY = {
     'data.dataset': 'synthetic', 'data.image_size': 16, 'data.synthetic_size': 32,
@@ -69,3 +71,32 @@ def test_every_stage_writes_its_files_and_resumes(tmp_path):
     regret.run_stage(stage, runs, str(tmp_path / 'runs'))
   assert json.load(open(run.path('timing.json'))) == timing
   assert time.time() - start < 30
+
+
+def test_pooled_rows_average_the_seeds_paired_against_the_baselines(monkeypatch):
+  rng = np.random.default_rng(0)
+  labels = np.repeat([0, 1], 6)
+  masks = np.zeros((12, 4, 4))
+  masks[labels == 1, :2, :2] = 1
+
+  def entry(shift):
+    maps = rng.normal(size=(12, 4, 4)) + shift * masks
+    return labels * shift + rng.normal(size=12), resample.pixel_pairs(maps, masks), labels
+
+  chosen, default, floor = ('p', ('re',)), ('q', ('re',)), ('zscore', ('zscore',))
+  evidence = {s: {chosen: entry(2.0), default: entry(0.5), floor: entry(1.0)} for s in (0, 1)}
+  runs = [regret.Run('d', 'cat', 'sgm', s, '/nowhere', None) for s in (0, 1)]
+  monkeypatch.setattr(regret, 'load_evidence', lambda run: evidence[run.seed])
+  monkeypatch.setattr(regret, 'tunings', lambda run: {})
+  monkeypatch.setattr(regret, 'choices',
+                      lambda run, ev, done: {'new': (chosen, chosen), 'default': (default, default)})
+  pooled = regret.pooled_rows(runs)['cat sgm']
+  of = lambda key: [evidence[s][key] for s in (0, 1)]
+  np.testing.assert_allclose(pooled['new']['minus_zscore'],
+                             resample.paired_difference(of(chosen), of(floor), regret.RESAMPLES))
+  np.testing.assert_allclose(pooled['new']['minus_default'],
+                             resample.paired_difference(of(chosen), of(default), regret.RESAMPLES))
+  assert pooled['seeds'] == [0, 1] and 'minus_default' not in pooled['default']
+  assert regret.pooled_rows(runs[:1]) == {}  # one seed pools nothing
+  text = regret.pooled_markdown(regret.pooled_rows(runs))
+  assert '| cat sgm (0, 1) | (a) new rule |' in text and '| cat sgm (0, 1) | (c) untuned' in text
