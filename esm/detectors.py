@@ -340,14 +340,16 @@ def image_weights(weights: Mapping[str, float], image_detectors: Sequence[str]) 
 
 
 @functools.lru_cache(maxsize=None)
-def _weighted_score_fn(sigma: float, top_n: int) -> Callable:
+def _weighted_score_fn(sigma: float, top_n: int, own_image_map: bool) -> Callable:
   """One compiled (maps, weights, image weights) -> (pixel maps, image scores), both weights
-  passed at run time; the image score reads its own combination (image_weights)."""
+  passed at run time. With own_image_map the image score reads its own combination
+  (image_weights); without it, the pixel map, and the image weights are not read."""
 
   @jax.jit
   def score(maps, weights, weights_of_image):
     pixel = gaussian_blur(combine(maps, weights), sigma)
-    return pixel, image_score(gaussian_blur(combine(maps, weights_of_image), sigma), top_n)
+    scored = gaussian_blur(combine(maps, weights_of_image), sigma) if own_image_map else pixel
+    return pixel, image_score(scored, top_n)
 
   return score
 
@@ -361,8 +363,9 @@ def get_score_fn(cfg: DetectConfig, image_size: ImageSize,
   if unknown:
     raise ValueError(f'unknown detectors {sorted(unknown)}; expected names from {DETECTOR_NAMES}')
   weights = {k: cfg.weights_by_name()[k] for k in detectors}
-  core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size))
   of_image = image_weights(weights, cfg.image_detectors)
+  core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size),
+                            of_image != weights)
   return jax.jit(lambda maps: core({k: maps[k] for k in detectors}, weights, of_image))
 
 
@@ -384,13 +387,14 @@ def iter_ablation(cfg: DetectConfig, image_size: ImageSize,
   if detectors is None:
     detectors = [k for k in DETECTOR_NAMES if k in maps_norm and cfg.weights_by_name()[k] != 0.0]
   detectors = tuple(detectors)
-  core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size))
+  core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size),
+                            bool(cfg.image_detectors))
   weight_of = cfg.weights_by_name()
   num = int(np.shape(maps_norm[detectors[0]])[0])
   for subset in ablation_subsets(detectors):
-    weights = {k: jnp.float32(weight_of[k] if k in subset else 0.0) for k in detectors}
-    of_image = {k: jnp.float32(w) for k, w in image_weights(
-        {k: weight_of[k] if k in subset else 0.0 for k in detectors}, cfg.image_detectors).items()}
+    own = {k: weight_of[k] if k in subset else 0.0 for k in detectors}
+    weights = {k: jnp.float32(w) for k, w in own.items()}
+    of_image = {k: jnp.float32(w) for k, w in image_weights(own, cfg.image_detectors).items()}
     pixel, score = [], []
     for start in range(0, num, batch_size):
       batch = {k: np.asarray(maps_norm[k][start:start + batch_size], np.float32)

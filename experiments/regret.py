@@ -334,9 +334,9 @@ def role_rows(curves, picks) -> Dict[str, Any]:
   return rows
 
 
-def run_rows(run: Run) -> Dict[str, Any]:
-  """The table's numbers for one run."""
-  evidence = load_evidence(run)
+def run_rows(run: Run, evidence: Dict[Tuple, resample.Evidence]) -> Dict[str, Any]:
+  """The table's numbers for one run from its evidence (load_evidence; not modified)."""
+  evidence = dict(evidence)
   free = {n: evidence.pop((n, (n,))) for n in baselines.BASELINES if (n, (n,)) in evidence}
   labels = next(iter(evidence.values()))[2]
   weights = np.concatenate([np.ones((1, labels.size)), metrics.bootstrap_counts(labels, RESAMPLES)])
@@ -433,10 +433,12 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def pooled_rows(runs: List[Run]) -> Dict[str, Dict[str, Any]]:
+def pooled_rows(runs: List[Run], evidence_of: Dict[str, Dict[Tuple, resample.Evidence]]
+                ) -> Dict[str, Dict[str, Any]]:
   """Per category and model with more than one seed: each of POOLED_ROLES minus each model-free
   baseline and minus (c), test image and pixel AUROC averaged over the seeds, with a paired
-  bootstrap 95% interval over the test images ([2, 3] each: value, low, high)."""
+  bootstrap 95% interval over the test images ([2, 3] each: value, low, high); evidence_of:
+  run name -> load_evidence(run)."""
   groups: Dict[str, List[Run]] = {}
   for run in runs:
     groups.setdefault(f'{run.category} {run.model}', []).append(run)
@@ -445,7 +447,7 @@ def pooled_rows(runs: List[Run]) -> Dict[str, Dict[str, Any]]:
     chosen: Dict[str, list] = {}
     free: Dict[str, list] = {}
     for run in group:
-      evidence = load_evidence(run)
+      evidence = evidence_of[run.name]
       picks = choices(run, evidence, tunings(run))
       for role in POOLED_ROLES:
         if role in picks:
@@ -485,8 +487,10 @@ def pooled_markdown(pooled: Dict[str, Dict[str, Any]]) -> str:
 
 
 def stage_table(runs: List[Run], out_dir: str) -> str:
-  table = {r.name: run_rows(r) for r in runs if os.path.isdir(r.path('test'))}
-  pooled = pooled_rows([r for r in runs if os.path.isdir(r.path('test'))])
+  runs = [r for r in runs if os.path.isdir(r.path('test'))]
+  evidence_of = {r.name: load_evidence(r) for r in runs}
+  table = {r.name: run_rows(r, evidence_of[r.name]) for r in runs}
+  pooled = pooled_rows(runs, evidence_of)
   write_json(os.path.join(out_dir, 'regret.json'), {**table, 'over_seeds': pooled})
   text = markdown(table) + ('\n\n' + pooled_markdown(pooled) if pooled else '')
   with open(os.path.join(out_dir, 'regret.md'), 'w') as f:

@@ -86,17 +86,17 @@ def test_pooled_rows_average_the_seeds_paired_against_the_baselines(monkeypatch)
   chosen, default, floor = ('p', ('re',)), ('q', ('re',)), ('zscore', ('zscore',))
   evidence = {s: {chosen: entry(2.0), default: entry(0.5), floor: entry(1.0)} for s in (0, 1)}
   runs = [regret.Run('d', 'cat', 'sgm', s, '/nowhere', None) for s in (0, 1)]
-  monkeypatch.setattr(regret, 'load_evidence', lambda run: evidence[run.seed])
   monkeypatch.setattr(regret, 'tunings', lambda run: {})
   monkeypatch.setattr(regret, 'choices',
                       lambda run, ev, done: {'new': (chosen, chosen), 'default': (default, default)})
-  pooled = regret.pooled_rows(runs)['cat sgm']
+  evidence_of = {r.name: evidence[r.seed] for r in runs}
+  pooled = regret.pooled_rows(runs, evidence_of)['cat sgm']
   of = lambda key: [evidence[s][key] for s in (0, 1)]
   np.testing.assert_allclose(pooled['new']['minus_zscore'],
                              resample.paired_difference(of(chosen), of(floor), regret.RESAMPLES))
   np.testing.assert_allclose(pooled['new']['minus_default'],
                              resample.paired_difference(of(chosen), of(default), regret.RESAMPLES))
   assert pooled['seeds'] == [0, 1] and 'minus_default' not in pooled['default']
-  assert regret.pooled_rows(runs[:1]) == {}  # one seed pools nothing
-  text = regret.pooled_markdown(regret.pooled_rows(runs))
+  assert regret.pooled_rows(runs[:1], evidence_of) == {}  # one seed pools nothing
+  text = regret.pooled_markdown(regret.pooled_rows(runs, evidence_of))
   assert '| cat sgm (0, 1) | (a) new rule |' in text and '| cat sgm (0, 1) | (c) untuned' in text
