@@ -369,6 +369,12 @@ def get_score_fn(cfg: DetectConfig, image_size: ImageSize,
   return jax.jit(lambda maps: core({k: maps[k] for k in detectors}, weights, of_image))
 
 
+def subset_weights(weights: Sequence[float], subset: Sequence[str]) -> tuple[float, ...]:
+  """(u, v, w, r) of a detector subset: each member keeps its configured weight (1 where the
+  config gives it 0, so that a subset can still hold it), the others 0."""
+  return tuple((float(w) or 1.0) if n in subset else 0.0 for n, w in zip(DETECTOR_NAMES, weights))
+
+
 def ablation_subsets(detectors: Sequence[str]) -> list[tuple[str, ...]]:
   """Every non-empty subset (2^k - 1 of them), by size, names in the given order."""
   detectors = tuple(detectors)

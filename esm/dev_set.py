@@ -218,13 +218,12 @@ def score_candidate(scorer: Scorer, dev: DevSet,
   subsets = [s for s in det.ablation_subsets(used) if stage == 1 or needs_features & set(s)]
   scores = {s: np.zeros(n, np.float32) for s in subsets}
   pixels = {s: np.zeros((n, size, size), np.float32) for s in subsets}
-  equal = dataclasses.replace(scorer.detect_cfg, weights=(1.0,) * len(det.DETECTORS))
   for fold in np.unique(dev.folds):
     fit = (dev.folds != fold) & (dev.labels == 0)
     judge = np.flatnonzero(dev.folds == fold)
     stats = det.fit_normaliser({k: v[fit] for k, v in out.maps.items()})
     normed = det.normalise({k: v[judge] for k, v in out.maps.items()}, stats)
-    for subset, p, s in det.iter_ablation(equal, size, normed, used):
+    for subset, p, s in det.iter_ablation(scorer.detect_cfg, size, normed, used):
       if subset in scores:
         scores[subset][judge], pixels[subset][judge] = s, p
   rows, evidence = [], []
@@ -234,7 +233,7 @@ def score_candidate(scorer: Scorer, dev: DevSet,
     pixel_auroc = float(resample.pixel_auroc(pairs, np.ones(n))[0])
     rows.append({'method': scorer.recon.method, 't_d': scorer.recon.t_d, 'nfe': scorer.recon.nfe,
                  'stage': stage, 'detectors': list(subset),
-                 'weights': [1.0 if name in subset else 0.0 for name in det.DETECTOR_NAMES],
+                 'weights': list(det.subset_weights(scorer.detect_cfg.weights, subset)),
                  'image_auroc': image_auroc, 'pixel_auroc': pixel_auroc,
                  'score': 0.5 * (image_auroc + pixel_auroc),
                  **({'sigma_floor': floor} if floor else {})})

@@ -2,7 +2,7 @@
 
 Every candidate point (sampler x ESM^σ floor x T_d, the configured default among them) reconstructs
 the development set (esm/dev_set.py) once; every non-empty subset of the available detectors
-(equal weights) is then scored from the same maps, so weight candidates cost no reconstruction.
+(each at its configured weight, detectors.subset_weights) is then scored from the same maps, so weight candidates cost no reconstruction.
 Detectors that need a feature extractor (S_Cos: a ViT on every input and reconstruction) join in a
 second stage at few points only: on 2 CPU cores the ViT costs more than the reconstruction. Under
 tune.rule='noise_aware' (esm/choice.py) stage 1 chooses the sampler, floor and T_d, and stage 2,
@@ -80,8 +80,8 @@ def score_points(config: Config, workdir: str, dev: dev_set.DevSet, restored, fe
   rows, evidence = [], []
   base = tuned_lib.progress_base(restored.params, dev_set.arrays(dev))
   for method, t_d, floor in points:
-    weights = ((1.0,) * len(det.DETECTORS) if stage == 2 else
-               tuple(0.0 if d.needs_features else 1.0 for d in det.DETECTORS.values()))
+    weights = det.subset_weights(config.detect.weights, [
+        n for n, d in det.DETECTORS.items() if stage == 2 or not d.needs_features])
     cfg = tuned_lib.candidate_config(config, {
         'method': method, 't_d': t_d, 'weights': weights,
         'sigma_floor': floor or config.sampling.sigma_floor})

@@ -211,7 +211,8 @@ def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
 
 def evaluate_point(run, config, point, features, restored, feature_fn, val, test) -> None:
   method, t_d, floor = point
-  weights = tuple(0.0 if d.needs_features and not features else 1.0 for d in det.DETECTORS.values())
+  weights = det.subset_weights(config.detect.weights, [
+      n for n, d in det.DETECTORS.items() if features or not d.needs_features])
   cfg = tuned_lib.candidate_config(config, {'method': method, 't_d': t_d, 'weights': weights,
                                             'sigma_floor': floor or config.sampling.sigma_floor})
   scorer = scoring.Scorer(cfg, run.workdir, restored=restored,

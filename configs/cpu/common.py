@@ -52,6 +52,7 @@ def cpu_config(dataset: str, category: str):
   c.sampling.method = 'sgm'
   c.sampling.t_d = T_D
   c.detect.image_detectors = ('re',)  # the image score from S_RE alone, the map from all (docstring)
+  c.detect.weights = (0.5, 1.0, 1.0, 1.0)  # S_Cos at half weight in the map (docstring)
   c.tune.enabled = True
   c.sampling.sigma_max_var = c.sde.beta_max  # σ²_max = β_T (section 4.2)
   # ESM^σ's per-step bounds are β-like and scale with β; ESM's clamp on the marginal σ²_θ
