@@ -206,3 +206,10 @@ def test_image_detectors_score_their_own_map_and_keep_the_pixel_map():
     detectors.DetectConfig(image_detectors=('sharpness',))
   with pytest.raises(UserError, match='image_detectors'):
     detectors.DetectConfig(image_detectors='re')
+
+
+def test_subset_weights_keep_each_members_configured_weight():
+  assert detectors.subset_weights((0.5, 1.0, 2.0, 1.0), ('cos', 're')) == (0.5, 0.0, 0.0, 1.0)
+  # A detector the config turns off still enters a subset that holds it, at weight 1.
+  assert detectors.subset_weights((0.0, 1.0, 1.0, 3.0), ('cos', 'kl')) == (1.0, 0.0, 1.0, 0.0)
+  assert detectors.subset_weights((1.0,) * 4, ()) == (0.0,) * 4

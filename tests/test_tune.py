@@ -4,6 +4,7 @@ import json
 import os
 import random
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from configs import common
 from configs.default import get_default_config
 from esm import choice
 from esm import defects
+from esm import detectors as det
 from esm import dev_set
+from esm import resample
 from esm import run
 from esm import tune
 from esm import tuned as tuned_lib
@@ -62,12 +65,14 @@ def test_supported_methods_follow_the_model():
 
 TUNE_OVERRIDES = {'tune.t_d_fractions': (0.002, 0.004), 'tune.methods': ('sgm', 'esm'),
                   'tune.folds': 2, 'tune.defects_per_image': 2}
+WEIGHTS = (1.0, 0.5, 1.0, 1.0)  # S_U at half weight: every subset holding it keeps 0.5
 
 
 @pytest.fixture(scope='module')
 def tuned_run(tmp_path_factory):
   base = tmp_path_factory.mktemp('tune')
-  cfg = runs.config('micro', str(base / 'cache'), TUNE_OVERRIDES)  # 8 steps of the smallest U-Net
+  cfg = runs.config('micro', str(base / 'cache'),  # 8 steps of the smallest U-Net
+                    {**TUNE_OVERRIDES, 'detect.weights': WEIGHTS})
   workdir = str(base / 'run')
   run.run(cfg, workdir, 'train')
   run.run(cfg, workdir, 'tune')
@@ -101,6 +106,8 @@ def test_tune_writes_the_choice_the_noise_and_every_candidate(tuned_run):
   assert c['id'] in [b['id'] for b in c['band']] or c['reason'].startswith('default')
   for row in tuned['candidates']:
     assert set(row['families']) == set(cfg.tune.families)
+    assert row['weights'] == [w if n in row['detectors'] else 0.0
+                              for n, w in zip(det.DETECTOR_NAMES, WEIGHTS)]
   scores = np.load(os.path.join(workdir, 'tuning_scores.npz'))
   assert scores['image_scores'].shape == (len(tuned['candidates']), 12)
   assert scores['wins'].shape == (len(tuned['candidates']), 12, 12)
@@ -290,3 +297,28 @@ def test_the_second_stage_reference_is_the_default_detectors_at_the_point_it_is_
   assert tune._default_flags(cfg, rows, True, at=('esm', 2, None))[0] == 3
   with pytest.raises(ValueError, match='stage2_reference'):
     choice.RuleOptions(stage2_reference='chosen')
+
+
+def test_a_given_reference_is_the_only_default_and_wins_a_tie():
+  """_decide(reference=i): candidate i alone is default-like, so when every candidate scores the
+  same it is the choice, whatever the config's default."""
+  cfg = from_configdict(runs.config('micro'))
+  family = cfg.tune.families[0]
+  rng = np.random.default_rng(0)
+  n, side = 12, 4
+  labels = np.repeat([0, 1], n // 2)
+  masks = np.zeros((n, side, side), np.uint8)
+  masks[labels == 1, :2, :2] = 1
+  maps = rng.normal(size=(n, side, side)).astype(np.float32) + 2.0 * masks
+  evidence = [dev_set.Evidence(maps.max(axis=(1, 2)), resample.pixel_pairs(maps, masks))] * 3
+  dev = types.SimpleNamespace(labels=labels, families=np.where(labels == 1, family, 'good'),
+                              source=np.arange(n) % (n // 2))
+  method, t_d, floor = tune.default_point(cfg)
+  rows = [{'method': method, 't_d': t, 'nfe': t, 'detectors': ['re'],
+           **({'sigma_floor': floor} if floor else {})} for t in (t_d, 2 * t_d, 3 * t_d)]
+  model_free = {'families': {family: {'image_auroc': 0.6, 'pixel_auroc': 0.6}}}
+  options = choice.RuleOptions()
+  own, _ = tune._decide(cfg, rows, evidence, dev, model_free, False, options)
+  given, _ = tune._decide(cfg, rows, evidence, dev, model_free, False, options, reference=2)
+  assert (own['default'], own['index']) == (0, 0)
+  assert (given['default'], given['index']) == (2, 2)

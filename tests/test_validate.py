@@ -120,6 +120,6 @@ def test_cpu_scale_default_is_the_dsm_model_at_one_t_d_for_every_category():
             cpu_common.get_config('visa/candle')):
     check(c, 'train_eval')
     assert (c.loss.kind, c.sampling.method, c.sampling.t_d) == ('dsm', 'sgm', cpu_common.T_D)
-    assert c.detect.image_detectors == ('re',)
+    assert c.detect.image_detectors == ('re',) and c.detect.weights == (0.5, 1.0, 1.0, 1.0)
   with pytest.raises(ValueError, match='DATASET/CATEGORY'):
     cpu_common.get_config('screw')
