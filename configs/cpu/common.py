@@ -13,9 +13,11 @@ Everything not listed here is the paper's setting. What changes, and why:
   (docs/results.md, "What the evidence supports"), and the paper's per-category T_d, scaled,
   diffuses the small defects of pill away (docs/results.md, "The CPU-scale default"). The image
   score reads S_RE's map alone (detect.image_detectors), the pixel map every detector: S_Cos
-  sharpens the maps but ranks whole images worse on pill and metal_plate. Chosen on bottle and
-  pill; the dual-stream models run with `loss.kind`, `sampling.method`, T_d and the paper's image
-  score of experiments/models.py MODELS.
+  sharpens the maps but ranks whole images worse on pill and metal_plate. In the map S_Cos has
+  half S_RE's weight (detect.weights; tuning's detector subsets keep it): its pixel AUROC was
+  higher so on bottle and pill (docs/results.md, "S_Cos at half weight"). Chosen on bottle and
+  pill; the dual-stream models run with `loss.kind`, `sampling.method`, T_d, the paper's equal
+  weights and its image score, from experiments/models.py MODELS.
 - Label-free tuning (esm/tune.py) is on: train_eval trains, tunes T_d, the sampler and the
   detector weights on held-out training images, then evaluates with them.
 - 1600 steps at batch 16 (136 epochs of bottle) with a large learning rate: a budget of minutes (the
