@@ -32,7 +32,7 @@ from esm.models.unet import UNet
 def case_config(case: str) -> config_lib.Config:
   """The config of a case: CASES' U-Net shapes with the DSM loss, or the CPU-scale model."""
   if case in ('esm48', 'dsm48', 'esm48v'):  # the CPU-scale model, from its own config
-    c = cpu_config('mvtec_ad', 'bottle')
+    c = cpu_config('mvtec_ad', 'bottle', image_size=48)
     c.loss.kind = case[:3]  # esm48v: the ESM step with the two streams as one vmapped U-Net
     return config_lib.from_configdict(c)
   c = get_default_config()

@@ -92,8 +92,8 @@ def main(argv):
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   print(machine.header(), flush=True)
 
-  cpu = common.set_cpu_model(get_default_config())
-  cpu.data.image_size, cpu.train.batch_size = 48, 16
+  cpu = common.set_cpu_model(get_default_config(), 48)
+  cpu.train.batch_size = 16
   cases = [('demo (tiny, 32², dual)', demo.get_config()),
            ('cpu-scale (48², dual)', cpu)]
   conv_flops, conv_s = conv_reference(steps)

@@ -4,8 +4,8 @@ Usage: python3 bench/tuning_cost.py [--categories=bottle:209:25,pill:267:41,meta
                                     [--batch 16] [--repeats 2]
 
 In one process and interleaved (so load from other processes hits every unit alike), with the
-CPU-scale model of configs/cpu/ at random weights (cost does not depend on them), in process
-CPU seconds:
+CPU-scale model of configs/cpu/ at 48² (the step bench/ measures) and random weights (cost does
+not depend on them), in process CPU seconds:
   * one train step at train.batch_size (ESM and DSM losses);
   * the scorer's reconstruct-and-detect per image and network call (esm at T_d = 6, which
     includes the sampler's and the detectors' work), and its compile time;
@@ -121,7 +121,7 @@ def main(argv):
   del argv
   host_memory.reuse_freed_memory()  # as main.py, before XLA starts
   print(machine.header(), flush=True)
-  base = cpu_config('mvtec_ad', 'bottle')  # the DSM model; the ESM one by its two fields
+  base = cpu_config('mvtec_ad', 'bottle', image_size=48)  # DSM; ESM by its two fields
   esm, dsm = (from_configdict(override(base, o)) for o in (
       {'loss.kind': 'esm', 'sampling.method': 'esm'}, {}))
   step = {'esm': train_step_cost(esm, _BATCH.value, _REPEATS.value),

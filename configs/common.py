@@ -50,10 +50,11 @@ def set_micro_model(c):
   return c
 
 
-def set_cpu_model(c):
-  """The CPU-scale model of configs/cpu/ (48² images, about 15 minutes per model on 2 cores): ch 16,
-  levels (1, 2, 2), one block per level, attention at 12² (the last level at 48²)."""
+def set_cpu_model(c, image_size: int):
+  """The CPU-scale U-Net of configs/cpu/ at image_size² inputs: ch 16, levels (1, 2, 2), one block
+  per level, attention at the last level (image_size / 4)."""
+  c.data.image_size = image_size
   m = c.model
-  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 16, (1, 2, 2), 1, (12,)
+  m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 16, (1, 2, 2), 1, (image_size // 4,)
   m.num_groups, m.dropout = 8, 0.0
   return c

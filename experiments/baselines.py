@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 
 from configs.common import override
+from configs.cpu.common import IMAGE_SIZE
 from datasets import pipeline
 from esm import baselines
 from esm import config as config_lib
@@ -31,7 +32,7 @@ from experiments.models import DATASETS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CATEGORIES = flags.DEFINE_list('categories', ['bottle', 'pill', 'metal_plate'], 'Categories.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 48, 'Model resolution of the images.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', IMAGE_SIZE, 'Model resolution of the images.')
 _METHODS = flags.DEFINE_list('methods', list(baselines.BASELINES), 'Baselines to measure.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file of the rows.')
 flags.mark_flag_as_required('root')

@@ -19,6 +19,9 @@ MODELS = {
     'hybrid': {'loss.kind': 'hybrid', **DUAL},  # ours: DSM ε + eq. 10 σ²
     'esm_direct': {'loss.kind': 'esm', 'model.var_param': 'direct', **DUAL},  # ESM, σ² = exp(v)
 }
+# The same models at 48² (configs/cpu's IMAGE_SIZE is 64): the figures docs/results.md gives at 48².
+AT_48 = {'data.image_size': 48, 'model.attn_resolutions': (12,)}
+MODELS.update({f'{name}48': {**MODELS[name], **AT_48} for name in ('esm', 'sgm', 'hybrid')})
 
 # The CPU-scale categories (configs/cpu/<category>.py) and the dataset folder each lies in.
 DATASETS = {'bottle': 'mvtec_ad', 'pill': 'mvtec_ad', 'metal_plate': 'mpdd'}

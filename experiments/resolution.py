@@ -44,14 +44,15 @@ from experiments.jobs import Job, copy_of_checkpoint, read_times, run_jobs
 from experiments.models import DATASETS, MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# name -> config overrides on configs/cpu/<category>.py. model.attn_resolutions are sides of the
-# training input, so every variant attends at its last level, as the 48² model does.
+# name -> config overrides on configs/cpu/<category>.py (64², the default). model.attn_resolutions
+# are sides of the training input, so every variant attends at its last level.
 VARIANTS = {
-    '48': {},
+    '48': {'data.image_size': 48, 'model.attn_resolutions': (12,)},
     '64': {'data.image_size': 64, 'model.attn_resolutions': (16,)},
     '96_ch12': {'data.image_size': 96, 'model.attn_resolutions': (24,), 'model.ch': 12,
                 'model.num_groups': 4},  # 4x the pixels at 0.56x the width²: ~2.3x the step
-    '96_crop48': {'data.image_size': 96, 'data.train_crop': 48},  # the 48² step, 4x at test
+    # the 48² step, 4x the pixels at test
+    '96_crop48': {'data.image_size': 96, 'data.train_crop': 48, 'model.attn_resolutions': (12,)},
     '128_crop64': {'data.image_size': 128, 'data.train_crop': 64, 'model.attn_resolutions': (16,)},
 }
 REFERENCE = '48'

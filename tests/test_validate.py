@@ -121,5 +121,13 @@ def test_cpu_scale_default_is_the_dsm_model_at_one_t_d_for_every_category():
     check(c, 'train_eval')
     assert (c.loss.kind, c.sampling.method, c.sampling.t_d) == ('dsm', 'sgm', cpu_common.T_D)
     assert c.detect.image_detectors == ('re',) and c.detect.weights == (0.5, 1.0, 1.0, 1.0)
+    assert (c.data.image_size, c.model.attn_resolutions) == (64, (16,))
   with pytest.raises(ValueError, match='DATASET/CATEGORY'):
     cpu_common.get_config('screw')
+
+
+def test_cpu_model_attends_at_its_last_level_at_any_size():
+  for size in (48, 96):  # the U-Net halves the side twice: ch_mult (1, 2, 2)
+    c = cpu_common.cpu_config('mvtec_ad', 'bottle', image_size=size)
+    check(c, 'train_eval')
+    assert (c.data.image_size, c.model.attn_resolutions) == (size, (size // 4,))
