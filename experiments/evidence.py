@@ -39,7 +39,7 @@ from absl import flags
 from experiments import evidence_report
 from experiments.evidence_layout import FLOORS, Layout, methods_of
 from experiments.jobs import Job, copy_of_checkpoint, run_jobs
-from experiments.models import DATASETS, MODELS, ROOT
+from experiments.models import DATASETS, MODELS, ROOT, is_single_stream
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (resumable).')
@@ -94,7 +94,7 @@ def train_job(layout: Layout, category, model, seed) -> Job:
 
 def tune_jobs(layout: Layout, category, model, seed, step) -> List[Job]:
   jobs = []
-  floors = FLOORS if model != 'sgm' else FLOORS[:1]
+  floors = FLOORS[:1] if is_single_stream(model) else FLOORS
   for floor in floors:
     leaf = f'tune_{floor}'
     # one floor per tune, so that both readings keep their own tuned.json
@@ -118,7 +118,7 @@ def eval_job(layout: Layout, category, model, seed, step, method) -> Job:
     return base_args(layout, category, model, seed) + [
         '--mode=eval', f'--workdir={view}', '--config.tune.enabled=False',
         *[f'--config.{k}={v}' for k, v in settings.items()]]
-  floors = FLOORS if model != 'sgm' else FLOORS[:1]
+  floors = FLOORS[:1] if is_single_stream(model) else FLOORS
   return Job(f'eval {category}/{model}/s{seed}/step{step} {method}',
              os.path.join(view, 'report', 'results.json'), args,
              deps=tuple(layout.tuned_path(category, model, seed, step, f) for f in floors),

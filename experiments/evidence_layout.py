@@ -9,6 +9,8 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
+from experiments.models import is_single_stream
+
 FLOORS = ('constant', 'beta')  # ESM^σ's per-step lower bound: sigma_min_var, or β_i
 DUAL_METHODS = ('esm', 'esm_sigma_const', 'esm_sigma_beta', 'sgm')
 FLOOR_OF = {'esm_sigma_const': 'constant', 'esm_sigma_beta': 'beta'}
@@ -17,7 +19,7 @@ REPORTED = ('esm', 'esm_sigma', 'esm_sigma_const', 'esm_sigma_beta', 'sgm')
 
 
 def methods_of(model: str, reported: bool = False) -> Sequence[str]:
-  if model == 'sgm':
+  if is_single_stream(model):
     return ('sgm',)
   return REPORTED if reported else DUAL_METHODS
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from esm import metrics
 from experiments.evidence_layout import FLOOR_OF, FLOORS, SAMPLER_OF, Layout, methods_of, read_json
+from experiments.models import is_single_stream
 
 # Differences reported with an interval: (a, b) as model/method names.
 COMPARISONS = (('esm/esm', 'sgm/sgm'), ('esm/esm_sigma', 'esm/esm'), ('esm/esm_sigma', 'sgm/sgm'),
@@ -135,7 +136,7 @@ def choice_table(layout: Layout, category: str, step: int, seeds) -> List[str]:
                           for m, v in tuned['by_method'].items())
       floor = ''
       beta_path = layout.tuned_path(category, model, seed, step, 'beta')
-      if model != 'sgm' and os.path.exists(beta_path):
+      if not is_single_stream(model) and os.path.exists(beta_path):
         beta = read_json(beta_path)['by_method']['esm_sigma']
         floor = (f'{tuned["by_method"]["esm_sigma"]["score"]:.3f} / {beta["score"]:.3f} → '
                  f'{layout.preferred_floor(category, model, seed, step)}')

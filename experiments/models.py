@@ -23,6 +23,11 @@ MODELS = {
 AT_48 = {'data.image_size': 48, 'model.attn_resolutions': (12,)}
 MODELS.update({f'{name}48': {**MODELS[name], **AT_48} for name in ('esm', 'sgm', 'hybrid')})
 
+
+def is_single_stream(model: str) -> bool:
+  """Whether a model of MODELS is the DSM-trained single stream, which samples with SGM alone."""
+  return MODELS[model]['loss.kind'] == 'dsm'
+
 # The CPU-scale categories (configs/cpu/<category>.py) and the dataset folder each lies in.
 DATASETS = {'bottle': 'mvtec_ad', 'pill': 'mvtec_ad', 'metal_plate': 'mpdd'}
 
