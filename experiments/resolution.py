@@ -41,13 +41,13 @@ from esm import resample
 from esm import tuned as tuned_lib
 from experiments.evidence_layout import read_json
 from experiments.jobs import Job, copy_of_checkpoint, read_times, run_jobs
-from experiments.models import DATASETS, MODELS, ROOT
+from experiments.models import AT_48, DATASETS, MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # name -> config overrides on configs/cpu/<category>.py (64², the default). model.attn_resolutions
 # are sides of the training input, so every variant attends at its last level.
 VARIANTS = {
-    '48': {'data.image_size': 48, 'model.attn_resolutions': (12,)},
+    '48': AT_48,
     '64': {'data.image_size': 64, 'model.attn_resolutions': (16,)},
     '96_ch12': {'data.image_size': 96, 'model.attn_resolutions': (24,), 'model.ch': 12,
                 'model.num_groups': 4},  # 4x the pixels at 0.56x the width²: ~2.3x the step
