@@ -5,9 +5,10 @@
 For each category (--categories, dataset/category; bottle and pill develop the rule, metal_plate is
 only reported), model (--models: ESM, SGM) and seed (--seeds), with configs/cpu/, in
 RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
-  difficulty  (no model) the model-free z-score on the development set and on today's painted one.
+  difficulty  (no model) the model-free z-score on the development set and on the legacy painted
+            one.
   train     --mode=train (a finished run is skipped, an interrupted one resumes); timing.json.
-  tune      the noise-aware rule (tuned.json, tuning_scores.npz), today's rule on today's set
+  tune      the noise-aware rule (tuned.json, tuning_scores.npz), the legacy rule on the legacy set
             (legacy_tuned.json: full-contrast painted defects, 2 per image, ties to fewer NFE),
             and each of VARIANTS of the noise-aware rule on its development scores
             (variants/<name>.json).
@@ -16,16 +17,17 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             chose and the default, unless --features_at=all), and the model-free baselines
             (z-score, DINO patch kNN; DIR/baselines/, fitted there if training did not): per test
             image its score and the pixel pairs a bootstrap needs (test/*.npz, esm/resample.py).
-  table     test image and pixel AUROC at (a) the new rule's choice, (b) today's rule's, (b') today's
-            rule on the new development set, (c) the untuned default (the config's T_d with every
-            available detector), (d) the best evaluated candidate on the test split (report only);
-            regret (d) - chosen with a paired bootstrap CI over test images; the same for each
-            variant and for SPLITS (the image AUROC at the image decision's candidate, the pixel
-            AUROC at the pixel decision's: two operating points per image); each choice minus
-            each model-free baseline, with its CI; Kendall's τ between the development and the
-            test ranking; the baselines; each rule's reason; tuning and training seconds; and
-            over the seeds of each category and model, (a), (b) and (c) minus each baseline and
-            minus (c), pooled, with their CIs. RUNS/regret.md and RUNS/regret.json.
+  table     test image and pixel AUROC at (a) the new rule's choice, (b) the legacy rule's, (b')
+            the legacy rule on the new development set, (c) the untuned default (the config's T_d
+            with every available detector), (d) the best evaluated candidate on the test split
+            (report only); regret (d) - chosen with a paired bootstrap CI over test images; the
+            same for each variant and for SPLITS (the image AUROC at the image decision's
+            candidate, the pixel AUROC at the pixel decision's: two operating points per image);
+            each choice minus each model-free baseline, with its CI; Kendall's τ between the
+            development and the test ranking; the baselines; each rule's reason; tuning and
+            training seconds; and over the seeds of each category and model, (a), (b) and (c)
+            minus each baseline and minus (c), pooled, with their CIs. RUNS/regret.md and
+            RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
 """
@@ -82,15 +84,15 @@ VARIANTS = {
 # Roles that read each metric at its own choice: the image score at the image decision's
 # candidate, the pixel map at the pixel decision's (two operating points per image).
 SPLITS = {'split': ('image_only', 'pixel_only'), 'legacy_split': ('legacy_image', 'legacy_pixel')}
-# Today's rule on the new set's candidates: role -> the metric it ranks by (None: their score).
+# The legacy rule on the new set's candidates: role -> the metric it ranks by (None: their score).
 LEGACY_PICKS = {'legacy_rule': None, 'legacy_image': 'image', 'legacy_pixel': 'pixel'}
 POOLED_ROLES = ('new', 'legacy', 'default')  # the roles whose choice the over-seeds table pools
 ROLES = ('new', *VARIANTS, 'split', 'legacy', 'legacy_rule', 'legacy_split', 'default', 'best')
-LABELS = {'new': '(a) new rule', 'legacy': "(b) today's rule",
-          'legacy_rule': "(b') today's rule, new set", 'default': '(c) untuned default',
+LABELS = {'new': '(a) new rule', 'legacy': '(b) legacy rule',
+          'legacy_rule': "(b') legacy rule, new set", 'default': '(c) untuned default',
           'best': '(d) best on test', **{v: f'(a) variant {v}' for v in VARIANTS},
           'split': '(a) split: image_only / pixel_only',
-          'legacy_split': "(b') split: today's rule on each metric, new set"}
+          'legacy_split': "(b') split: the legacy rule on each metric, new set"}
 METRICS = choice.METRICS
 RESAMPLES = 2000
 DEVELOPMENT = ('bottle', 'pill')  # the categories a rule or default may be chosen on
@@ -277,7 +279,7 @@ def _detectors_of(weights, available) -> Tuple[str, ...]:
 
 
 def legacy_pick(candidates, tie_tolerance: float, metric=None) -> Dict[str, Any]:
-  """Today's rule (esm/dev_set.py choose) on the candidates' score, or on one metric's AUROC."""
+  """The legacy rule (esm/dev_set.py choose) on the candidates' score, or on one metric's AUROC."""
   if metric is None:
     return dev_set.choose(candidates, tie_tolerance)
   return dev_set.choose([dict(c, score=c[f'{metric}_auroc']) for c in candidates], tie_tolerance)
