@@ -19,15 +19,16 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             image its score and the pixel pairs a bootstrap needs (test/*.npz, esm/resample.py).
   table     test image and pixel AUROC at (a) the new rule's choice, (b) the legacy rule's, (b')
             the legacy rule on the new development set, (c) the untuned default (the config's T_d
-            with every available detector), (d) the best evaluated candidate on the test split
-            (report only); regret (d) - chosen with a paired bootstrap CI over test images; the
-            same for each variant and for SPLITS (the image AUROC at the image decision's
-            candidate, the pixel AUROC at the pixel decision's: two operating points per image);
-            each choice minus each model-free baseline, with its CI; Kendall's τ between the
-            development and the test ranking; the baselines; each rule's reason; tuning and
-            training seconds; and over the seeds of each category and model, (a), (b) and (c)
-            minus each baseline and minus (c), pooled, with their CIs. RUNS/regret.md and
-            RUNS/regret.json.
+            with every available detector), (c') the paper's T_d of the category scaled to the
+            config's T, with every available detector (none outside tables 6-8), (d) the best
+            evaluated candidate on the test split (report only); regret (d) - chosen with a paired
+            bootstrap CI over test images; the same for each variant and for SPLITS (the image
+            AUROC at the image decision's candidate, the pixel AUROC at the pixel decision's: two
+            operating points per image); each choice minus each model-free baseline, with its CI;
+            Kendall's τ between the development and the test ranking; the baselines; each rule's
+            reason; tuning and training seconds; and over the seeds of each category and model,
+            (a), (b), (c) and (c') minus each baseline, minus (c) and minus (c'), pooled, with
+            their CIs. RUNS/regret.md and RUNS/regret.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
 """
@@ -38,7 +39,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,6 +51,7 @@ from absl import logging
 
 from configs.common import override
 from configs.cpu.common import cpu_config
+from datasets import catalog
 from datasets import pipeline
 from esm import baselines
 from esm import choice
@@ -86,10 +88,13 @@ VARIANTS = {
 SPLITS = {'split': ('image_only', 'pixel_only'), 'legacy_split': ('legacy_image', 'legacy_pixel')}
 # The legacy rule on the new set's candidates: role -> the metric it ranks by (None: their score).
 LEGACY_PICKS = {'legacy_rule': None, 'legacy_image': 'image', 'legacy_pixel': 'pixel'}
-POOLED_ROLES = ('new', 'legacy', 'default')  # the roles whose choice the over-seeds table pools
-ROLES = ('new', *VARIANTS, 'split', 'legacy', 'legacy_rule', 'legacy_split', 'default', 'best')
+POOLED_ROLES = ('new', 'legacy', 'default', 'paper')  # the roles the over-seeds table pools
+REFERENCES = ('default', 'paper')  # the untuned points every pooled role is compared with
+ROLES = ('new', *VARIANTS, 'split', 'legacy', 'legacy_rule', 'legacy_split', 'default', 'paper',
+         'best')
 LABELS = {'new': '(a) new rule', 'legacy': '(b) legacy rule',
           'legacy_rule': "(b') legacy rule, new set", 'default': '(c) untuned default',
+          'paper': "(c') the paper's T_d, untuned",
           'best': '(d) best on test', **{v: f'(a) variant {v}' for v in VARIANTS},
           'split': '(a) split: image_only / pixel_only',
           'legacy_split': "(b') split: the legacy rule on each metric, new set"}
@@ -199,13 +204,28 @@ def _key(point) -> str:
   return '_'.join(str(p) for p in point if p is not None)
 
 
+def paper_point(run: Run, config) -> Optional[tune.Point]:
+  """The default point at the paper's T_d of the category (tables 6-8, of T = 1000, scaled to the
+  config's T), or None for a category the paper does not tune."""
+  t_d = catalog.PAPER_T_D.get(run.dataset, {}).get(run.category)
+  if t_d is None:
+    return None
+  method, _, floor = tune.default_point(config)
+  return method, max(1, round(t_d * config.sde.num_steps / 1000)), floor
+
+
+def untuned_points(run: Run, config) -> set:
+  """The default point and, where the paper has one, the paper's T_d."""
+  return {p for p in (tune.default_point(config), paper_point(run, config)) if p is not None}
+
+
 def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
-  """(point, with S_Cos) of every candidate point of every tuning and the default; S_Cos at
-  every point (features_at='all') or at the choices and the default ('choices')."""
+  """(point, with S_Cos) of every candidate point of every tuning and the untuned points; S_Cos
+  at every point (features_at='all') or at the choices and the untuned points ('choices')."""
   config, done = run.config(), tunings(run)
   points = ({tune.point_of(c) for t in done.values() for c in t['candidates']}
-            | {tune.default_point(config)})
-  chosen = ({tune.point_of(t) for t in done.values()} | {tune.default_point(config)}
+            | untuned_points(run, config))
+  chosen = ({tune.point_of(t) for t in done.values()} | untuned_points(run, config)
             | {tune.point_of(legacy_pick(done['new']['candidates'], config.tune.tie_tolerance, m))
                for m in LEGACY_PICKS.values()})
   return [(p, features_at == 'all' or p in chosen) for p in sorted(points, key=str)]
@@ -252,13 +272,21 @@ def evaluate_baselines(run: Run, config, test) -> None:
                            [resample.pixel_pairs(maps, masks)], labels)
 
 
+def _has_features(path: str) -> bool:
+  """Whether an evaluated point's evidence holds S_Cos (a point evaluated without it, and later
+  chosen or named untuned, is evaluated again with it)."""
+  return any('cos' in subset for subset in resample.load_evidence(path))
+
+
 def stage_evaluate(run: Run, features_at: str = 'choices') -> None:
   config = run.config()
   gb = config.eval.batch_size
   val = pipeline.get_eval_data(config.data, 'val', global_batch_size=gb)
   test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
+  features = config.features.model != 'none'
   todo = [(p, f) for p, f in test_points(run, features_at)
-          if not os.path.exists(run.path('test', _key(p) + '.npz'))]
+          if not os.path.exists(run.path('test', _key(p) + '.npz'))
+          or (f and features and not _has_features(run.path('test', _key(p) + '.npz')))]
   if todo:
     restored = scoring.restore_ema_params(config, run.workdir, parallel.make_mesh())
     feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
@@ -292,11 +320,12 @@ def choices(run: Run, evidence, done) -> Dict[str, Tuple[Tuple, Tuple]]:
   config = run.config()
   at = lambda point: {d for (k, s) in evidence if k == _key(point) for d in s}
   key = lambda c: (_key(tune.point_of(c)), _detectors_of(c['weights'], at(tune.point_of(c))))
-  own = tune.default_point(config)
+  untuned = {'default': tune.default_point(config), 'paper': paper_point(run, config)}
   single = {**{role: key(t) for role, t in done.items()},
             **{role: key(legacy_pick(done['new']['candidates'], config.tune.tie_tolerance, m))
                for role, m in LEGACY_PICKS.items()},
-            'default': (_key(own), _detectors_of(config.detect.weights, at(own)))}
+            **{role: (_key(p), _detectors_of(config.detect.weights, at(p)))
+               for role, p in untuned.items() if p is not None}}
   out = {role: (k, k) for role, k in single.items() if role in ROLES}
   out.update({role: (single[a], single[b]) for role, (a, b) in SPLITS.items()
               if a in single and b in single})
@@ -439,9 +468,9 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
 def pooled_rows(runs: List[Run], evidence_of: Dict[str, Dict[Tuple, resample.Evidence]]
                 ) -> Dict[str, Dict[str, Any]]:
   """Per category and model with more than one seed: each of POOLED_ROLES minus each model-free
-  baseline and minus (c), test image and pixel AUROC averaged over the seeds, with a paired
-  bootstrap 95% interval over the test images ([2, 3] each: value, low, high); evidence_of:
-  run name -> load_evidence(run)."""
+  baseline and minus each of REFERENCES (but itself), test image and pixel AUROC averaged over
+  the seeds, with a paired bootstrap 95% interval over the test images ([2, 3] each: value, low,
+  high); evidence_of: run name -> load_evidence(run)."""
   groups: Dict[str, List[Run]] = {}
   for run in runs:
     groups.setdefault(f'{run.category} {run.model}', []).append(run)
@@ -461,29 +490,28 @@ def pooled_rows(runs: List[Run], evidence_of: Dict[str, Dict[Tuple, resample.Evi
     if len(group) < 2 or any(len(v) != len(group) for v in [*chosen.values(), *free.values()]):
       continue
     against = {**{f'minus_{b}': entries for b, entries in free.items()},
-               'minus_default': chosen.get('default')}
+               **{f'minus_{r}': chosen.get(r) for r in REFERENCES}}
     out[name] = {'seeds': [r.seed for r in group]}
     for role, entries in chosen.items():
       out[name][role] = {k: resample.paired_difference(entries, other, RESAMPLES).tolist()
-                         for k, other in against.items()
-                         if other and not (role == 'default' and k == 'minus_default')}
+                         for k, other in against.items() if other and k != f'minus_{role}'}
   return out
 
 
 def pooled_markdown(pooled: Dict[str, Dict[str, Any]]) -> str:
   fitted = [b for b in baselines.BASELINES
             if any(f'minus_{b}' in r.get('default', {}) for r in pooled.values())]
-  lines = ['Over the seeds: each rule\'s choice minus each model-free baseline and minus (c), test '
-           'image / pixel AUROC averaged over the seeds [95% paired bootstrap CI over the test '
-           'images]:', '',
+  lines = ["Over the seeds: each rule's choice minus each model-free baseline, (c) and (c'), "
+           'test image / pixel AUROC averaged over the seeds [95% paired bootstrap CI over the '
+           'test images]:', '',
            '| category, model (seeds) | rule | ' +
-           ' | '.join(baselines.BASELINES[b].label for b in fitted) + ' | − (c) untuned default |',
-           '|---|---|' + '---|' * (len(fitted) + 1)]
+           ' | '.join(baselines.BASELINES[b].label for b in fitted) + ' | − (c) untuned default | '
+           "− (c') the paper's T_d |", '|---|---|' + '---|' * (len(fitted) + 2)]
   interval = lambda g: f'{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]'
   for name, rows in pooled.items():
     for role in [r for r in POOLED_ROLES if r in rows]:
       cells = [' / '.join(interval(g) for g in rows[role][k]) if k in rows[role] else '–'
-               for k in [f'minus_{b}' for b in fitted] + ['minus_default']]
+               for k in [f'minus_{b}' for b in fitted] + [f'minus_{r}' for r in REFERENCES]]
       seeds = ', '.join(map(str, rows['seeds']))
       lines.append(f"| {name} ({seeds}) | {LABELS[role]} | {' | '.join(cells)} |")
   return '\n'.join(lines)

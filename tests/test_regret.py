@@ -84,11 +84,13 @@ def test_pooled_rows_average_the_seeds_paired_against_the_baselines(monkeypatch)
     return labels * shift + rng.normal(size=12), resample.pixel_pairs(maps, masks), labels
 
   chosen, default, floor = ('p', ('re',)), ('q', ('re',)), ('zscore', ('zscore',))
-  evidence = {s: {chosen: entry(2.0), default: entry(0.5), floor: entry(1.0)} for s in (0, 1)}
+  paper = ('r', ('re',))
+  evidence = {s: {chosen: entry(2.0), default: entry(0.5), paper: entry(0.2), floor: entry(1.0)}
+              for s in (0, 1)}
   runs = [regret.Run('d', 'cat', 'sgm', s, '/nowhere', None) for s in (0, 1)]
   monkeypatch.setattr(regret, 'tunings', lambda run: {})
-  monkeypatch.setattr(regret, 'choices',
-                      lambda run, ev, done: {'new': (chosen, chosen), 'default': (default, default)})
+  monkeypatch.setattr(regret, 'choices', lambda run, ev, done: {
+      'new': (chosen, chosen), 'default': (default, default), 'paper': (paper, paper)})
   evidence_of = {r.name: evidence[r.seed] for r in runs}
   pooled = regret.pooled_rows(runs, evidence_of)['cat sgm']
   of = lambda key: [evidence[s][key] for s in (0, 1)]
@@ -96,7 +98,25 @@ def test_pooled_rows_average_the_seeds_paired_against_the_baselines(monkeypatch)
                              resample.paired_difference(of(chosen), of(floor), regret.RESAMPLES))
   np.testing.assert_allclose(pooled['new']['minus_default'],
                              resample.paired_difference(of(chosen), of(default), regret.RESAMPLES))
+  np.testing.assert_allclose(pooled['new']['minus_paper'],
+                             resample.paired_difference(of(chosen), of(paper), regret.RESAMPLES))
+  np.testing.assert_allclose(pooled['paper']['minus_default'],
+                             resample.paired_difference(of(paper), of(default), regret.RESAMPLES))
   assert pooled['seeds'] == [0, 1] and 'minus_default' not in pooled['default']
+  assert 'minus_paper' not in pooled['paper'] and 'minus_paper' in pooled['default']
   assert regret.pooled_rows(runs[:1], evidence_of) == {}  # one seed pools nothing
   text = regret.pooled_markdown(regret.pooled_rows(runs, evidence_of))
   assert '| cat sgm (0, 1) | (a) new rule |' in text and '| cat sgm (0, 1) | (c) untuned' in text
+  assert "| cat sgm (0, 1) | (c') the paper's T_d" in text
+
+
+def test_paper_point_is_the_papers_t_d_scaled_to_the_configs_t():
+  # configs/cpu runs T = 250: tables 6 and 8 give bottle 100, pill 164 and metal_plate 50 of 1000.
+  runs = regret.make_runs('/data', '/runs', ['mvtec_ad/bottle', 'mvtec_ad/pill', 'mpdd/metal_plate'],
+                          ['sgm'], ['0'], {})
+  assert [regret.paper_point(r, r.config()) for r in runs] == [
+      ('sgm', 25, None), ('sgm', 41, None), ('sgm', 12, None)]
+  [synthetic] = regret.make_runs('/data', '/runs', ['synthetic/object'], ['esm'], ['0'], TINY)
+  config = synthetic.config()
+  assert regret.paper_point(synthetic, config) is None  # no paper table: (c') is not scored
+  assert regret.untuned_points(synthetic, config) == {regret.tune.default_point(config)}
