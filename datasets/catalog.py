@@ -61,6 +61,13 @@ def categories(dataset: str) -> tuple:
   return tuple(PAPER_T_D[dataset])
 
 
+def scaled_paper_t_d(dataset: str, category: str, num_steps: int):
+  """The paper's T_d of a category (of T = 1000) scaled to num_steps, at least 1; None for a
+  category outside tables 6-8."""
+  t_d = PAPER_T_D.get(dataset, {}).get(category)
+  return None if t_d is None else max(1, round(t_d * num_steps / 1000))
+
+
 def known_categories(dataset: str) -> tuple:
   """Every category of a dataset with a fixed list; () for 'folder' (any sub-folder)."""
   if dataset in BENCHMARKS:

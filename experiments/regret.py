@@ -207,11 +207,11 @@ def _key(point) -> str:
 def paper_point(run: Run, config) -> Optional[tune.Point]:
   """The default point at the paper's T_d of the category (tables 6-8, of T = 1000, scaled to the
   config's T), or None for a category the paper does not tune."""
-  t_d = catalog.PAPER_T_D.get(run.dataset, {}).get(run.category)
+  t_d = catalog.scaled_paper_t_d(run.dataset, run.category, config.sde.num_steps)
   if t_d is None:
     return None
   method, _, floor = tune.default_point(config)
-  return method, max(1, round(t_d * config.sde.num_steps / 1000)), floor
+  return method, t_d, floor
 
 
 def untuned_points(run: Run, config) -> set:

@@ -61,8 +61,8 @@ REFERENCE = '48'
 # train_eval gives, --mode=tune's choice (TUNED: a tune job runs first in the point's folder).
 POINTS = {
     'default': lambda category: {},
-    'paper_t_d': lambda category: {'sampling.t_d': max(1, round(
-        catalog.PAPER_T_D[DATASETS[category]][category] / T_SCALE))},
+    'paper_t_d': lambda category: {'sampling.t_d': catalog.scaled_paper_t_d(
+        DATASETS[category], category, 1000 // T_SCALE)},
     'tuned': lambda category: {},
 }
 DEFAULT_POINT = 'default'
