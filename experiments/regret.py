@@ -214,18 +214,19 @@ def paper_point(run: Run, config) -> Optional[tune.Point]:
   return method, t_d, floor
 
 
-def untuned_points(run: Run, config) -> set:
-  """The default point and, where the paper has one, the paper's T_d."""
-  return {p for p in (tune.default_point(config), paper_point(run, config)) if p is not None}
+def untuned_points(run: Run, config) -> Dict[str, tune.Point]:
+  """Role of REFERENCES -> its point: the default and, where the paper has one, the paper's T_d."""
+  points = {'default': tune.default_point(config), 'paper': paper_point(run, config)}
+  return {role: p for role, p in points.items() if p is not None}
 
 
 def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
   """(point, with S_Cos) of every candidate point of every tuning and the untuned points; S_Cos
   at every point (features_at='all') or at the choices and the untuned points ('choices')."""
   config, done = run.config(), tunings(run)
-  points = ({tune.point_of(c) for t in done.values() for c in t['candidates']}
-            | untuned_points(run, config))
-  chosen = ({tune.point_of(t) for t in done.values()} | untuned_points(run, config)
+  untuned = set(untuned_points(run, config).values())
+  points = {tune.point_of(c) for t in done.values() for c in t['candidates']} | untuned
+  chosen = ({tune.point_of(t) for t in done.values()} | untuned
             | {tune.point_of(legacy_pick(done['new']['candidates'], config.tune.tie_tolerance, m))
                for m in LEGACY_PICKS.values()})
   return [(p, features_at == 'all' or p in chosen) for p in sorted(points, key=str)]
@@ -284,9 +285,9 @@ def stage_evaluate(run: Run, features_at: str = 'choices') -> None:
   val = pipeline.get_eval_data(config.data, 'val', global_batch_size=gb)
   test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
   features = config.features.model != 'none'
-  todo = [(p, f) for p, f in test_points(run, features_at)
-          if not os.path.exists(run.path('test', _key(p) + '.npz'))
-          or (f and features and not _has_features(run.path('test', _key(p) + '.npz')))]
+  path = lambda point: run.path('test', _key(point) + '.npz')
+  todo = [(p, f) for p, f in test_points(run, features_at) if not os.path.exists(path(p))
+          or (f and features and not _has_features(path(p)))]
   if todo:
     restored = scoring.restore_ema_params(config, run.workdir, parallel.make_mesh())
     feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
@@ -320,12 +321,11 @@ def choices(run: Run, evidence, done) -> Dict[str, Tuple[Tuple, Tuple]]:
   config = run.config()
   at = lambda point: {d for (k, s) in evidence if k == _key(point) for d in s}
   key = lambda c: (_key(tune.point_of(c)), _detectors_of(c['weights'], at(tune.point_of(c))))
-  untuned = {'default': tune.default_point(config), 'paper': paper_point(run, config)}
   single = {**{role: key(t) for role, t in done.items()},
             **{role: key(legacy_pick(done['new']['candidates'], config.tune.tie_tolerance, m))
                for role, m in LEGACY_PICKS.items()},
             **{role: (_key(p), _detectors_of(config.detect.weights, at(p)))
-               for role, p in untuned.items() if p is not None}}
+               for role, p in untuned_points(run, config).items()}}
   out = {role: (k, k) for role, k in single.items() if role in ROLES}
   out.update({role: (single[a], single[b]) for role, (a, b) in SPLITS.items()
               if a in single and b in single})

@@ -119,4 +119,4 @@ def test_paper_point_is_the_papers_t_d_scaled_to_the_configs_t():
   [synthetic] = regret.make_runs('/data', '/runs', ['synthetic/object'], ['esm'], ['0'], TINY)
   config = synthetic.config()
   assert regret.paper_point(synthetic, config) is None  # no paper table: (c') is not scored
-  assert regret.untuned_points(synthetic, config) == {regret.tune.default_point(config)}
+  assert regret.untuned_points(synthetic, config) == {'default': regret.tune.default_point(config)}
