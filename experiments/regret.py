@@ -64,6 +64,7 @@ from esm import parallel
 from esm import resample
 from esm import run as run_lib
 from esm import scoring
+from esm import train as train_lib
 from esm import tune
 from esm import tuned as tuned_lib
 from experiments.models import MODELS, ROOT
@@ -255,8 +256,7 @@ def evaluate_baselines(run: Run, config, test) -> None:
   """Each model-free baseline of config (DIR/baselines/, the same state evaluation's report uses;
   one trained before the workdir had it is fitted now, as evaluation does) on the test split:
   test/<baseline>.npz."""
-  baselines.fit_missing(config, run.workdir, lambda: pipeline.get_eval_data(
-      config.data, 'train', global_batch_size=config.eval.batch_size))
+  train_lib.fit_baselines(config, run.workdir)
   todo = {n: st for n, st in baselines.load_fitted(config, run.workdir).items()
           if not os.path.exists(run.path('test', n + '.npz'))}
   if not todo:

@@ -1,4 +1,5 @@
-"""Resolution at CPU cost: the 48² model against larger inputs and crop training (docs/results.md).
+"""Resolution at CPU cost: the 48² and 64² models against larger inputs and crop training
+(docs/results.md).
 
   python3 experiments/resolution.py --root=../shared/data --workdir=RUNS
   python3 experiments/resolution.py --root=../shared/data --workdir=RUNS --stages=report
@@ -14,8 +15,8 @@ Every job is a `main.py` command on configs/cpu/<category>.py with a variant's o
   report  WORKDIR/resolution.md: per category, variant and model, test image / pixel AUROC and
           AUPRO (mean ± sd over seeds), training and evaluation time, and paired bootstrap 95%
           intervals over test images, pooled over seeds: against the z-score at the same resolution
-          (image and pixel AUROC), and against the 48² variant of the same model at the same point
-          (its default point for the 48² variant's other points; image AUROC, and pixel AUROC at
+          (image and pixel AUROC), and against the --reference variant of the same model at the same
+          point (its default point for the reference's other points; image AUROC, and pixel AUROC at
           the same resolution: at different resolutions they count different pixels); image AUROC
           per defect type.
 No test label is read before the report; nothing is chosen here.
@@ -54,8 +55,9 @@ VARIANTS = {
     # the 48² step, 4x the pixels at test
     '96_crop48': {'data.image_size': 96, 'data.train_crop': 48, 'model.attn_resolutions': (12,)},
     '128_crop64': {'data.image_size': 128, 'data.train_crop': 64, 'model.attn_resolutions': (16,)},
+    '128_ch8': {'data.image_size': 128, 'model.attn_resolutions': (32,), 'model.ch': 8,
+                'model.num_groups': 4},  # 4x the pixels at 0.25x the width²: 64²'s convolutions
 }
-REFERENCE = '48'
 # name -> category -> eval-time overrides on the trained run. 'paper_t_d': the paper's T_d of the
 # category scaled to T = 250, the operating point of configs/cpu before T_d = 4. 'tuned': what
 # train_eval gives, --mode=tune's choice (TUNED: a tune job runs first in the point's folder).
@@ -77,6 +79,8 @@ _POINTS = flags.DEFINE_list('points', [DEFAULT_POINT], f'Operating points, of {l
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Training seeds (--config.seed).')
 _OVERRIDES = flags.DEFINE_list('overrides', [], 'Extra field=value overrides for every job '
                                '(values without commas; for a short run: train.num_steps=8).')
+_REFERENCE = flags.DEFINE_enum('reference', '48', list(VARIANTS),
+                                'The variant every other one is paired with in the report.')
 _WORKERS = flags.DEFINE_integer('workers', 2, 'Jobs run at once.')
 _THREADS = flags.DEFINE_integer('threads', 1, 'CPU threads per job.')
 _RESAMPLES = flags.DEFINE_integer('resamples', 2000, 'Bootstrap resamples.')
@@ -203,13 +207,14 @@ def category_tables(category: str, times, resamples: int) -> List[str]:
     zscore = [r.evidence[('zscore',)] for r in runs.values()]
     zscores[variant] = rows[0]['baselines']['zscore']
     versus_z = resample.paired_difference(ours, zscore, resamples)
-    ref = load_runs(category, REFERENCE, model, list(runs),
-                    point if variant != REFERENCE else DEFAULT_POINT)
+    reference = _REFERENCE.value
+    ref = load_runs(category, reference, model, list(runs),
+                    point if variant != reference else DEFAULT_POINT)
     versus_ref = ['', '']
-    if (variant, point) != (REFERENCE, DEFAULT_POINT) and len(ref) == len(runs):
+    if (variant, point) != (reference, DEFAULT_POINT) and len(ref) == len(runs):
       theirs = [ref[s].evidence[(evaluate.METHOD_ENTRY,)] for s in runs]
       diff = resample.paired_difference(ours, theirs, resamples)
-      same_side = VARIANTS[variant].get('data.image_size') == VARIANTS[REFERENCE].get(
+      same_side = VARIANTS[variant].get('data.image_size') == VARIANTS[reference].get(
           'data.image_size')
       versus_ref = [_ci(diff[0]), _ci(diff[1]) if same_side else '']
     train = [times.get(f'train {category}/{variant}/{model}/s{s}') for s in runs]
@@ -244,8 +249,9 @@ def report(resamples: int) -> str:
            f'Operating points: {", ".join(_POINTS.value)}; {len(_SEEDS.value)} seed(s); '
            'intervals: paired, class-stratified '
            f'bootstrap over test images ({resamples} resamples), pooled over seeds; train s: wall '
-           'and CPU seconds of --mode=train per seed; ref.: the 48² variant at the same point '
-           '(at the default point for the 48² variant\'s other points).', '']
+           'and CPU seconds of --mode=train per seed; ref.: the '
+           f'{_REFERENCE.value} variant at the same point (at the default point for its other '
+           'points).', '']
   for category in _CATEGORIES.value:
     lines += category_tables(category, times, resamples)
   return '\n'.join(lines)
