@@ -5,7 +5,9 @@ Everything not listed here is the paper's setting. What changes, and why:
   per level, attention at the last level, 16²): the paper-scale model runs at well under 1 image/s
   on 2 cores. 64² was chosen over 48² on bottle and pill (docs/results.md, "At 64²"): it finds
   pill's small defects better, and trains in 1.6-2.0x 48²'s time. `cpu_config(image_size=48)`
-  gives the 48² model of the earlier figures (experiments/models.py `sgm48`).
+  gives the 48² model of the earlier figures (experiments/models.py `sgm48`). Whole 96² and
+  128² images with narrower U-Nets were no better and train in 2-3x 64²'s time ("Plain larger
+  inputs").
 - T = 250 instead of 1000, with β_1, β_T scaled by 4 so that ᾱ follows the same curve
   (Σβ over the first T_d/4 steps equals Σβ over the first T_d steps at T = 1000). ESM^σ's
   per-step bounds σ²_min, σ²_max scale with β (σ²_max = β_T), ESM's clamp on the marginal σ²_θ
