@@ -27,13 +27,12 @@ from esm.models import utils as mutils
 from esm.train_state import TrainState
 
 
-
-
 def fit_baselines(config: Config, workdir: str) -> None:
   """Fits each model-free baseline that DIR/baselines/ lacks on the training images (read only
   when one is missing): --mode=train's work, done late for a run trained before it had one."""
   baselines.fit_missing(config, workdir, lambda: pipeline.get_eval_data(
       config.data, 'train', global_batch_size=config.eval.batch_size))
+
 
 def get_train_step_fn(loss_fn: Callable, ema_rate: float, inject_nonfinite_step: int = -1,
                       inject_nonfinite_count: int = 1) -> Callable:

@@ -51,12 +51,12 @@ VARIANTS = {
     '48': AT_48,
     '64': {'data.image_size': 64, 'model.attn_resolutions': (16,)},
     '96_ch12': {'data.image_size': 96, 'model.attn_resolutions': (24,), 'model.ch': 12,
-                'model.num_groups': 4},  # 4x the pixels at 0.56x the width²: ~2.3x the step
+                'model.num_groups': 4},  # 2.25x 64²'s pixels, 0.56x its width²: 2x its training
     # the 48² step, 4x the pixels at test
     '96_crop48': {'data.image_size': 96, 'data.train_crop': 48, 'model.attn_resolutions': (12,)},
     '128_crop64': {'data.image_size': 128, 'data.train_crop': 64, 'model.attn_resolutions': (16,)},
     '128_ch8': {'data.image_size': 128, 'model.attn_resolutions': (32,), 'model.ch': 8,
-                'model.num_groups': 4},  # 4x the pixels at 0.25x the width²: 64²'s convolutions
+                'model.num_groups': 4},  # 4x 64²'s pixels, 0.25x its width²: 3x its training
 }
 # name -> category -> eval-time overrides on the trained run. 'paper_t_d': the paper's T_d of the
 # category scaled to T = 250, the operating point of configs/cpu before T_d = 4. 'tuned': what
