@@ -25,7 +25,8 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             bootstrap CI over test images; the same for each variant and for SPLITS (the image
             AUROC at the image decision's candidate, the pixel AUROC at the pixel decision's: two
             operating points per image); each choice minus each model-free baseline, with its CI;
-            Kendall's τ between the development and the test ranking; the baselines; each rule's
+            Kendall's τ between the development and the test ranking, and each candidate's
+            development and test AUROC beside each other; the baselines; each rule's
             reason; tuning and training seconds; and over the seeds of each category and model,
             (a), (b), (c) and (c') minus each baseline, minus (c) and minus (c'), pooled, with
             their CIs. RUNS/regret.md and RUNS/regret.json.
@@ -384,11 +385,12 @@ def run_rows(run: Run, evidence: Dict[Tuple, resample.Evidence]) -> Dict[str, An
       rows[role][f'minus_{name}'] = [[float(g[0])] + np.quantile(g[1:], [0.025, 0.975]).tolist()
                                      for g in gap]
   new = done['new']
-  dev = [(-c['mean_rank'], (_key(tune.point_of(c)), tuple(c['detectors'])))
-         for c in new['candidates']]
-  dev = [(d, k) for d, k in dev if k in curves]
-  rows['kendall_tau'] = [resample.kendall_tau([d for d, _ in dev], [curves[k][m, 0] for _, k in dev])
-                         for m in (0, 1)]
+  dev = [(c, (_key(tune.point_of(c)), tuple(c['detectors']))) for c in new['candidates']]
+  dev = [(c, k) for c, k in dev if k in curves]
+  rows['kendall_tau'] = [resample.kendall_tau([-c['mean_rank'] for c, _ in dev],
+                                              [curves[k][m, 0] for _, k in dev]) for m in (0, 1)]
+  rows['candidates'] = [{'choice': k, 'dev': [c['image_auroc'], c['pixel_auroc']],
+                         'test': curves[k][:, 0].tolist()} for c, k in dev]
   rows['dev'] = {'model_free': new['dev_set']['model_free']['all'],
                  'left_out': new['criterion']['entries_left_out']}
   for role, t in done.items():
@@ -450,6 +452,11 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
       cells = [' / '.join(interval(g) for g in rows[role][f'minus_{b}'])
                if f'minus_{b}' in rows[role] else '–' for b in fitted]
       lines.append(f"| {name} | {LABELS[role]} | {' | '.join(cells)} |")
+  lines += ['', 'Each evaluated candidate of the new rule, development against test AUROC, image / '
+            'pixel:', '', '| run | candidate | development | test |', '|---|---|---|---|']
+  for name, rows in table.items():
+    lines += [f"| {name} | {_choice(c['choice'])} | {_fmt(c['dev'][0])} / {_fmt(c['dev'][1])} | "
+              f"{_fmt(c['test'][0])} / {_fmt(c['test'][1])} |" for c in rows['candidates']]
   lines += ['', 'Why each rule chose what it did (tuned.json criterion.reason):', '']
   for name, rows in table.items():
     for role in [r for r in ROLES if 'reason' in rows.get(r, {})]:

@@ -60,8 +60,13 @@ def test_every_stage_writes_its_files_and_resumes(tmp_path):
       assert lo <= point <= hi and point == pytest.approx(own - floor)
   assert table['best']['auroc'][0] >= table['new']['auroc'][0]
   assert len(table['kendall_tau']) == 2 and 'zscore' in table
+  # Each evaluated candidate carries its own development AUROCs beside its test AUROCs.
+  dev = [[c['image_auroc'], c['pixel_auroc']] for c in new['candidates']]
+  assert table['candidates'] and all(c['dev'] in dev and all(0.0 <= a <= 1.0 for a in c['test'])
+                                     for c in table['candidates'])
   text = open(tmp_path / 'runs' / 'regret.md').read()
   assert '(a) new rule' in text and 'z-score (no model)' in text
+  assert f"| {run.name} | {regret._choice(table['candidates'][0]['choice'])} | " in text
   assert f"{run.name}, (a) new rule: {new['criterion']['reason']}" in text
   wall = {k: f"{v['wall_s']:.0f}" for k, v in timing.items()}
   assert f"| {run.name} | {wall['train']} | {wall['tune']} |" in text
