@@ -132,6 +132,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   tu.defects_per_image = 3  # painted copies per held-out image, cycling families and strengths
   tu.families = ('field', 'patch', 'cutpaste', 'painted')  # development defects (esm/dev_defects.py)
   tu.strengths = (1.0, 2.0, 4.0)  # mean change in a defect's mask, in std of the training images
+  tu.defect_area = (0.02, 0.15)  # defect regions' area, fraction of the image (log-uniform range)
   tu.defect_kinds = ('scratch', 'hole', 'stain', 'missing', 'extra', 'colour', 'texture')  # painters
   tu.rule = 'noise_aware'  # or 'legacy': the full-contrast painted set, ties to fewer NFE
   tu.tie_tolerance = 0.005  # ties: within max(1 SE, this) of the leader (legacy: within this)

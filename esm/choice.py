@@ -48,6 +48,7 @@ DETECTOR_MARGIN_SE = 2.0
 METRICS = ('image', 'pixel')
 PREFERENCES = ('winner', 'nearest')
 STAGE2_REFERENCES = ('default', 'choice_point', 'choice')
+STAGE2_POINTS = ('choice', 'all')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,9 @@ class RuleOptions:
   # the second (S_Cos) stage's reference (module docstring): 'default', 'choice_point' or
   # 'choice'; the last two keep the first stage's T_d, so S_Cos cannot undo it
   stage2_reference: str = 'default'
+  # where the second stage runs: 'choice' (the first stage's choice, and the reference's point) or
+  # 'all' (every point of the first stage, the second decision among all of them: S_Cos can move T_d)
+  stage2_points: str = 'choice'
   # the entries' metric: None (image and pixel AUROC together) or one of METRICS, which decides
   # that metric's reading alone (experiments/regret.py's split roles pair the two decisions)
   metric: Optional[str] = None
@@ -71,6 +75,12 @@ class RuleOptions:
     if self.stage2_reference not in STAGE2_REFERENCES:
       raise ValueError(f'RuleOptions.stage2_reference: expected one of {STAGE2_REFERENCES}, got '
                        f'{self.stage2_reference!r}')
+    if self.stage2_points not in STAGE2_POINTS:
+      raise ValueError(f'RuleOptions.stage2_points: expected one of {STAGE2_POINTS}, got '
+                       f'{self.stage2_points!r}')
+    if self.stage2_points == 'all' and self.stage2_reference != 'default':
+      raise ValueError("RuleOptions.stage2_points='all' decides among every point against the "
+                       "default: it needs stage2_reference='default'")
     if self.metric not in (None, *METRICS):
       raise ValueError(f'RuleOptions.metric: expected None or one of {METRICS}, got {self.metric!r}')
 

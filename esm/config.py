@@ -98,6 +98,7 @@ class TuneConfig:
   rule: str  # 'noise_aware' (esm/choice.py) or 'legacy' (esm/dev_set.py choose)
   families: Tuple[str, ...]  # development defect families (esm/dev_defects.py)
   strengths: Tuple[float, ...]  # their strengths: mean change in the mask, in standard deviations
+  defect_area: Tuple[float, float]  # (low, high): region area as a fraction of the image, log-uniform
   bootstrap: int  # resamples of the source images behind each SE
 
   def __post_init__(self):
@@ -127,6 +128,9 @@ class TuneConfig:
       raise UserError(f'tune.families: expected names from {FAMILIES}, got {self.families}')
     if not self.strengths or not all(s > 0 for s in self.strengths):
       raise UserError(f'tune.strengths: expected positive numbers, got {self.strengths}')
+    if len(self.defect_area) != 2 or not 0 < self.defect_area[0] <= self.defect_area[1] <= 1:
+      raise UserError(f'tune.defect_area: expected (low, high) with 0 < low <= high <= 1, got '
+                      f'{self.defect_area}')
     if self.bootstrap < 50:
       raise UserError(f'tune.bootstrap: expected at least 50 resamples, got {self.bootstrap}')
 

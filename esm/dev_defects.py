@@ -19,6 +19,8 @@ a target that a draw cannot reach gets its full contrast.
 Mask: the pixels whose downsampled change reaches VISIBLE_LEVELS grey levels (of 255) in some
 channel, about twice the quantisation step plus the z-score's std floor; a defect with fewer than
 MIN_VISIBLE_FRACTION of the image visible is drawn again (at most MAX_DRAWS times).
+Area: field, patch and CutPaste regions cover a log-uniform share of the image in tune.defect_area
+(AREA by default); scars and painters have their own geometry.
 Placement: on the object, estimated per image as the pixels that differ from the image's border
 colour by more than FOREGROUND_LEVELS in some channel (blurred). Where that covers less than 5% or
 more than 95% of the image (a texture, or an object that fills the frame), the whole image is the
@@ -42,7 +44,7 @@ FAMILIES = ('field', 'patch', 'cutpaste', 'painted')
 VISIBLE_LEVELS = 6
 MIN_VISIBLE_FRACTION = 0.0025  # 6 pixels at 48²
 MAX_DRAWS = 50
-AREA = (0.02, 0.15)  # region area as a fraction of the image, log-uniform
+AREA = (0.02, 0.15)  # region area as a fraction of the image, log-uniform (tune.defect_area)
 JITTER = (0.8, 1.25)  # strength jitter, log-uniform
 FOREGROUND_LEVELS = 30
 FOREGROUND_SHARE = (0.05, 0.95)
@@ -114,8 +116,8 @@ def _log_uniform(rng, lo: float, hi: float) -> float:
   return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def _area_px(rng, shape) -> int:
-  return max(1, int(_log_uniform(rng, *AREA) * shape[0] * shape[1]))
+def _area_px(rng, shape, area) -> int:
+  return max(1, int(_log_uniform(rng, *area) * shape[0] * shape[1]))
 
 
 def _point_on(rng, where: np.ndarray) -> tuple[float, float]:
@@ -158,10 +160,10 @@ def _rectangle(shape, centre, length: float, width: float, angle: float) -> np.n
   return (np.abs(along) < length / 2) & (np.abs(across) < width / 2)
 
 
-def _draw_field(rng, img, fg, normal: Normal):
+def _draw_field(rng, img, fg, normal: Normal, area_range):
   field = smooth_field(rng, img.shape)
   values = field[fg]
-  area = min(_area_px(rng, img.shape), values.size)
+  area = min(_area_px(rng, img.shape, area_range), values.size)
   region = (field >= np.partition(values, -area)[-area]) & fg
   src = normal.textures[int(rng.integers(len(normal.textures)))]
   src_centre = (rng.uniform(0, src.shape[0]), rng.uniform(0, src.shape[1]))
@@ -171,10 +173,10 @@ def _draw_field(rng, img, fg, normal: Normal):
   return _jitter_colour(rng, texture), np.clip(_blur(region, _side(img.shape) / 256), 0, 1)
 
 
-def _draw_patch(rng, img, fg, normal: Normal):
+def _draw_patch(rng, img, fg, normal: Normal, area_range):
   k = int(rng.integers(len(normal.textures)))
   src, src_fg = normal.textures[k], normal.texture_objects[k]
-  area, aspect = _area_px(rng, img.shape), _log_uniform(rng, 0.5, 2.0)
+  area, aspect = _area_px(rng, img.shape, area_range), _log_uniform(rng, 0.5, 2.0)
   length, width = math.sqrt(area * aspect), math.sqrt(area / aspect)
   dst_centre, src_centre = _point_on(rng, fg), _point_on(rng, src_fg)
   patch = warp(src, img.shape, dst_centre, src_centre, 0.0, _log_uniform(rng, 0.75, 1.33))
@@ -183,14 +185,14 @@ def _draw_patch(rng, img, fg, normal: Normal):
   return patch, np.clip(2 * feather, 0, 1) * _blur(fg, 1.0)
 
 
-def _draw_cutpaste(rng, img, fg, normal: Normal):
+def _draw_cutpaste(rng, img, fg, normal: Normal, area_range):
   del normal
   side = _side(img.shape)
   if rng.random() < 0.5:  # scar: 2-16 px wide at 256², 10-25% of the side long
     width, length = rng.uniform(2, 16) * side / 256, rng.uniform(0.1, 0.25) * side
     angle = rng.uniform(0, math.pi)
   else:
-    area, aspect = _area_px(rng, img.shape), _log_uniform(rng, 1 / 3, 3.0)
+    area, aspect = _area_px(rng, img.shape, area_range), _log_uniform(rng, 1 / 3, 3.0)
     length, width, angle = math.sqrt(area * aspect), math.sqrt(area / aspect), 0.0
   dst_centre, src_centre = _point_on(rng, fg), _point_on(rng, fg)
   piece = _jitter_colour(rng, warp(img, img.shape, dst_centre, src_centre, 0.0, 1.0))
@@ -204,15 +206,16 @@ def _draw_painted(rng, img, fg, kinds: Sequence[str]):
 
 
 def draw(family: str, img: np.ndarray, fg: np.ndarray, normal: Normal, rng,
-         kinds: Sequence[str] = defects.PAINTED_DEFECTS) -> Draw:
-  """One defect of `family` on img (uint8 [H,W,3], stored size), on its object fg."""
+         kinds: Sequence[str] = defects.PAINTED_DEFECTS, area=AREA) -> Draw:
+  """One defect of `family` on img (uint8 [H,W,3], stored size), on its object fg; area: the
+  (low, high) range of region areas, fractions of the image (not read by scars and painters)."""
   jitter = _log_uniform(rng, *JITTER)
   if family == 'field':
-    target, opacity = _draw_field(rng, img, fg, normal)
+    target, opacity = _draw_field(rng, img, fg, normal, area)
   elif family == 'patch':
-    target, opacity = _draw_patch(rng, img, fg, normal)
+    target, opacity = _draw_patch(rng, img, fg, normal, area)
   elif family == 'cutpaste':
-    target, opacity = _draw_cutpaste(rng, img, fg, normal)
+    target, opacity = _draw_cutpaste(rng, img, fg, normal, area)
   elif family == 'painted':
     target, opacity = _draw_painted(rng, img, fg, kinds)
   else:
@@ -259,14 +262,15 @@ def calibrate(img: np.ndarray, d: Draw, target_z: float, normal: Normal, clean=N
 
 
 def paint(family: str, img: np.ndarray, normal: Normal, strength: float, rng,
-          kinds: Sequence[str] = defects.PAINTED_DEFECTS, fg=None, clean=None) -> DevDefect:
+          kinds: Sequence[str] = defects.PAINTED_DEFECTS, fg=None, clean=None,
+          area=AREA) -> DevDefect:
   """A development defect of `family` at `strength` (its target mean change in standard
   deviations) on img (uint8, stored size), drawn again until enough of it stays visible."""
   fg = object_mask(img) if fg is None else fg
   clean = resize_rgb(img, normal.size) if clean is None else clean
   min_pixels = max(1, math.ceil(MIN_VISIBLE_FRACTION * normal.size**2))
   for attempt in range(MAX_DRAWS):
-    d = draw(family, img, fg, normal, rng, kinds)
+    d = draw(family, img, fg, normal, rng, kinds, area)
     alpha = calibrate(img, d, strength * d.jitter, normal, clean)
     small, mask = apply(img, d, alpha, normal.size, clean)
     if mask.sum() >= min_pixels:

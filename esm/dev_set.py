@@ -85,7 +85,7 @@ def make_dev_set(held_out: Sequence[np.ndarray], normal: dev_defects.Normal, tc:
       family = tc.families[c % len(tc.families)]
       strength = tc.strengths[(c // len(tc.families)) % len(tc.strengths)]
       d = dev_defects.paint(family, img, normal, strength, np.random.default_rng([tc.seed, k, j]),
-                            tc.defect_kinds, fg=fg, clean=clean)
+                            tc.defect_kinds, fg=fg, clean=clean, area=tc.defect_area)
       rows.append((d.image, d.mask, 1, k, family, strength, d.mean_z))
   images, masks, labels, source, families, strengths, mean_z = map(list, zip(*rows))
   images = [preprocess.to_float(im) for im in images]

@@ -131,8 +131,8 @@ def _default_flags(config: Config, rows, features: bool,
   return (like[0] if like else max(there, key=lambda i: len(rows[i]['detectors']))), flags
 
 
-def _decide(config, rows, evidence, dev, model_free, features: bool, options, pool=None,
-            grid=None, at=None, reference=None):
+def decide(config, rows, evidence, dev, model_free, features: bool, options, pool=None,
+           grid=None, at=None, reference=None):
   """The rule's decision with the default at point `at` (the default point unless given), or
   with candidate `reference` as the only default-like row."""
   table = _table(dev, evidence, config.tune)
@@ -146,32 +146,40 @@ def _decide(config, rows, evidence, dev, model_free, features: bool, options, po
   return dict(decision, default=default, kept=kept, left_out=left), table
 
 
+def first_stage_points(config: Config) -> List[Point]:
+  """Every point of the first stage: each supported sampler and floor at each T_d of the grid,
+  and the default's point."""
+  grid = t_d_grid(config.tune.t_d_fractions, config.sde.num_steps, config.sampling.t_d)
+  points = [(m, t, f) for m in supported_methods(config, config.tune.methods)
+            for f in _floors(config, m) for t in grid]
+  return points + ([] if default_point(config) in points else [default_point(config)])
+
+
 def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, restored,
                            model_free: Dict[str, Any], options: choice_lib.RuleOptions):
   """(rows, evidence, decision, table): stage 1 at every point, the rule on it; stage 2, with S_Cos,
-  at the chosen point (and the default's under options.stage2_reference='default'), the rule on
-  the subsets there."""
-  tc = config.tune
-  grid = t_d_grid(tc.t_d_fractions, config.sde.num_steps, config.sampling.t_d)
+  at the chosen point (and the default's under options.stage2_reference='default'; at every point
+  under options.stage2_points='all'), the rule on the subsets there."""
+  grid = t_d_grid(config.tune.t_d_fractions, config.sde.num_steps, config.sampling.t_d)
   feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
-  points = [(m, t, f) for m in supported_methods(config, tc.methods) for f in _floors(config, m)
-            for t in grid]
-  if default_point(config) not in points:
-    points.append(default_point(config))
+  points = first_stage_points(config)
   rows, evidence = score_points(config, workdir, dev, restored, None, points, 1)
-  step1, table = _decide(config, rows, evidence, dev, model_free, False, options, grid=grid)
+  step1, table = decide(config, rows, evidence, dev, model_free, False, options, grid=grid)
   logging.info('tune: stage 1 chose %s (%s)', point_of(rows[step1['index']]), step1['reason'])
   if feature_fn is None:
     return rows, evidence, dict(step1, stage1=None), table
   chosen, reference = point_of(rows[step1['index']]), options.stage2_reference
-  there = ([chosen] if reference != 'default'
-           else list(dict.fromkeys([chosen, default_point(config)])))
+  if options.stage2_points == 'all':
+    there = points
+  else:
+    there = ([chosen] if reference != 'default'
+             else list(dict.fromkeys([chosen, default_point(config)])))
   more, more_evidence = score_points(config, workdir, dev, restored, feature_fn, there, 2)
   rows, evidence = rows + more, evidence + more_evidence
   pool = [i for i, c in enumerate(rows) if point_of(c) in there]
-  step2, table = _decide(config, rows, evidence, dev, model_free, True, options, pool=pool,
-                         at=chosen if reference == 'choice_point' else None,
-                         reference=step1['index'] if reference == 'choice' else None)
+  step2, table = decide(config, rows, evidence, dev, model_free, True, options, pool=pool,
+                        at=chosen if reference == 'choice_point' else None,
+                        reference=step1['index'] if reference == 'choice' else None)
   return rows, evidence, dict(step2, stage1=_brief(step1, rows)), table
 
 
@@ -233,6 +241,7 @@ def noise_aware_record(config: Config, dev, rows, decision, table, model_free, s
       'by_method': by_method,
       'dev_set': {**dev_set.summary(dev), 'defect_kinds': list(tc.defect_kinds),
                   'families_drawn': list(tc.families), 'strengths': list(tc.strengths),
+                  'defect_area': list(tc.defect_area),
                   'defects_per_image': tc.defects_per_image, 'folds': tc.folds, 'seed': tc.seed,
                   'model_free': model_free},
       't_d_grid': t_d_grid(tc.t_d_fractions, config.sde.num_steps, config.sampling.t_d),

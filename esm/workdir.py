@@ -29,6 +29,7 @@ ADDED_FIELDS = {
     'tune.rule': 'legacy',
     'tune.families': ('field', 'patch', 'cutpaste', 'painted'),
     'tune.strengths': (1.0, 2.0, 4.0),
+    'tune.defect_area': (0.02, 0.15),
     'tune.bootstrap': 500,
     'model.scan_streams': False,
     'model.scan_blocks': False,

@@ -30,6 +30,9 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             reason; tuning and training seconds; and over the seeds of each category and model,
             (a), (b), (c) and (c') minus each baseline, minus (c) and minus (c'), pooled, with
             their CIs. RUNS/regret.md and RUNS/regret.json.
+  dev_area  (after evaluate) for each range of --areas (tune.defect_area), the first stage of
+            tuning on the development set drawn with it and the rule's decision, beside each
+            point's test AUROC (experiments/dev_area.py): RUNS/dev_area.md and dev_area.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
 evaluate and table only, after every choice is written.
 """
@@ -68,10 +71,11 @@ from esm import scoring
 from esm import train as train_lib
 from esm import tune
 from esm import tuned as tuned_lib
+from experiments import dev_area
 from experiments.models import MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-STAGES = ('train', 'tune', 'evaluate', 'table', 'difficulty')
+STAGES = ('train', 'tune', 'evaluate', 'table', 'difficulty', 'dev_area')
 LEGACY = {'tune.rule': 'legacy', 'tune.defects_per_image': 2}
 # Variants of the noise-aware rule's guards and tie order (esm/choice.py RuleOptions), each on the
 # same development scores: variants/<name>.json.
@@ -84,6 +88,7 @@ VARIANTS = {
     'choice': choice.RuleOptions(stage2_reference='choice'),
     'image_only': choice.RuleOptions(metric='image'),
     'pixel_only': choice.RuleOptions(metric='pixel'),
+    'features_everywhere': choice.RuleOptions(stage2_points='all'),
 }
 # Roles that read each metric at its own choice: the image score at the image decision's
 # candidate, the pixel map at the pixel decision's (two operating points per image).
@@ -113,6 +118,8 @@ _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed) of each model.')
 _OVERRIDES = flags.DEFINE_multi_string('override', [], 'A config field of every run: field=literal.')
 _FEATURES_AT = flags.DEFINE_enum('features_at', 'choices', ['choices', 'all'],
                                  'Test points that get S_Cos (a ViT pass each).')
+_AREAS = flags.DEFINE_list('areas', ['0.003:0.02', '0.02:0.15', '0.08:0.3'],
+                           'dev_area: ranges of tune.defect_area, low:high fractions of the image.')
 flags.mark_flags_as_required(['stage', 'root', 'runs'])
 
 
@@ -554,7 +561,35 @@ def stage_difficulty(runs: List[Run]) -> str:
   return '\n'.join(lines)
 
 
-def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'choices') -> None:
+def stage_dev_area(runs: List[Run], areas, out_dir: str) -> str:
+  results = {}
+  for run in runs:
+    restored = scoring.restore_ema_params(run.config(), run.workdir, parallel.make_mesh())
+    evidence = load_evidence(run)
+
+    def test_of(point, detectors):
+      entry = evidence.get((_key(point), tuple(detectors)))
+      if entry is None:
+        return [float('nan'), float('nan')]
+      return [float(a[0]) for a in aurocs(entry, np.ones((1, len(entry[2]))))]
+
+    results[run.name] = []
+    for area in areas:
+      logging.info('regret: dev_area of %s, defect area %s', run.name, area)
+      results[run.name].append(dev_area.run_area(run.config({'tune.defect_area': tuple(area)}),
+                                                 run.workdir, restored, test_of))
+  write_json(os.path.join(out_dir, 'dev_area.json'), results)
+  text = dev_area.markdown(results)
+  with open(os.path.join(out_dir, 'dev_area.md'), 'w') as f:
+    f.write(text + '\n')
+  return text
+
+
+def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'choices',
+              areas=((0.003, 0.02), (0.02, 0.15), (0.08, 0.3))) -> None:
+  if stage == 'dev_area':
+    print(stage_dev_area(runs, areas, out_dir))
+    return
   if stage in ('table', 'difficulty'):
     print(stage_table(runs, out_dir) if stage == 'table' else stage_difficulty(runs))
     return
@@ -573,7 +608,8 @@ def main(argv):
   overrides = {k: ast.literal_eval(v) for k, v in (o.split('=', 1) for o in _OVERRIDES.value)}
   runs = make_runs(ROOT.value, _RUNS.value, _CATEGORIES.value, _MODELS.value, _SEEDS.value,
                    overrides)
-  run_stage(_STAGE.value, runs, _RUNS.value, _FEATURES_AT.value)
+  run_stage(_STAGE.value, runs, _RUNS.value, _FEATURES_AT.value,
+            [dev_area.parse_area(a) for a in _AREAS.value])
 
 
 if __name__ == '__main__':

@@ -64,6 +64,20 @@ def test_strengths_are_ordered(family, normal):
   assert mean[0] < mean[1] < mean[2], mean
 
 
+@pytest.mark.parametrize('family', ('field', 'patch'))
+def test_the_area_range_sets_the_region_size(family, normal):
+  """tune.defect_area: a higher range draws larger regions, at the same seeds."""
+  img = _object_image(103)
+  fg = dd.object_mask(img)
+
+  def mean_opacity(area):
+    return np.mean([dd.draw(family, img, fg, normal, np.random.default_rng(seed),
+                            area=area).opacity.mean() for seed in range(6)])
+
+  small, large = mean_opacity((0.01, 0.02)), mean_opacity((0.15, 0.3))
+  assert 0 < small < 0.03 and large > 3 * small
+
+
 def test_the_strength_sets_the_change_in_standard_deviations(normal):
   img = _object_image(103)
   for strength in (1.0, 2.0):

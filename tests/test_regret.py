@@ -77,6 +77,25 @@ def test_every_stage_writes_its_files_and_resumes(tmp_path):
   assert json.load(open(run.path('timing.json'))) == timing
   assert time.time() - start < 30
 
+  # dev_area at the config's own area is tuning's first stage again; a larger area draws larger
+  # regions; each point's test AUROCs are the evaluate stage's.
+  default_area, large = tuple(run.config().tune.defect_area), (0.1, 0.4)
+  regret.run_stage('dev_area', runs, str(tmp_path / 'runs'), areas=(default_area, large))
+  own, wide = json.load(open(tmp_path / 'runs' / 'dev_area.json'))[run.name]
+  assert (own['area'], wide['area']) == (list(default_area), list(large))
+  stage1 = [c for c in new['candidates'] if c['stage'] == 1]
+  assert [p['point'] for p in own['points']] == [[c['method'], c['t_d'], c.get('sigma_floor')]
+                                                 for c in stage1]
+  assert [p['dev_criterion'] for p in own['points']] == pytest.approx(
+      [c['criterion_auroc'] for c in stage1])
+  assert own['choice'] == new['criterion']['id']  # no S_Cos here: the first stage decides
+  assert wide['region_mask_share'] > own['region_mask_share']
+  point, detectors = table['default']['choice']
+  default = next(p for p in own['points'] if regret._key(p['point']) == point
+                 and p['detectors'] == detectors)
+  assert default['test'] == pytest.approx(table['default']['auroc'])
+  assert '| defect area |' in open(tmp_path / 'runs' / 'dev_area.md').read()
+
 
 def test_pooled_rows_average_the_seeds_paired_against_the_baselines(monkeypatch):
   rng = np.random.default_rng(0)

@@ -51,7 +51,8 @@ def test_bad_tune_fields_are_named():
                        ('tune.sigma_floors', ('none',)), ('tune.sigma_floors', ()),
                        ('tune.folds', 1), ('tune.defect_kinds', ('smudge',)),
                        ('tune.rule', 'best'), ('tune.families', ('blur',)), ('tune.families', ()),
-                       ('tune.strengths', (0.0,)), ('tune.bootstrap', 10)):
+                       ('tune.strengths', (0.0,)), ('tune.bootstrap', 10),
+                       ('tune.defect_area', (0.2, 0.1)), ('tune.defect_area', (0.0, 0.1))):
     with pytest.raises(UserError, match=field):
       from_configdict(common.override(get_default_config(), {field: value}))
 
@@ -287,6 +288,31 @@ def test_progress_keys_change_with_the_parameters_the_set_the_config_and_the_sta
   assert tuned_lib.progress_key(None, cfg, 1) is None  # a multi-host run saves nothing
 
 
+@pytest.mark.slow
+def test_the_second_stage_at_every_point_decides_among_all_of_them(tuned_run, tmp_path):
+  """RuleOptions(stage2_points='all'): S_Cos (here a random ViT) joins at every point of the
+  first stage, and the choice is made among all of them against the default's detectors."""
+  cfg, trained, _ = tuned_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns('report', 'tuned.json'))
+  cfg = from_configdict(common.override(cfg, {
+      'features.model': 'dino_vits16', 'features.weights': 'random', 'features.layers': (1, 0),
+      'features.image_size': 32, 'tune.methods': ('sgm',)}))
+  tuned, _ = tune.run_tuning(cfg, workdir, options=choice.RuleOptions(stage2_points='all'))
+  rows = tuned['candidates']
+  first = {tune.point_of(c) for c in rows if c['stage'] == 1}
+  second = [c for c in rows if c['stage'] == 2]
+  assert {tune.point_of(c) for c in second} == first and len(first) > 1
+  assert {tune.point_of(c) for c in second if 'cos' in c['detectors']} == first
+  assert tuned['criterion']['id'] in [b['id'] for b in tuned['criterion']['band']] or (
+      tuned['criterion']['reason'].startswith('default'))
+  assert rows[tuned['criterion']['default']]['stage'] == 2
+  with pytest.raises(ValueError, match='stage2_points'):
+    choice.RuleOptions(stage2_points='some')
+  with pytest.raises(ValueError, match="stage2_reference='default'"):
+    choice.RuleOptions(stage2_points='all', stage2_reference='choice')
+
+
 def test_the_second_stage_reference_is_the_default_detectors_at_the_point_it_is_given():
   cfg = from_configdict(runs.config('micro'))
   full = tune.default_detectors(cfg, 'esm', True)
@@ -300,7 +326,7 @@ def test_the_second_stage_reference_is_the_default_detectors_at_the_point_it_is_
 
 
 def test_a_given_reference_is_the_only_default_and_wins_a_tie():
-  """_decide(reference=i): candidate i alone is default-like, so when every candidate scores the
+  """decide(reference=i): candidate i alone is default-like, so when every candidate scores the
   same it is the choice, whatever the config's default."""
   cfg = from_configdict(runs.config('micro'))
   family = cfg.tune.families[0]
@@ -318,7 +344,7 @@ def test_a_given_reference_is_the_only_default_and_wins_a_tie():
            **({'sigma_floor': floor} if floor else {})} for t in (t_d, 2 * t_d, 3 * t_d)]
   model_free = {'families': {family: {'image_auroc': 0.6, 'pixel_auroc': 0.6}}}
   options = choice.RuleOptions()
-  own, _ = tune._decide(cfg, rows, evidence, dev, model_free, False, options)
-  given, _ = tune._decide(cfg, rows, evidence, dev, model_free, False, options, reference=2)
+  own, _ = tune.decide(cfg, rows, evidence, dev, model_free, False, options)
+  given, _ = tune.decide(cfg, rows, evidence, dev, model_free, False, options, reference=2)
   assert (own['default'], own['index']) == (0, 0)
   assert (given['default'], given['index']) == (2, 2)
