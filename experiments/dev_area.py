@@ -21,6 +21,7 @@ from esm import tune
 from esm.config import Config
 
 REGION_FAMILIES = ('field', 'patch', 'cutpaste')  # the families whose size tune.defect_area sets
+AREAS = ((0.003, 0.02), (0.02, 0.15), (0.08, 0.3))  # small, the default, large
 
 
 def parse_area(text: str) -> Tuple[float, float]:

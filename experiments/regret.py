@@ -34,7 +34,7 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             tuning on the development set drawn with it and the rule's decision, beside each
             point's test AUROC (experiments/dev_area.py): RUNS/dev_area.md and dev_area.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
-evaluate and table only, after every choice is written.
+evaluate, table and dev_area only, after every choice is written.
 """
 
 import ast
@@ -118,7 +118,7 @@ _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed) of each model.')
 _OVERRIDES = flags.DEFINE_multi_string('override', [], 'A config field of every run: field=literal.')
 _FEATURES_AT = flags.DEFINE_enum('features_at', 'choices', ['choices', 'all'],
                                  'Test points that get S_Cos (a ViT pass each).')
-_AREAS = flags.DEFINE_list('areas', ['0.003:0.02', '0.02:0.15', '0.08:0.3'],
+_AREAS = flags.DEFINE_list('areas', [f'{low}:{high}' for low, high in dev_area.AREAS],
                            'dev_area: ranges of tune.defect_area, low:high fractions of the image.')
 flags.mark_flags_as_required(['stage', 'root', 'runs'])
 
@@ -586,7 +586,7 @@ def stage_dev_area(runs: List[Run], areas, out_dir: str) -> str:
 
 
 def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'choices',
-              areas=((0.003, 0.02), (0.02, 0.15), (0.08, 0.3))) -> None:
+              areas=dev_area.AREAS) -> None:
   if stage == 'dev_area':
     print(stage_dev_area(runs, areas, out_dir))
     return
