@@ -34,7 +34,8 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             tuning on the development set drawn with it and the rule's decision, beside each
             point's test AUROC (experiments/dev_area.py): RUNS/dev_area.md and dev_area.json.
 Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
-evaluate, table and dev_area only, after every choice is written.
+evaluate, table and dev_area only, after every tuning's choice is written; dev_area's own
+decisions read the development set alone and are only reported.
 """
 
 import ast
