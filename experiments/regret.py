@@ -11,7 +11,7 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
   tune      the noise-aware rule (tuned.json, tuning_scores.npz), the legacy rule on the legacy set
             (legacy_tuned.json: full-contrast painted defects, 2 per image, ties to fewer NFE),
             and each of VARIANTS of the noise-aware rule on its development scores
-            (variants/<name>.json).
+            (variants/<name>.json; --variants picks some).
   evaluate  the test split at every candidate point of every tuning (sampler, floor, T_d) and the
             default, every detector subset from the same maps (S_Cos only at the points a rule
             chose and the default, unless --features_at=all), and the model-free baselines
@@ -119,9 +119,14 @@ _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed) of each model.')
 _OVERRIDES = flags.DEFINE_multi_string('override', [], 'A config field of every run: field=literal.')
 _FEATURES_AT = flags.DEFINE_enum('features_at', 'choices', ['choices', 'all'],
                                  'Test points that get S_Cos (a ViT pass each).')
+_VARIANTS = flags.DEFINE_list('variants', list(VARIANTS),
+                              'tune: the VARIANTS to run (features_everywhere runs S_Cos at every '
+                              'candidate point, the costliest).')
 _AREAS = flags.DEFINE_list('areas', [f'{low}:{high}' for low, high in dev_area.AREAS],
                            'dev_area: ranges of tune.defect_area, low:high fractions of the image.')
 flags.mark_flags_as_required(['stage', 'root', 'runs'])
+flags.register_validator('variants', lambda names: set(names) <= set(VARIANTS),
+                         f'--variants: names of VARIANTS ({", ".join(VARIANTS)})')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,16 +192,16 @@ def stage_train(run: Run) -> None:
     timed(run, 'train', lambda: run_lib.run(run.config_dict, run.workdir, 'train'))
 
 
-def stage_tune(run: Run) -> None:
+def stage_tune(run: Run, variants=tuple(VARIANTS)) -> None:
   if tuned_lib.load(run.workdir) is None:
     timed(run, 'tune', lambda: tune.tune(run.config(), run.workdir, keep_progress=True))
   if read_json(run.path('legacy_tuned.json')) is None:
     timed(run, 'tune_legacy', lambda: write_json(run.path('legacy_tuned.json'), tune.run_tuning(
         run.config(LEGACY), run.workdir, keep_progress=True)[0]))
-  for name, options in VARIANTS.items():  # stage 1's scores are read back, S_Cos may run anew
+  for name in variants:  # stage 1's scores are read back, S_Cos may run anew
     if read_json(variant_path(run, name)) is None:
       timed(run, f'tune_{name}', lambda: write_json(variant_path(run, name), tune.run_tuning(
-          run.config(), run.workdir, keep_progress=True, options=options)[0]))
+          run.config(), run.workdir, keep_progress=True, options=VARIANTS[name])[0]))
 
 
 def variant_path(run: Run, name: str) -> str:
@@ -587,7 +592,7 @@ def stage_dev_area(runs: List[Run], areas, out_dir: str) -> str:
 
 
 def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'choices',
-              areas=dev_area.AREAS) -> None:
+              areas=dev_area.AREAS, variants=tuple(VARIANTS)) -> None:
   if stage == 'dev_area':
     print(stage_dev_area(runs, areas, out_dir))
     return
@@ -598,8 +603,10 @@ def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'cho
     logging.info('regret: %s of %s', stage, run.name)
     if stage == 'evaluate':
       stage_evaluate(run, features_at)
+    elif stage == 'tune':
+      stage_tune(run, variants)
     else:
-      {'train': stage_train, 'tune': stage_tune}[stage](run)
+      stage_train(run)
 
 
 def main(argv):
@@ -610,7 +617,7 @@ def main(argv):
   runs = make_runs(ROOT.value, _RUNS.value, _CATEGORIES.value, _MODELS.value, _SEEDS.value,
                    overrides)
   run_stage(_STAGE.value, runs, _RUNS.value, _FEATURES_AT.value,
-            [dev_area.parse_area(a) for a in _AREAS.value])
+            [dev_area.parse_area(a) for a in _AREAS.value], _VARIANTS.value)
 
 
 if __name__ == '__main__':

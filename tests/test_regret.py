@@ -76,6 +76,12 @@ def test_every_stage_writes_its_files_and_resumes(tmp_path):
     regret.run_stage(stage, runs, str(tmp_path / 'runs'))
   assert json.load(open(run.path('timing.json'))) == timing
   assert time.time() - start < 30
+  # A tune stage runs the variants it names and no other.
+  for name in ('guarded', 'nearest'):
+    os.remove(regret.variant_path(run, name))
+  regret.run_stage('tune', runs, str(tmp_path / 'runs'), variants=('guarded',))
+  assert os.path.exists(regret.variant_path(run, 'guarded'))
+  assert not os.path.exists(regret.variant_path(run, 'nearest'))
 
   # dev_area at the config's own area is tuning's first stage again; a larger area draws larger
   # regions; each point's test AUROCs are the evaluate stage's.
