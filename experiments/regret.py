@@ -33,7 +33,8 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
   dev_area  (after evaluate) for each range of --areas (tune.defect_area), the first stage of
             tuning on the development set drawn with it and the rule's decision, beside each
             point's test AUROC (experiments/dev_area.py): RUNS/dev_area.md and dev_area.json.
-Each stage skips what its files already hold, so a rerun resumes. Test labels are read in
+Each stage skips what its files already hold, so a rerun resumes; --shard=K/N splits evaluate's
+test points among N processes. Test labels are read in
 evaluate, table and dev_area only, after every tuning's choice is written; dev_area's own
 decisions read the development set alone and are only reported.
 """
@@ -122,6 +123,8 @@ _FEATURES_AT = flags.DEFINE_enum('features_at', 'choices', ['choices', 'all'],
 _VARIANTS = flags.DEFINE_list('variants', list(VARIANTS),
                               'tune: the VARIANTS to run (features_everywhere runs S_Cos at every '
                               'candidate point, the costliest).')
+_SHARD = flags.DEFINE_string('shard', '0/1', 'evaluate: K/N takes every N-th test point from the '
+                              'K-th, so that N processes split the stage.')
 _AREAS = flags.DEFINE_list('areas', [f'{low}:{high}' for low, high in dev_area.AREAS],
                            'dev_area: ranges of tune.defect_area, low:high fractions of the image.')
 flags.mark_flags_as_required(['stage', 'root', 'runs'])
@@ -293,21 +296,25 @@ def _has_features(path: str) -> bool:
   return any('cos' in subset for subset in resample.load_evidence(path))
 
 
-def stage_evaluate(run: Run, features_at: str = 'choices') -> None:
+def stage_evaluate(run: Run, features_at: str = 'choices',
+                   shard: Tuple[int, int] = (0, 1)) -> None:
+  """The test points still to do, or those of shard (k, n): every n-th of test_points from the
+  k-th, a split that does not change as points are done; shard 0 also scores the baselines."""
   config = run.config()
   gb = config.eval.batch_size
   val = pipeline.get_eval_data(config.data, 'val', global_batch_size=gb)
   test = pipeline.get_eval_data(config.data, 'test', global_batch_size=gb)
   features = config.features.model != 'none'
   path = lambda point: run.path('test', _key(point) + '.npz')
-  todo = [(p, f) for p, f in test_points(run, features_at) if not os.path.exists(path(p))
-          or (f and features and not _has_features(path(p)))]
+  todo = [(p, f) for p, f in test_points(run, features_at)[shard[0]::shard[1]]
+          if not os.path.exists(path(p)) or (f and features and not _has_features(path(p)))]
   if todo:
     restored = scoring.restore_ema_params(config, run.workdir, parallel.make_mesh())
     feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
     for point, features in todo:
       evaluate_point(run, config, point, features, restored, feature_fn, val, test)
-  evaluate_baselines(run, config, test)
+  if shard[0] == 0:
+    evaluate_baselines(run, config, test)
 
 
 # --- table -----------------------------------------------------------------------------------------
@@ -592,7 +599,7 @@ def stage_dev_area(runs: List[Run], areas, out_dir: str) -> str:
 
 
 def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'choices',
-              areas=dev_area.AREAS, variants=tuple(VARIANTS)) -> None:
+              areas=dev_area.AREAS, variants=tuple(VARIANTS), shard=(0, 1)) -> None:
   if stage == 'dev_area':
     print(stage_dev_area(runs, areas, out_dir))
     return
@@ -602,11 +609,18 @@ def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'cho
   for run in runs:
     logging.info('regret: %s of %s', stage, run.name)
     if stage == 'evaluate':
-      stage_evaluate(run, features_at)
+      stage_evaluate(run, features_at, shard)
     elif stage == 'tune':
       stage_tune(run, variants)
     else:
       stage_train(run)
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+  k, n = (int(x) for x in text.split('/'))
+  if not 0 <= k < n:
+    raise ValueError(f'--shard={text}: K/N with 0 <= K < N')
+  return k, n
 
 
 def main(argv):
@@ -617,7 +631,8 @@ def main(argv):
   runs = make_runs(ROOT.value, _RUNS.value, _CATEGORIES.value, _MODELS.value, _SEEDS.value,
                    overrides)
   run_stage(_STAGE.value, runs, _RUNS.value, _FEATURES_AT.value,
-            [dev_area.parse_area(a) for a in _AREAS.value], _VARIANTS.value)
+            [dev_area.parse_area(a) for a in _AREAS.value], _VARIANTS.value,
+            parse_shard(_SHARD.value))
 
 
 if __name__ == '__main__':
