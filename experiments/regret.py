@@ -494,9 +494,9 @@ def markdown(table: Dict[str, Dict[str, Any]]) -> str:
 
 def pooled_rows(runs: List[Run], evidence_of: Dict[str, Dict[Tuple, resample.Evidence]]
                 ) -> Dict[str, Dict[str, Any]]:
-  """Per category and model with more than one seed: each of POOLED_ROLES minus each model-free
-  baseline and minus each of REFERENCES (but itself), test image and pixel AUROC averaged over
-  the seeds, with a paired bootstrap 95% interval over the test images ([2, 3] each: value, low,
+  """Per category and model, over its seeds (one or more): each of POOLED_ROLES minus each
+  model-free baseline and minus each of REFERENCES (but itself), test image and pixel AUROC
+  averaged over the seeds, with a paired bootstrap 95% interval over the test images ([2, 3] each: value, low,
   high); evidence_of: run name -> load_evidence(run)."""
   groups: Dict[str, List[Run]] = {}
   for run in runs:
@@ -514,7 +514,7 @@ def pooled_rows(runs: List[Run], evidence_of: Dict[str, Dict[Tuple, resample.Evi
       for b in baselines.BASELINES:
         if (b, (b,)) in evidence:
           free.setdefault(b, []).append(evidence[(b, (b,))])
-    if len(group) < 2 or any(len(v) != len(group) for v in [*chosen.values(), *free.values()]):
+    if any(len(v) != len(group) for v in [*chosen.values(), *free.values()]):
       continue
     against = {**{f'minus_{b}': entries for b, entries in free.items()},
                **{f'minus_{r}': chosen.get(r) for r in REFERENCES}}

@@ -138,7 +138,11 @@ def test_pooled_rows_average_the_seeds_paired_against_the_baselines(monkeypatch)
                              resample.paired_difference(of(paper), of(default), regret.RESAMPLES))
   assert pooled['seeds'] == [0, 1] and 'minus_default' not in pooled['default']
   assert 'minus_paper' not in pooled['paper'] and 'minus_paper' in pooled['default']
-  assert regret.pooled_rows(runs[:1], evidence_of) == {}  # one seed pools nothing
+  # One seed gives that run's own paired differences.
+  one = regret.pooled_rows(runs[:1], evidence_of)['cat sgm']
+  assert one['seeds'] == [0]
+  np.testing.assert_allclose(one['new']['minus_paper'], resample.paired_difference(
+      [evidence[0][chosen]], [evidence[0][paper]], regret.RESAMPLES))
   text = regret.pooled_markdown(regret.pooled_rows(runs, evidence_of))
   assert '| cat sgm (0, 1) | (a) new rule |' in text and '| cat sgm (0, 1) | (c) untuned' in text
   assert "| cat sgm (0, 1) | (c') the paper's T_d" in text
