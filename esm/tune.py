@@ -146,12 +146,16 @@ def decide(config, rows, evidence, dev, model_free, features: bool, options, poo
   return dict(decision, default=default, kept=kept, left_out=left), table
 
 
+def noise_aware_grid(config: Config) -> List[int]:
+  """The noise-aware rule's T_d grid: tune.t_d_fractions of T, and the config's own T_d."""
+  return t_d_grid(config.tune.t_d_fractions, config.sde.num_steps, config.sampling.t_d)
+
+
 def first_stage_points(config: Config) -> List[Point]:
   """Every point of the first stage: each supported sampler and floor at each T_d of the grid,
   and the default's point."""
-  grid = t_d_grid(config.tune.t_d_fractions, config.sde.num_steps, config.sampling.t_d)
   points = [(m, t, f) for m in supported_methods(config, config.tune.methods)
-            for f in _floors(config, m) for t in grid]
+            for f in _floors(config, m) for t in noise_aware_grid(config)]
   return points + ([] if default_point(config) in points else [default_point(config)])
 
 
@@ -160,7 +164,7 @@ def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, re
   """(rows, evidence, decision, table): stage 1 at every point, the rule on it; stage 2, with S_Cos,
   at the chosen point (and the default's under options.stage2_reference='default'; at every point
   under options.stage2_points='all'), the rule on the subsets there."""
-  grid = t_d_grid(config.tune.t_d_fractions, config.sde.num_steps, config.sampling.t_d)
+  grid = noise_aware_grid(config)
   feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
   points = first_stage_points(config)
   rows, evidence = score_points(config, workdir, dev, restored, None, points, 1)
@@ -244,7 +248,7 @@ def noise_aware_record(config: Config, dev, rows, decision, table, model_free, s
                   'defect_area': list(tc.defect_area),
                   'defects_per_image': tc.defects_per_image, 'folds': tc.folds, 'seed': tc.seed,
                   'model_free': model_free},
-      't_d_grid': t_d_grid(tc.t_d_fractions, config.sde.num_steps, config.sampling.t_d),
+      't_d_grid': noise_aware_grid(config),
       'methods': list(by_method), 'sigma_floors': list(tc.sigma_floors), 'checkpoint_step': step,
       'candidates': rows,
   }

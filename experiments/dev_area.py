@@ -36,11 +36,10 @@ def run_area(config: Config, workdir: str, restored,
   area = config.tune.defect_area
   dev, normal = tune.development_set(config)
   model_free = dev_set.model_free(dev, normal.stats)
-  grid = tune.t_d_grid(config.tune.t_d_fractions, config.sde.num_steps, config.sampling.t_d)
   rows, scores = tune.score_points(config, workdir, dev, restored, None,
                                    tune.first_stage_points(config), 1)
   decision, table = tune.decide(config, rows, scores, dev, model_free, False, choice.RuleOptions(),
-                                grid=grid)
+                                grid=tune.noise_aware_grid(config))
   kept = decision['kept']
   by_metric = {m: [e for e in kept if table.entries[e][1] == m] for m in choice.METRICS}
   points = []
