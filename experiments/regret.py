@@ -112,6 +112,15 @@ METRICS = choice.METRICS
 RESAMPLES = 2000
 DEVELOPMENT = ('bottle', 'pill')  # the categories a rule or default may be chosen on
 
+
+def parse_shard(text: str) -> Optional[Tuple[int, int]]:
+  """K/N -> (K, N), or None where text is not K/N with 0 <= K < N."""
+  match = re.fullmatch(r'(\d+)/(\d+)', text)
+  if match is None or int(match[1]) >= int(match[2]):
+    return None
+  return int(match[1]), int(match[2])
+
+
 _STAGE = flags.DEFINE_enum('stage', None, STAGES, 'The stage to run.')
 _RUNS = flags.DEFINE_string('runs', None, 'Folder of the runs and the tables.')
 _CATEGORIES = flags.DEFINE_list(
@@ -129,8 +138,7 @@ _SHARD = flags.DEFINE_string('shard', '0/1', 'evaluate: K/N takes every N-th tes
 _AREAS = flags.DEFINE_list('areas', [f'{low}:{high}' for low, high in dev_area.AREAS],
                            'dev_area: ranges of tune.defect_area, low:high fractions of the image.')
 flags.mark_flags_as_required(['stage', 'root', 'runs'])
-flags.register_validator('shard', lambda text: re.fullmatch(r'\d+/\d+', text) is not None
-                         and int(text.split('/')[0]) < int(text.split('/')[1]),
+flags.register_validator('shard', lambda text: parse_shard(text) is not None,
                          '--shard: K/N with 0 <= K < N')
 flags.register_validator('variants', lambda names: set(names) <= set(VARIANTS),
                          f'--variants: names of VARIANTS ({", ".join(VARIANTS)})')
@@ -618,11 +626,6 @@ def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'cho
       stage_tune(run, variants)
     else:
       stage_train(run)
-
-
-def parse_shard(text: str) -> Tuple[int, int]:
-  k, n = (int(x) for x in text.split('/'))
-  return k, n
 
 
 def main(argv):
