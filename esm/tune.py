@@ -154,8 +154,9 @@ def noise_aware_grid(config: Config) -> List[int]:
 def first_stage_points(config: Config) -> List[Point]:
   """Every point of the first stage: each supported sampler and floor at each T_d of the grid,
   and the default's point."""
+  grid = noise_aware_grid(config)
   points = [(m, t, f) for m in supported_methods(config, config.tune.methods)
-            for f in _floors(config, m) for t in noise_aware_grid(config)]
+            for f in _floors(config, m) for t in grid]
   return points + ([] if default_point(config) in points else [default_point(config)])
 
 
