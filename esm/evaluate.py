@@ -23,7 +23,6 @@ from esm import parallel
 from esm import report
 from esm import resample
 from esm import scoring
-from esm import train as train_lib
 from esm import tuned as tuned_lib
 from esm.config import Config
 
@@ -83,7 +82,8 @@ def evaluate_baselines(config: Config, workdir: str, outputs: scoring.SplitOutpu
   """The model-free baselines on the same test split, with the same metrics; a baseline trained
   before this workdir had one is fitted now, on the training images. Returns the result rows and
   each available baseline's (pixel maps, image scores)."""
-  train_lib.fit_baselines(config, workdir)
+  baselines.fit_missing(config, workdir, lambda: pipeline.get_eval_data(
+      config.data, 'train', global_batch_size=config.eval.batch_size))
   test = pipeline.get_eval_data(config.data, 'test', global_batch_size=config.eval.batch_size)
   context = baselines.make_context(config)
   pixel_labels = metrics.prepare_pixel_labels(outputs.masks) if test.has_masks else None

@@ -43,6 +43,15 @@ def test_the_library_never_imports_configs_experiments_or_bench():
   assert not {m: i for m, i in upward.items() if i}
 
 
+MODE_MODULES = ('esm.train', 'esm.tune', 'esm.evaluate', 'esm.predict', 'esm.exporter')
+
+
+def test_the_modes_never_import_each_other():
+  graph = _graph()
+  crossing = {m: sorted(d for d in graph[m] if d in MODE_MODULES) for m in MODE_MODULES}
+  assert not {m: d for m, d in crossing.items() if d}
+
+
 def test_no_import_circle():
   graph = {m: {d for d in deps if d in _graph_keys()} for m, deps in _graph().items()}
   # A package's __init__ re-exporting its modules is not a circle through the package itself.
