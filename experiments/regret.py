@@ -45,6 +45,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -191,15 +192,43 @@ def write_json(path: str, value) -> None:
   os.replace(path + '.tmp', path)
 
 
+UNFINISHED = ' (unfinished)'  # timing.json: the seconds an interrupted stage has spent so far
+UNFINISHED_EVERY_S = 30.0
+
+
 def timed(run: Run, key: str, fn) -> None:
   """fn(), with its wall and CPU seconds added to timing.json under key; fn() returning False
-  (a preempted training, its checkpoint saved) ends the stage, and a rerun resumes it."""
+  (a preempted training, its checkpoint saved) ends the stage, and a rerun resumes it. While fn
+  runs, its seconds so far are written every UNFINISHED_EVERY_S under key + UNFINISHED, so that a
+  stage killed and resumed reports the time of every attempt, not only the last one's."""
+  path = run.path('timing.json')
+  before = (read_json(path) or {}).get(key + UNFINISHED, {'wall_s': 0.0, 'cpu_s': 0.0})
   wall, cpu = time.time(), time.process_time()
-  if fn() is False:
+
+  def save(name: str) -> None:  # one writer at a time: the recorder thread, then this one
+    timing = read_json(path) or {}
+    timing.pop(key + UNFINISHED, None)
+    timing[name] = {'wall_s': round(before['wall_s'] + time.time() - wall, 1),
+                    'cpu_s': round(before['cpu_s'] + time.process_time() - cpu, 1)}
+    write_json(path, timing)
+
+  stop = threading.Event()
+
+  def record():
+    while not stop.wait(UNFINISHED_EVERY_S):
+      save(key + UNFINISHED)
+
+  recorder = threading.Thread(target=record, daemon=True)
+  recorder.start()
+  finished = False
+  try:
+    finished = fn() is not False
+  finally:
+    stop.set()
+    recorder.join()
+    save(key if finished else key + UNFINISHED)
+  if not finished:
     raise SystemExit(f'{run.workdir}: preempted; rerun the stage to resume')
-  timing = read_json(run.path('timing.json')) or {}
-  timing[key] = {'wall_s': round(time.time() - wall, 1), 'cpu_s': round(time.process_time() - cpu, 1)}
-  write_json(run.path('timing.json'), timing)
 
 
 def stage_train(run: Run) -> None:

@@ -158,3 +158,24 @@ def test_paper_point_is_the_papers_t_d_scaled_to_the_configs_t():
   config = synthetic.config()
   assert regret.paper_point(synthetic, config) is None  # no paper table: (c') is not scored
   assert regret.untuned_points(synthetic, config) == {'default': regret.tune.default_point(config)}
+
+
+def test_a_stage_killed_and_resumed_reports_the_time_of_both_attempts(tmp_path, monkeypatch):
+  monkeypatch.setattr(regret, 'UNFINISHED_EVERY_S', 0.05)
+  run = regret.Run('synthetic', 'object', 'esm', 0, str(tmp_path), {})
+
+  def interrupted():
+    time.sleep(0.3)  # a SIGKILL here would leave what the recorder wrote while it ran
+    assert 'tune' + regret.UNFINISHED in json.load(open(run.path('timing.json')))
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    regret.timed(run, 'tune', interrupted)
+  timing = json.load(open(run.path('timing.json')))
+  assert set(timing) == {'tune' + regret.UNFINISHED}
+  assert timing['tune' + regret.UNFINISHED]['wall_s'] >= 0.3
+  with pytest.raises(SystemExit):  # a preempted attempt: still unfinished
+    regret.timed(run, 'tune', lambda: time.sleep(0.2) or False)
+  regret.timed(run, 'tune', lambda: time.sleep(0.2))
+  timing = json.load(open(run.path('timing.json')))
+  assert set(timing) == {'tune'} and timing['tune']['wall_s'] >= 0.7
