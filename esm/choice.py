@@ -8,7 +8,8 @@ esm/resample.py). The rule, in order:
      (AUROC - 0.5 <= 2 SE for all) carry no ranking information and leave the criterion; under
      RuleOptions.metric only that metric's entries stay. With none left, the default is kept.
   2. A candidate whose detector subset or ESM^σ floor is not the default's is eligible only when
-     it beats the default by more than DETECTOR_MARGIN_SE standard errors.
+     it beats the default by more than RuleOptions.detector_margin_se standard errors
+     (DETECTOR_MARGIN_SE, 2, by default).
   3. The leader has the best mean rank over the entries (families combined by rank, not pooled).
   4. Its ties: candidates whose difference to the leader (the mean over the entries of their
      AUROC differences, paired over resamples) is within max(1 SE, tune.tie_tolerance).
@@ -68,6 +69,8 @@ class RuleOptions:
   # the entries' metric: None (image and pixel AUROC together) or one of METRICS, which decides
   # that metric's reading alone (experiments/regret.py's split roles pair the two decisions)
   metric: Optional[str] = None
+  # step 2's margin, in standard errors of the difference to the default
+  detector_margin_se: float = DETECTOR_MARGIN_SE
 
   def __post_init__(self):
     if self.prefer not in PREFERENCES:
@@ -83,6 +86,9 @@ class RuleOptions:
                        "default: it needs stage2_reference='default'")
     if self.metric not in (None, *METRICS):
       raise ValueError(f'RuleOptions.metric: expected None or one of {METRICS}, got {self.metric!r}')
+    if not self.detector_margin_se >= 0:
+      raise ValueError('RuleOptions.detector_margin_se: expected a number of standard errors >= 0, '
+                       f'got {self.detector_margin_se!r}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +227,7 @@ def choose(table: ScoreTable, candidates: List[Dict[str, Any]], default: int,
             'information', 'band': [default], 'eligible': [default], 'leave_one_family_out': {}}
   diff, se = _difference(table, kept, pool, default)
   eligible = [i for k, i in enumerate(pool)
-              if i == default or default_like[i] or diff[k] > DETECTOR_MARGIN_SE * se[k]]
+              if i == default or default_like[i] or diff[k] > options.detector_margin_se * se[k]]
   out = _band(table, candidates, eligible, default, tie_tolerance, kept, t_d_grid, options)
   out['eligible'] = eligible
   out['leave_one_family_out'] = {}

@@ -93,6 +93,7 @@ VARIANTS = {
     'image_only': choice.RuleOptions(metric='image'),
     'pixel_only': choice.RuleOptions(metric='pixel'),
     'features_everywhere': choice.RuleOptions(stage2_points='all'),
+    'margin_1se': choice.RuleOptions(detector_margin_se=1.0),
 }
 # Roles that read each metric at its own choice: the image score at the image decision's
 # candidate, the pixel map at the pixel decision's (two operating points per image).

@@ -73,6 +73,14 @@ def test_a_non_default_detector_subset_must_beat_the_default_by_two_se():
   assert out['eligible'] == [0] and out['index'] == 0
   large = _table([[0.70] * 6, [0.95] * 6], noise=0.01)
   assert _choose(large, candidates, like=like)['index'] == 1
+  # RuleOptions.detector_margin_se sets the margin: the subset is eligible just below its lead.
+  diff, se = choice._difference(small, range(len(ENTRIES)), [1], 0)
+  lead = float(diff[0] / se[0])
+  assert 0.5 < lead < 2
+  assert _choose(small, candidates, like=like, detector_margin_se=lead - 0.1)['eligible'] == [0, 1]
+  assert _choose(small, candidates, like=like, detector_margin_se=lead + 0.1)['eligible'] == [0]
+  with pytest.raises(ValueError, match='detector_margin_se'):
+    choice.RuleOptions(detector_margin_se=-1.0)
 
 
 def test_saturation_keeps_the_default():
