@@ -27,7 +27,7 @@ The rule runs twice (esm/tune.py): on every point without S_Cos, then on the det
 S_Cos among them, at the first stage's choice; RuleOptions.stage2_reference names the second
 stage's reference: the config's default, whose point joins the pool ('default'); the first
 stage's point with the default's detectors ('choice_point'); or the first stage's choice itself,
-so that S_Cos enters only by beating it by DETECTOR_MARGIN_SE ('choice').
+so that S_Cos enters only by beating it by step 2's margin ('choice').
 The defaults were chosen on bottle and pill by a rule written before the test results of the
 variants existed (docs/results.md, "Tuning regret"); experiments/regret.py compares the variants.
 """
