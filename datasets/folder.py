@@ -53,13 +53,15 @@ class Listing:
     return [e for e in self.entries if e.split == name]
 
   def fingerprint(self) -> str:
-    """Hash of every listed file's path, size and mtime: changes when the source changes."""
-    h = hashlib.sha256(os.path.realpath(self.category_root).encode())  # however root is spelt
+    """Hash of every listed file's path, size and mtime: changes when the source changes, and not
+    when the same folder is named another way (relative, absolute, through a link)."""
+    h = hashlib.sha256(os.path.realpath(self.category_root).encode())
     for e in self.entries:
       for path in (e.image_path, e.mask_path):
         if path:
           st = os.stat(path)
-          h.update(f'{e.split}|{e.label}|{e.defect_type}|{path}|{st.st_size}|{st.st_mtime_ns}\n'
+          name = os.path.relpath(path, self.category_root)
+          h.update(f'{e.split}|{e.label}|{e.defect_type}|{name}|{st.st_size}|{st.st_mtime_ns}\n'
                    .encode())
     return h.hexdigest()[:16]
 

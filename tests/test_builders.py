@@ -74,6 +74,12 @@ def test_prepared_twice_is_not_rebuilt_but_source_change_is(tmp_path, monkeypatc
   again = builder.prepare(mvtec_ad.MvtecAd, root, 'bottle', str(tmp_path / 'tfds'))
   assert not calls and os.stat(record).st_mtime_ns == mtime
   assert again.info.splits['train'].num_examples == 4
+  # The same folder named another way (relative, through a link) is the same source.
+  os.symlink(root, str(tmp_path / 'link'))
+  monkeypatch.chdir(tmp_path)
+  for spelt in ('src', 'link', os.path.join('link', '..', 'src')):
+    builder.prepare(mvtec_ad.MvtecAd, spelt, 'bottle', str(tmp_path / 'tfds'))
+  assert not calls and os.stat(record).st_mtime_ns == mtime
   data_folders.save(np.zeros((16, 16, 3), np.uint8), os.path.join(root, 'bottle', 'train', 'good',
                                                                '100.png'))
   rebuilt = builder.prepare(mvtec_ad.MvtecAd, root, 'bottle', str(tmp_path / 'tfds'))
