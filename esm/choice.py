@@ -9,7 +9,9 @@ esm/resample.py). The rule, in order:
      RuleOptions.metric only that metric's entries stay. With none left, the default is kept.
   2. A candidate whose detector subset or ESM^σ floor is not the default's is eligible only when
      it beats the default by more than RuleOptions.detector_margin_se standard errors
-     (DETECTOR_MARGIN_SE, 2, by default).
+     (DETECTOR_MARGIN_SE, 2, by default). The one this holds back furthest ahead of the default,
+     when that lead exceeds its noise (max(1 SE, tune.tie_tolerance)) and the choice's lead, is
+     named in the decision (held_back, and a clause of the reason).
   3. The leader has the best mean rank over the entries (families combined by rank, not pooled).
   4. Its ties: candidates whose difference to the leader (the mean over the entries of their
      AUROC differences, paired over resamples) is within max(1 SE, tune.tie_tolerance).
@@ -231,14 +233,38 @@ def choose(table: ScoreTable, candidates: List[Dict[str, Any]], default: int,
   out = _band(table, candidates, eligible, default, tie_tolerance, kept, t_d_grid, options)
   out['eligible'] = eligible
   out['leave_one_family_out'] = {}
-  if out['index'] == default:
-    return out
-  for family in sorted({table.entries[e][0] for e in kept}):  # step 7, recorded even when off
+  if out['index'] != default:
+    out = _leave_one_family_out(out, table, candidates, default, tie_tolerance, kept, t_d_grid,
+                                options)
+  return _held_back(out, pool, diff, se, tie_tolerance, options.detector_margin_se)
+
+
+def _leave_one_family_out(out, table, candidates, default, tie_tolerance, kept, t_d_grid,
+                          options: RuleOptions) -> Dict[str, Any]:
+  """Step 7 on a decision that left the default: recorded, and under family_guard enforced."""
+  for family in sorted({table.entries[e][0] for e in kept}):  # recorded even when off
     rest = [e for e in kept if table.entries[e][0] != family]
-    alone = (_band(table, candidates, eligible, default, tie_tolerance, rest, t_d_grid,
+    alone = (_band(table, candidates, out['eligible'], default, tie_tolerance, rest, t_d_grid,
                    options)['index'] if rest else default)
     out['leave_one_family_out'][family] = {'index': alone, 'in_band': alone in out['band']}
     if alone not in out['band'] and options.family_guard:
       return dict(out, index=default, reason=f'default kept: the choice hangs on family {family} '
                   f'(without it the rule picks candidate {alone}, outside the band)')
   return out
+
+
+def _held_back(out, pool, diff, se, tie_tolerance: float, margin_se: float) -> Dict[str, Any]:
+  """Step 2's effect, said: the ineligible candidate furthest ahead of the default, when its lead
+  exceeds its noise and the choice's lead (held_back, and a clause of the reason); the decision
+  unchanged."""
+  lead = dict(zip(pool, diff))
+  ahead = [k for k, i in enumerate(pool) if i not in out['eligible']
+           and diff[k] > max(se[k], tie_tolerance, lead.get(out['index'], 0.0))]
+  if not ahead:
+    return out
+  k = max(ahead, key=lambda k: diff[k])
+  held = {'id': pool[k], 'difference': float(diff[k]), 'se': float(se[k]), 'margin_se': margin_se}
+  return dict(out, held_back=held, reason=(
+      f"{out['reason']}; candidate {pool[k]}, with other detectors or another floor, leads the "
+      f"default by {diff[k]:.3f} (SE {se[k]:.3f}), short of the {margin_se:g}-SE margin such a "
+      'change must clear'))

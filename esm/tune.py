@@ -200,7 +200,16 @@ def _brief(decision: Dict[str, Any], rows) -> Dict[str, Any]:
           'band': band, 'bootstrap_wins': decision.get('wins', {}).get(i),
           'saturated_share': decision.get('saturated_share'),
           't_d_in_band': decision.get('t_d_in_band'),
-          'leave_one_family_out': decision.get('leave_one_family_out', {})}
+          'leave_one_family_out': decision.get('leave_one_family_out', {}),
+          **({'held_back': _held_back_row(decision['held_back'], rows)}
+             if 'held_back' in decision else {})}
+
+
+def _held_back_row(held: Dict[str, Any], rows) -> Dict[str, Any]:
+  """The candidate step 2's margin held back, with what it is."""
+  row = rows[held['id']]
+  return dict(held, method=row['method'], t_d=row['t_d'], detectors=row['detectors'],
+              **({'sigma_floor': row['sigma_floor']} if 'sigma_floor' in row else {}))
 
 
 def _annotate(rows, table: choice_lib.ScoreTable, kept) -> None:

@@ -71,8 +71,19 @@ def test_a_non_default_detector_subset_must_beat_the_default_by_two_se():
   small = _table([[0.80] * 6, [0.83] * 6], noise=0.03)
   out = _choose(small, candidates, like=like)
   assert out['eligible'] == [0] and out['index'] == 0
+  # The decision names what the margin held back when it led by more than 1 SE (here 1.7 SE).
+  diff, se = choice._difference(small, range(len(ENTRIES)), [1], 0)
+  assert 1 < diff[0] / se[0] < 2
+  assert out['held_back'] == {'id': 1, 'difference': pytest.approx(float(diff[0])),
+                              'se': pytest.approx(float(se[0])), 'margin_se': 2.0}
+  assert out['reason'].startswith('default') and 'short of the 2-SE margin' in out['reason']
   large = _table([[0.70] * 6, [0.95] * 6], noise=0.01)
-  assert _choose(large, candidates, like=like)['index'] == 1
+  out = _choose(large, candidates, like=like)
+  assert out['index'] == 1 and 'held_back' not in out and 'margin' not in out['reason']
+  # A lead within its noise (0.6 SE here), or a subset behind the default, is not named.
+  for other in (0.81, 0.77):
+    assert 'held_back' not in _choose(_table([[0.80] * 6, [other] * 6], noise=0.03), candidates,
+                                      like=like)
   # RuleOptions.detector_margin_se sets the margin: the subset is eligible just below its lead.
   diff, se = choice._difference(small, range(len(ENTRIES)), [1], 0)
   lead = float(diff[0] / se[0])

@@ -325,6 +325,19 @@ def test_the_second_stage_reference_is_the_default_detectors_at_the_point_it_is_
     choice.RuleOptions(stage2_reference='chosen')
 
 
+def test_tuned_json_names_the_candidate_the_detector_margin_held_back():
+  rows = [{'method': 'esm', 't_d': 12, 'detectors': ['u', 're']},
+          {'method': 'esm_sigma', 't_d': 12, 'detectors': ['re'], 'sigma_floor': 'beta'}]
+  decision = {'index': 0, 'reason': 'default: within the tie band of the leader', 'band': [0],
+              'held_back': {'id': 1, 'difference': 0.05, 'se': 0.03, 'margin_se': 2.0}}
+  brief = tune._brief(decision, rows)
+  assert brief['held_back'] == {'id': 1, 'difference': 0.05, 'se': 0.03, 'margin_se': 2.0,
+                                'method': 'esm_sigma', 't_d': 12, 'detectors': ['re'],
+                                'sigma_floor': 'beta'}
+  del decision['held_back']
+  assert 'held_back' not in tune._brief(decision, rows)
+
+
 def test_a_given_reference_is_the_only_default_and_wins_a_tie():
   """decide(reference=i): candidate i alone is default-like, so when every candidate scores the
   same it is the choice, whatever the config's default."""
