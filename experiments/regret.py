@@ -17,6 +17,9 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             chose and the default, unless --features_at=all), and the model-free baselines
             (z-score, DINO patch kNN; DIR/baselines/, fitted there if training did not): per test
             image its score and the pixel pairs a bootstrap needs (test/*.npz, esm/resample.py).
+  redecide  the noise-aware rule and the --variants decided again from the development scores the
+            tune stage saved (tune_progress/), their JSON rewritten: after a change to the rule's
+            code. A choice that moved is logged; evaluate then scores its point.
   table     test image and pixel AUROC at (a) the new rule's choice, (b) the legacy rule's, (b')
             the legacy rule on the new development set, (c) the untuned default (the config's T_d
             with every available detector), (c') the paper's T_d of the category scaled to the
@@ -79,7 +82,7 @@ from experiments import dev_area
 from experiments.models import MODELS, ROOT
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-STAGES = ('train', 'tune', 'evaluate', 'table', 'difficulty', 'dev_area')
+STAGES = ('train', 'tune', 'redecide', 'evaluate', 'table', 'difficulty', 'dev_area')
 LEGACY = {'tune.rule': 'legacy', 'tune.defects_per_image': 2}
 # Variants of the noise-aware rule's guards and tie order (esm/choice.py RuleOptions), each on the
 # same development scores: variants/<name>.json.
@@ -247,6 +250,22 @@ def stage_tune(run: Run, variants=tuple(VARIANTS)) -> None:
     if read_json(variant_path(run, name)) is None:
       timed(run, f'tune_{name}', lambda: write_json(variant_path(run, name), tune.run_tuning(
           run.config(), run.workdir, keep_progress=True, options=VARIANTS[name])[0]))
+
+
+def stage_redecide(run: Run, variants=tuple(VARIANTS)) -> None:
+  """The docstring's redecide: each existing decision of the noise-aware rule taken again."""
+  done = tunings(run)
+  for role in [r for r in ('new', *variants) if r in done]:
+    new = tune.run_tuning(run.config(), run.workdir, keep_progress=True,
+                          options=VARIANTS.get(role, choice.RuleOptions()))[0]
+    before, after = (tune.point_of(t) + (tuple(t['weights']),) for t in (done[role], new))
+    if before != after:
+      logging.warning('regret: %s of %s moved from %s to %s; run evaluate', role, run.name,
+                      before, after)
+    if role == 'new':
+      tuned_lib.write(run.workdir, new)
+    else:
+      write_json(variant_path(run, role), new)
 
 
 def variant_path(run: Run, name: str) -> str:
@@ -654,6 +673,8 @@ def run_stage(stage: str, runs: List[Run], out_dir: str, features_at: str = 'cho
       stage_evaluate(run, features_at, shard)
     elif stage == 'tune':
       stage_tune(run, variants)
+    elif stage == 'redecide':
+      stage_redecide(run, variants)
     else:
       stage_train(run)
 

@@ -86,6 +86,16 @@ def test_every_stage_writes_its_files_and_resumes(tmp_path):
   regret.run_stage('tune', runs, str(tmp_path / 'runs'), variants=('guarded',))
   assert os.path.exists(regret.variant_path(run, 'guarded'))
   assert not os.path.exists(regret.variant_path(run, 'nearest'))
+  # redecide takes each saved decision again from the saved scores, and rewrites it.
+  fresh = {path: json.load(open(path)) for path in (run.path('tuned.json'),
+                                                    regret.variant_path(run, 'guarded'))}
+  for path, tuned in fresh.items():
+    regret.write_json(path, dict(tuned, criterion=dict(tuned['criterion'], reason='stale')))
+  timing = json.load(open(run.path('timing.json')))
+  regret.run_stage('redecide', runs, str(tmp_path / 'runs'), variants=('guarded', 'nearest'))
+  assert {path: json.load(open(path)) for path in fresh} == fresh
+  assert not os.path.exists(regret.variant_path(run, 'nearest'))
+  assert json.load(open(run.path('timing.json'))) == timing
 
   # dev_area at the config's own area is tuning's first stage again; a larger area draws larger
   # regions; each point's test AUROCs are the evaluate stage's.
