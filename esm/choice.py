@@ -236,7 +236,7 @@ def choose(table: ScoreTable, candidates: List[Dict[str, Any]], default: int,
   if out['index'] != default:
     out = _leave_one_family_out(out, table, candidates, default, tie_tolerance, kept, t_d_grid,
                                 options)
-  return _held_back(out, pool, diff, se, tie_tolerance, options.detector_margin_se)
+  return _held_back(out, candidates, pool, diff, se, tie_tolerance, options.detector_margin_se)
 
 
 def _leave_one_family_out(out, table, candidates, default, tie_tolerance, kept, t_d_grid,
@@ -253,7 +253,8 @@ def _leave_one_family_out(out, table, candidates, default, tie_tolerance, kept, 
   return out
 
 
-def _held_back(out, pool, diff, se, tie_tolerance: float, margin_se: float) -> Dict[str, Any]:
+def _held_back(out, candidates, pool, diff, se, tie_tolerance: float,
+               margin_se: float) -> Dict[str, Any]:
   """Step 2's effect, said: the ineligible candidate furthest ahead of the default, when its lead
   exceeds its noise and the choice's lead (held_back, and a clause of the reason); the decision
   unchanged."""
@@ -263,8 +264,11 @@ def _held_back(out, pool, diff, se, tie_tolerance: float, margin_se: float) -> D
   if not ahead:
     return out
   k = max(ahead, key=lambda k: diff[k])
+  c = candidates[pool[k]]
+  what = ', '.join([c['method'], f"T_d {c['t_d']}"] + (
+      [f"floor {c['sigma_floor']}"] if c.get('sigma_floor') else []) + ['+'.join(c['detectors'])])
   held = {'id': pool[k], 'difference': float(diff[k]), 'se': float(se[k]), 'margin_se': margin_se}
   return dict(out, held_back=held, reason=(
-      f"{out['reason']}; candidate {pool[k]}, with other detectors or another floor, leads the "
-      f"default by {diff[k]:.3f} (SE {se[k]:.3f}), short of the {margin_se:g}-SE margin such a "
-      'change must clear'))
+      f"{out['reason']}; candidate {pool[k]} ({what}) leads the default by {diff[k]:.3f} "
+      f"(SE {se[k]:.3f}), short of the {margin_se:g}-SE margin another detector subset or floor "
+      'must clear'))

@@ -76,7 +76,9 @@ def test_a_non_default_detector_subset_must_beat_the_default_by_two_se():
   assert 1 < diff[0] / se[0] < 2
   assert out['held_back'] == {'id': 1, 'difference': pytest.approx(float(diff[0])),
                               'se': pytest.approx(float(se[0])), 'margin_se': 2.0}
-  assert out['reason'].startswith('default') and 'short of the 2-SE margin' in out['reason']
+  assert out['reason'].startswith('default') and (
+      'candidate 1 (esm, T_d 25, re) leads the default by' in out['reason'])
+  assert 'short of the 2-SE margin' in out['reason']
   large = _table([[0.70] * 6, [0.95] * 6], noise=0.01)
   out = _choose(large, candidates, like=like)
   assert out['index'] == 1 and 'held_back' not in out and 'margin' not in out['reason']
