@@ -191,9 +191,7 @@ def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, re
 def _brief(decision: Dict[str, Any], rows) -> Dict[str, Any]:
   """What tuned.json keeps of one decision: the choice, why, and the noise around it."""
   i, se, diff = decision['index'], decision.get('se', {}), decision.get('difference', {})
-  band = [{'id': j, 'method': rows[j]['method'], 't_d': rows[j]['t_d'],
-           'detectors': rows[j]['detectors'], 'difference': diff.get(j), 'se': se.get(j),
-           **({'sigma_floor': rows[j]['sigma_floor']} if 'sigma_floor' in rows[j] else {})}
+  band = [dict(_identity(rows, j), difference=diff.get(j), se=se.get(j))
           for j in decision.get('band', [])]
   return {'id': i, 'reason': decision['reason'], 'default': decision.get('default'),
           'leader': decision.get('leader'), 'se': se.get(i), 'difference': diff.get(i),
@@ -201,15 +199,16 @@ def _brief(decision: Dict[str, Any], rows) -> Dict[str, Any]:
           'saturated_share': decision.get('saturated_share'),
           't_d_in_band': decision.get('t_d_in_band'),
           'leave_one_family_out': decision.get('leave_one_family_out', {}),
-          **({'held_back': _held_back_row(decision['held_back'], rows)}
+          **({'held_back': dict(decision['held_back'],
+                                **_identity(rows, decision['held_back']['id']))}
              if 'held_back' in decision else {})}
 
 
-def _held_back_row(held: Dict[str, Any], rows) -> Dict[str, Any]:
-  """The candidate step 2's margin held back, with what it is."""
-  row = rows[held['id']]
-  return dict(held, method=row['method'], t_d=row['t_d'], detectors=row['detectors'],
-              **({'sigma_floor': row['sigma_floor']} if 'sigma_floor' in row else {}))
+def _identity(rows, j: int) -> Dict[str, Any]:
+  """Which candidate row j is: its id, sampler, T_d, detectors and (ESM^σ) floor."""
+  row = rows[j]
+  return {'id': j, 'method': row['method'], 't_d': row['t_d'], 'detectors': row['detectors'],
+          **({'sigma_floor': row['sigma_floor']} if 'sigma_floor' in row else {})}
 
 
 def _annotate(rows, table: choice_lib.ScoreTable, kept) -> None:
