@@ -256,16 +256,16 @@ def stage_redecide(run: Run, variants=tuple(VARIANTS)) -> None:
   """The docstring's redecide: each existing decision of the noise-aware rule taken again."""
   done = tunings(run)
   for role in [r for r in ('new', *variants) if r in done]:
-    new = tune.run_tuning(run.config(), run.workdir, keep_progress=True,
-                          options=VARIANTS.get(role, choice.RuleOptions()))[0]
-    before, after = (tune.point_of(t) + (tuple(t['weights']),) for t in (done[role], new))
+    again = tune.run_tuning(run.config(), run.workdir, keep_progress=True,
+                            options=VARIANTS.get(role, choice.RuleOptions()))[0]
+    before, after = (tune.point_of(t) + (tuple(t['weights']),) for t in (done[role], again))
     if before != after:
       logging.warning('regret: %s of %s moved from %s to %s; run evaluate', role, run.name,
                       before, after)
     if role == 'new':
-      tuned_lib.write(run.workdir, new)
+      tuned_lib.write(run.workdir, again)
     else:
-      write_json(variant_path(run, role), new)
+      write_json(variant_path(run, role), again)
 
 
 def variant_path(run: Run, name: str) -> str:

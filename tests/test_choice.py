@@ -73,7 +73,8 @@ def test_a_non_default_detector_subset_must_beat_the_default_by_two_se():
   assert out['eligible'] == [0] and out['index'] == 0
   # The decision names what the margin held back when it led by more than 1 SE (here 1.7 SE).
   diff, se = choice._difference(small, range(len(ENTRIES)), [1], 0)
-  assert 1 < diff[0] / se[0] < 2
+  lead = float(diff[0] / se[0])
+  assert 1 < lead < 2
   assert out['held_back'] == {'id': 1, 'difference': pytest.approx(float(diff[0])),
                               'se': pytest.approx(float(se[0])), 'margin_se': 2.0}
   assert out['reason'].startswith('default') and (
@@ -87,8 +88,6 @@ def test_a_non_default_detector_subset_must_beat_the_default_by_two_se():
     assert 'held_back' not in _choose(_table([[0.80] * 6, [other] * 6], noise=0.03), candidates,
                                       like=like)
   # RuleOptions.detector_margin_se sets the margin: the subset is eligible just below its lead.
-  diff, se = choice._difference(small, range(len(ENTRIES)), [1], 0)
-  lead = float(diff[0] / se[0])
   assert 0.5 < lead < 2
   assert _choose(small, candidates, like=like, detector_margin_se=lead - 0.1)['eligible'] == [0, 1]
   assert _choose(small, candidates, like=like, detector_margin_se=lead + 0.1)['eligible'] == [0]
