@@ -78,11 +78,22 @@ def progress_base(params, dev_arrays) -> Optional[str]:
   return h.hexdigest()
 
 
+# Fields that say where files live, how fast they are read or what another mode does: no point's
+# scores depend on them (the development arrays' digest covers what was loaded), so a tuning
+# resumed with the data folder named another way reads its finished points back.
+_OUTSIDE_PROGRESS_KEY = ('compilation_cache_dir', 'command_line', 'data.root', 'data.tfds_dir',
+                         'data.num_workers', 'data.cache_mb', 'predict')
+
+
 def progress_key(base: Optional[str], candidate: config_lib.Config, stage: int) -> Optional[str]:
   """The name of one candidate point's saved scores (None: not saved)."""
   if base is None:
     return None
-  blob = json.dumps([base, config_lib.to_dict(candidate), stage], sort_keys=True, default=str)
+  fields = config_lib.to_dict(candidate)
+  for dotted in _OUTSIDE_PROGRESS_KEY:
+    *section, name = dotted.split('.')
+    (fields[section[0]] if section else fields).pop(name)
+  blob = json.dumps([base, fields, stage], sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -20,7 +20,7 @@ from esm import resample
 from esm import run
 from esm import tune
 from esm import tuned as tuned_lib
-from esm.config import from_configdict
+from esm.config import from_configdict, with_fields
 from esm.errors import UserError
 from tests.helpers import runs
 from tests.helpers.shared_data import shared_data_dir
@@ -286,6 +286,11 @@ def test_progress_keys_change_with_the_parameters_the_set_the_config_and_the_sta
   assert base != tuned_lib.progress_base({'w': np.full(3, 2, np.float32)}, dev)
   assert base != tuned_lib.progress_base(params, [np.arange(4), np.ones((2, 2))])
   assert tuned_lib.progress_key(None, cfg, 1) is None  # a multi-host run saves nothing
+  # The same data named another way, read by more workers, from another command line: same points.
+  assert key == tuned_lib.progress_key(base, with_fields(cfg, {
+      'data.root': '../elsewhere/' + cfg.data.root, 'data.tfds_dir': '/tmp/other_tfds',
+      'data.num_workers': cfg.data.num_workers + 1, 'compilation_cache_dir': '/tmp/cc',
+      'predict.input_dir': '/tmp/in'}), 1)
 
 
 @pytest.mark.slow
