@@ -88,7 +88,6 @@ def test_a_non_default_detector_subset_must_beat_the_default_by_two_se():
     assert 'held_back' not in _choose(_table([[0.80] * 6, [other] * 6], noise=0.03), candidates,
                                       like=like)
   # RuleOptions.detector_margin_se sets the margin: the subset is eligible just below its lead.
-  assert 0.5 < lead < 2
   assert _choose(small, candidates, like=like, detector_margin_se=lead - 0.1)['eligible'] == [0, 1]
   assert _choose(small, candidates, like=like, detector_margin_se=lead + 0.1)['eligible'] == [0]
   with pytest.raises(ValueError, match='detector_margin_se'):
