@@ -287,10 +287,12 @@ def test_progress_keys_change_with_the_parameters_the_set_the_config_and_the_sta
   assert base != tuned_lib.progress_base({'w': np.full(3, 2, np.float32)}, dev)
   assert base != tuned_lib.progress_base(params, [np.arange(4), np.ones((2, 2))])
   assert tuned_lib.progress_key(None, cfg, 1) is None  # a multi-host run saves nothing
-  # The same data named another way, read by more workers, from another command line: same points.
+  # The same data named another way, read by more workers into another cache, from another command
+  # line: same points.
   elsewhere = with_fields(cfg, {
       'data.root': '../elsewhere/' + cfg.data.root, 'data.tfds_dir': '/tmp/other_tfds',
-      'data.num_workers': cfg.data.num_workers + 1, 'compilation_cache_dir': '/tmp/cc',
+      'data.num_workers': cfg.data.num_workers + 1, 'data.cache_mb': cfg.data.cache_mb + 1,
+      'compilation_cache_dir': '/tmp/cc',
       'predict.input_dir': '/tmp/in'})
   assert key == tuned_lib.progress_key(
       base, dataclasses.replace(elsewhere, command_line=('data.root',)), 1)
