@@ -29,7 +29,8 @@ The rule runs twice (esm/tune.py): on every point without S_Cos, then on the det
 S_Cos among them, at the first stage's choice; RuleOptions.stage2_reference names the second
 stage's reference: the config's default, whose point joins the pool ('default'); the first
 stage's point with the default's detectors ('choice_point'); or the first stage's choice itself,
-so that S_Cos enters only by beating it by step 2's margin ('choice').
+so that S_Cos enters only by beating it by step 2's margin ('choice'); RuleOptions.stage2_metric
+decides the second stage on one metric's entries.
 The defaults were chosen on bottle and pill by a rule written before the test results of the
 variants existed (docs/results.md, "Tuning regret"); experiments/regret.py compares the variants.
 """
@@ -73,6 +74,10 @@ class RuleOptions:
   metric: Optional[str] = None
   # step 2's margin, in standard errors of the difference to the default
   detector_margin_se: float = DETECTOR_MARGIN_SE
+  # the second stage's metric, where it differs from `metric`: the detector subset at the first
+  # stage's point decided on one metric's entries (experiments/regret.py's 'apart' role pairs the
+  # image score's subset with the map's, at one operating point)
+  stage2_metric: Optional[str] = None
 
   def __post_init__(self):
     if self.prefer not in PREFERENCES:
@@ -86,8 +91,10 @@ class RuleOptions:
     if self.stage2_points == 'all' and self.stage2_reference != 'default':
       raise ValueError("RuleOptions.stage2_points='all' decides among every point against the "
                        "default: it needs stage2_reference='default'")
-    if self.metric not in (None, *METRICS):
-      raise ValueError(f'RuleOptions.metric: expected None or one of {METRICS}, got {self.metric!r}')
+    for name in ('metric', 'stage2_metric'):
+      if getattr(self, name) not in (None, *METRICS):
+        raise ValueError(f'RuleOptions.{name}: expected None or one of {METRICS}, got '
+                         f'{getattr(self, name)!r}')
     if not self.detector_margin_se >= 0:
       raise ValueError('RuleOptions.detector_margin_se: expected a number of standard errors >= 0, '
                        f'got {self.detector_margin_se!r}')

@@ -137,6 +137,10 @@ def decide(config, rows, evidence, dev, model_free, features: bool, options, poo
   with candidate `reference` as the only default-like row."""
   table = _table(dev, evidence, config.tune)
   kept, left = choice_lib.informative_entries(table, model_free['families'])
+  if options.metric is not None:  # the other metric's entries leave too, so tuned.json says so
+    left.update({f'{f}/{m}': f'RuleOptions.metric={options.metric!r}'
+                 for e, (f, m) in enumerate(table.entries) if e in kept and m != options.metric})
+    kept = choice_lib.of_metric(table, kept, options.metric)
   if reference is None:
     default, flags = _default_flags(config, rows, features, at)
   else:
@@ -164,14 +168,15 @@ def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, re
                            model_free: Dict[str, Any], options: choice_lib.RuleOptions):
   """(rows, evidence, decision, table): stage 1 at every point, the rule on it; stage 2, with S_Cos,
   at the chosen point (and the default's under options.stage2_reference='default'; at every point
-  under options.stage2_points='all'), the rule on the subsets there."""
+  under options.stage2_points='all'), the rule on the subsets there. Without a feature extractor
+  there is no stage 2, unless options.stage2_metric asks for one on stage 1's subsets."""
   grid = noise_aware_grid(config)
   feature_fn = scoring.get_features(config, {n: 1.0 for n in det.DETECTOR_NAMES})
   points = first_stage_points(config)
   rows, evidence = score_points(config, workdir, dev, restored, None, points, 1)
   step1, table = decide(config, rows, evidence, dev, model_free, False, options, grid=grid)
   logging.info('tune: stage 1 chose %s (%s)', point_of(rows[step1['index']]), step1['reason'])
-  if feature_fn is None:
+  if feature_fn is None and options.stage2_metric is None:
     return rows, evidence, dict(step1, stage1=None), table
   chosen, reference = point_of(rows[step1['index']]), options.stage2_reference
   if options.stage2_points == 'all':
@@ -179,11 +184,14 @@ def noise_aware_candidates(config: Config, workdir: str, dev: dev_set.DevSet, re
   else:
     there = ([chosen] if reference != 'default'
              else list(dict.fromkeys([chosen, default_point(config)])))
-  more, more_evidence = score_points(config, workdir, dev, restored, feature_fn, there, 2)
-  rows, evidence = rows + more, evidence + more_evidence
+  if feature_fn is not None:
+    more, more_evidence = score_points(config, workdir, dev, restored, feature_fn, there, 2)
+    rows, evidence = rows + more, evidence + more_evidence
   pool = [i for i, c in enumerate(rows) if point_of(c) in there]
-  step2, table = decide(config, rows, evidence, dev, model_free, True, options, pool=pool,
-                        at=chosen if reference == 'choice_point' else None,
+  if options.stage2_metric is not None:
+    options = dataclasses.replace(options, metric=options.stage2_metric)
+  step2, table = decide(config, rows, evidence, dev, model_free, feature_fn is not None, options,
+                        pool=pool, at=chosen if reference == 'choice_point' else None,
                         reference=step1['index'] if reference == 'choice' else None)
   return rows, evidence, dict(step2, stage1=_brief(step1, rows)), table
 

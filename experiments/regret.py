@@ -27,7 +27,8 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
             evaluated candidate on the test split (report only); regret (d) - chosen with a paired
             bootstrap CI over test images; the same for each variant and for SPLITS (the image
             AUROC at the image decision's candidate, the pixel AUROC at the pixel decision's: two
-            operating points per image); each choice minus each model-free baseline, with its CI;
+            operating points per image, or for 'apart' one point and two detector subsets); each
+            choice minus each model-free baseline, with its CI;
             Kendall's τ between the development and the test ranking, and each candidate's
             development and test AUROC beside each other; the baselines; each rule's
             reason; tuning and training seconds; and over the seeds of each category and model,
@@ -97,21 +98,27 @@ VARIANTS = {
     'pixel_only': choice.RuleOptions(metric='pixel'),
     'features_everywhere': choice.RuleOptions(stage2_points='all'),
     'margin_1se': choice.RuleOptions(detector_margin_se=1.0),
+    # the detector subset at the first stage's point on one metric (the 'apart' role)
+    'image_detectors': choice.RuleOptions(stage2_metric='image', stage2_reference='choice_point'),
+    'map_detectors': choice.RuleOptions(stage2_metric='pixel', stage2_reference='choice_point'),
 }
 # Roles that read each metric at its own choice: the image score at the image decision's
-# candidate, the pixel map at the pixel decision's (two operating points per image).
-SPLITS = {'split': ('image_only', 'pixel_only'), 'legacy_split': ('legacy_image', 'legacy_pixel')}
+# candidate, the pixel map at the pixel decision's (two operating points per image; one for
+# 'apart', whose two decisions share the first stage's point and differ in detectors only).
+SPLITS = {'split': ('image_only', 'pixel_only'), 'legacy_split': ('legacy_image', 'legacy_pixel'),
+          'apart': ('image_detectors', 'map_detectors')}
 # The legacy rule on the new set's candidates: role -> the metric it ranks by (None: their score).
 LEGACY_PICKS = {'legacy_rule': None, 'legacy_image': 'image', 'legacy_pixel': 'pixel'}
 POOLED_ROLES = ('new', 'legacy', 'default', 'paper')  # the roles the over-seeds table pools
 REFERENCES = ('default', 'paper')  # the untuned points every pooled role is compared with
-ROLES = ('new', *VARIANTS, 'split', 'legacy', 'legacy_rule', 'legacy_split', 'default', 'paper',
-         'best')
+ROLES = ('new', *VARIANTS, 'split', 'apart', 'legacy', 'legacy_rule', 'legacy_split', 'default',
+         'paper', 'best')
 LABELS = {'new': '(a) new rule', 'legacy': '(b) legacy rule',
           'legacy_rule': "(b') legacy rule, new set", 'default': '(c) untuned default',
           'paper': "(c') the paper's T_d, untuned",
           'best': '(d) best on test', **{v: f'(a) variant {v}' for v in VARIANTS},
           'split': '(a) split: image_only / pixel_only',
+          'apart': '(a) apart: image_detectors / map_detectors, one point',
           'legacy_split': "(b') split: the legacy rule on each metric, new set"}
 METRICS = choice.METRICS
 RESAMPLES = 2000

@@ -371,3 +371,45 @@ def test_a_given_reference_is_the_only_default_and_wins_a_tie():
   given, _ = tune.decide(cfg, rows, evidence, dev, model_free, False, options, reference=2)
   assert (own['default'], own['index']) == (0, 0)
   assert (given['default'], given['index']) == (2, 2)
+
+
+def test_a_second_stage_metric_picks_each_metrics_detectors_at_the_first_stages_point(monkeypatch):
+  """RuleOptions.stage2_metric, here without a feature extractor: the first stage picks the point
+  on both metrics, then the subsets there are decided on one metric's entries, so the image score
+  and the map can take different detectors at one operating point."""
+  cfg = from_configdict(runs.config('micro'))
+  family = cfg.tune.families[0]
+  rng = np.random.default_rng(0)
+  n, side = 40, 4
+  labels = np.repeat([0, 1], n // 2)
+  masks = np.zeros((n, side, side), np.uint8)
+  masks[labels == 1, :2, :2] = 1
+  noise = lambda: rng.normal(size=(n, side, side)).astype(np.float32)
+  weak = lambda: dev_set.Evidence(rng.normal(size=n), resample.pixel_pairs(noise(), masks))
+  by_image = dev_set.Evidence(2 * labels + rng.normal(size=n),  # ahead on images only
+                              resample.pixel_pairs(noise(), masks))
+  by_pixel = dev_set.Evidence(rng.normal(size=n), resample.pixel_pairs(noise() + 2 * masks, masks))
+  method, t_d, floor = tune.default_point(cfg)
+  full = tune.default_detectors(cfg, method, False)
+  rows = [{'method': m, 't_d': t, 'nfe': t, 'detectors': d, 'stage': 1,
+           **({'sigma_floor': f} if f else {})}
+          for m, t, f, d in ((method, t_d, floor, ['re']), (method, t_d, floor, ['u']),
+                             (method, t_d, floor, full), ('esm', 2 * t_d, None, full))]
+  evidence = [by_image, by_pixel, weak(), weak()]
+  monkeypatch.setattr(tune, 'score_points', lambda *args: (list(rows), list(evidence)))
+  dev = types.SimpleNamespace(labels=labels, families=np.where(labels == 1, family, 'good'),
+                              source=np.arange(n) % (n // 2))
+  model_free = {'families': {family: {'image_auroc': 0.6, 'pixel_auroc': 0.6}}}
+  picked = {}
+  for metric in choice.METRICS:
+    options = choice.RuleOptions(stage2_metric=metric, stage2_reference='choice_point')
+    out, _, decision, table = tune.noise_aware_candidates(cfg, '', dev, None, model_free, options)
+    first = out[decision['stage1']['id']]
+    assert first['t_d'] == t_d and tune.point_of(out[decision['index']]) == tune.point_of(first)
+    assert {table.entries[e][1] for e in decision['kept']} == {metric}
+    assert decision['left_out'][f'{family}/{"pixel" if metric == "image" else "image"}'] == (
+        f'RuleOptions.metric={metric!r}')
+    picked[metric] = out[decision['index']]['detectors']
+  assert picked == {'image': ['re'], 'pixel': ['u']}
+  with pytest.raises(ValueError, match='stage2_metric'):
+    choice.RuleOptions(stage2_metric='aupro')
