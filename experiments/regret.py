@@ -8,15 +8,16 @@ RUNS/<dataset>_<category>/<model>_s<seed>, one --stage per command:
   difficulty  (no model) the model-free z-score on the development set and on the legacy painted
             one.
   train     --mode=train (a finished run is skipped, an interrupted one resumes); timing.json.
-  tune      the noise-aware rule (tuned.json, tuning_scores.npz), the legacy rule on the legacy set
-            (legacy_tuned.json: full-contrast painted defects, 2 per image, ties to fewer NFE),
-            and each of VARIANTS of the noise-aware rule on its development scores
-            (variants/<name>.json; --variants picks some).
+  tune      the noise-aware rule (tuned.json, tuning_scores.npz), each of VARIANTS of it on its
+            development scores (variants/<name>.json; --variants picks some), and the legacy rule
+            on the legacy set (legacy_tuned.json: full-contrast painted defects, 2 per image, ties
+            to fewer NFE).
   evaluate  the test split at every candidate point of every tuning (sampler, floor, T_d) and the
             default, every detector subset from the same maps (S_Cos only at the points a rule
             chose and the default, unless --features_at=all), and the model-free baselines
             (z-score, DINO patch kNN; DIR/baselines/, fitted there if training did not): per test
-            image its score and the pixel pairs a bootstrap needs (test/*.npz, esm/resample.py).
+            image its score and the pixel pairs a bootstrap needs (test/*.npz, esm/resample.py);
+            the chosen and the untuned points first.
   redecide  the noise-aware rule and the --variants decided again from the development scores the
             tune stage saved (tune_progress/), their JSON rewritten: after a change to the rule's
             code. A choice that moved is logged; evaluate then scores its point.
@@ -248,15 +249,17 @@ def stage_train(run: Run) -> None:
 
 
 def stage_tune(run: Run, variants=tuple(VARIANTS)) -> None:
+  """The new rule, then its variants (stage 1's scores read back, S_Cos perhaps scored anew), then
+  the legacy rule, which scores a development set of its own: the cheap decisions first."""
   if tuned_lib.load(run.workdir) is None:
     timed(run, 'tune', lambda: tune.tune(run.config(), run.workdir, keep_progress=True))
-  if read_json(run.path('legacy_tuned.json')) is None:
-    timed(run, 'tune_legacy', lambda: write_json(run.path('legacy_tuned.json'), tune.run_tuning(
-        run.config(LEGACY), run.workdir, keep_progress=True)[0]))
-  for name in variants:  # stage 1's scores are read back, S_Cos may run anew
+  for name in variants:
     if read_json(variant_path(run, name)) is None:
       timed(run, f'tune_{name}', lambda: write_json(variant_path(run, name), tune.run_tuning(
           run.config(), run.workdir, keep_progress=True, options=VARIANTS[name])[0]))
+  if read_json(run.path('legacy_tuned.json')) is None:
+    timed(run, 'tune_legacy', lambda: write_json(run.path('legacy_tuned.json'), tune.run_tuning(
+        run.config(LEGACY), run.workdir, keep_progress=True)[0]))
 
 
 def stage_redecide(run: Run, variants=tuple(VARIANTS)) -> None:
@@ -308,14 +311,16 @@ def untuned_points(run: Run, config) -> Dict[str, tune.Point]:
 
 def test_points(run: Run, features_at: str) -> List[Tuple[tune.Point, bool]]:
   """(point, with S_Cos) of every candidate point of every tuning and the untuned points; S_Cos
-  at every point (features_at='all') or at the choices and the untuned points ('choices')."""
+  at every point (features_at='all') or at the choices and the untuned points ('choices'). The
+  choices and the untuned points come first, so that an evaluate stopped early has every role's."""
   config, done = run.config(), tunings(run)
   untuned = set(untuned_points(run, config).values())
   points = {tune.point_of(c) for t in done.values() for c in t['candidates']} | untuned
   chosen = ({tune.point_of(t) for t in done.values()} | untuned
             | {tune.point_of(legacy_pick(done['new']['candidates'], config.tune.tie_tolerance, m))
                for m in LEGACY_PICKS.values()})
-  return [(p, features_at == 'all' or p in chosen) for p in sorted(points, key=str)]
+  return [(p, features_at == 'all' or p in chosen)
+          for p in sorted(points, key=lambda p: (p not in chosen, str(p)))]
 
 
 def evaluate_point(run, config, point, features, restored, feature_fn, val, test) -> None:

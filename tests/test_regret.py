@@ -189,3 +189,16 @@ def test_a_stage_killed_and_resumed_reports_the_time_of_both_attempts(tmp_path, 
   regret.timed(run, 'tune', lambda: time.sleep(0.2))
   timing = json.load(open(run.path('timing.json')))
   assert set(timing) == {'tune'} and timing['tune']['wall_s'] >= 0.7
+
+
+def test_evaluate_scores_the_chosen_and_the_untuned_points_first(monkeypatch):
+  [run] = regret.make_runs('/root', '/runs', ['synthetic/object'], ['esm'], ['0'], TINY)
+  row = lambda t_d, score: {'method': 'esm', 't_d': t_d, 'nfe': t_d, 'detectors': ['re'],
+                            'score': score, 'image_auroc': score, 'pixel_auroc': score}
+  candidates = [row(t_d, 0.9 if t_d == 5 else 0.5) for t_d in (1, 3, 5, 7)]
+  monkeypatch.setattr(regret, 'tunings', lambda _: {
+      'new': {'method': 'esm', 't_d': 5, 'candidates': candidates}})
+  ordered = regret.test_points(run, 'choices')
+  # The rule's and the legacy picks' T_d 5 and the default's T_d 2 (TINY), S_Cos at those only.
+  assert ordered == [(('esm', 2, None), True), (('esm', 5, None), True), (('esm', 1, None), False),
+                     (('esm', 3, None), False), (('esm', 7, None), False)]
