@@ -392,8 +392,10 @@ def stage_evaluate(run: Run, features_at: str = 'choices',
 
 # --- table -----------------------------------------------------------------------------------------
 def load_evidence(run: Run) -> Dict[Tuple, resample.Evidence]:
-  """(point, detectors) -> (image scores, pixel pairs, labels) of every evaluated candidate."""
+  """(point, detectors) -> (image scores, pixel pairs, labels) of every evaluated candidate (not
+  the one an evaluate running beside it is still writing)."""
   return {(name[:-4], subset): entry for name in sorted(os.listdir(run.path('test')))
+          if name.endswith('.npz')
           for subset, entry in resample.load_evidence(run.path('test', name)).items()}
 
 
