@@ -348,24 +348,29 @@ def test_tuned_json_names_the_candidate_the_detector_margin_held_back():
   assert 'held_back' not in tune._brief(decision, rows)
 
 
-def test_a_given_reference_is_the_only_default_and_wins_a_tie():
-  """decide(reference=i): candidate i alone is default-like, so when every candidate scores the
-  same it is the choice, whatever the config's default."""
+def _painted_dev_set(n: int, side: int = 4):
+  """(micro config, masks [n, side, side], development set, model-free AUROCs): n images of the
+  config's first family, the second half painted in one corner, which no model-free detector
+  solves."""
   cfg = from_configdict(runs.config('micro'))
   family = cfg.tune.families[0]
-  rng = np.random.default_rng(0)
-  n, side = 12, 4
   labels = np.repeat([0, 1], n // 2)
   masks = np.zeros((n, side, side), np.uint8)
   masks[labels == 1, :2, :2] = 1
-  maps = rng.normal(size=(n, side, side)).astype(np.float32) + 2.0 * masks
-  evidence = [dev_set.Evidence(maps.max(axis=(1, 2)), resample.pixel_pairs(maps, masks))] * 3
   dev = types.SimpleNamespace(labels=labels, families=np.where(labels == 1, family, 'good'),
                               source=np.arange(n) % (n // 2))
+  return cfg, masks, dev, {'families': {family: {'image_auroc': 0.6, 'pixel_auroc': 0.6}}}
+
+
+def test_a_given_reference_is_the_only_default_and_wins_a_tie():
+  """decide(reference=i): candidate i alone is default-like, so when every candidate scores the
+  same it is the choice, whatever the config's default."""
+  cfg, masks, dev, model_free = _painted_dev_set(12)
+  maps = np.random.default_rng(0).normal(size=masks.shape).astype(np.float32) + 2.0 * masks
+  evidence = [dev_set.Evidence(maps.max(axis=(1, 2)), resample.pixel_pairs(maps, masks))] * 3
   method, t_d, floor = tune.default_point(cfg)
   rows = [{'method': method, 't_d': t, 'nfe': t, 'detectors': ['re'],
            **({'sigma_floor': floor} if floor else {})} for t in (t_d, 2 * t_d, 3 * t_d)]
-  model_free = {'families': {family: {'image_auroc': 0.6, 'pixel_auroc': 0.6}}}
   options = choice.RuleOptions()
   own, _ = tune.decide(cfg, rows, evidence, dev, model_free, False, options)
   given, _ = tune.decide(cfg, rows, evidence, dev, model_free, False, options, reference=2)
@@ -377,14 +382,10 @@ def test_a_second_stage_metric_picks_each_metrics_detectors_at_the_first_stages_
   """RuleOptions.stage2_metric, here without a feature extractor: the first stage picks the point
   on both metrics, then the subsets there are decided on one metric's entries, so the image score
   and the map can take different detectors at one operating point."""
-  cfg = from_configdict(runs.config('micro'))
-  family = cfg.tune.families[0]
+  cfg, masks, dev, model_free = _painted_dev_set(40)
+  n, labels, family = len(masks), dev.labels, cfg.tune.families[0]
   rng = np.random.default_rng(0)
-  n, side = 40, 4
-  labels = np.repeat([0, 1], n // 2)
-  masks = np.zeros((n, side, side), np.uint8)
-  masks[labels == 1, :2, :2] = 1
-  noise = lambda: rng.normal(size=(n, side, side)).astype(np.float32)
+  noise = lambda: rng.normal(size=masks.shape).astype(np.float32)
   weak = lambda: dev_set.Evidence(rng.normal(size=n), resample.pixel_pairs(noise(), masks))
   by_image = dev_set.Evidence(2 * labels + rng.normal(size=n),  # ahead on images only
                               resample.pixel_pairs(noise(), masks))
@@ -397,9 +398,6 @@ def test_a_second_stage_metric_picks_each_metrics_detectors_at_the_first_stages_
                              (method, t_d, floor, full), ('esm', 2 * t_d, None, full))]
   evidence = [by_image, by_pixel, weak(), weak()]
   monkeypatch.setattr(tune, 'score_points', lambda *args: (list(rows), list(evidence)))
-  dev = types.SimpleNamespace(labels=labels, families=np.where(labels == 1, family, 'good'),
-                              source=np.arange(n) % (n // 2))
-  model_free = {'families': {family: {'image_auroc': 0.6, 'pixel_auroc': 0.6}}}
   picked = {}
   for metric in choice.METRICS:
     options = choice.RuleOptions(stage2_metric=metric, stage2_reference='choice_point')
