@@ -127,8 +127,10 @@ def build_table(image_scores: np.ndarray, pairs: Sequence[resample.PixelPairs], 
   return ScoreTable(tuple(entries), table[0], table[1:])
 
 
-def informative_entries(table: ScoreTable, model_free: Dict[str, Dict[str, float]]):
-  """(kept entry indices, {'family/metric': why it left}) by step 1."""
+def informative_entries(table: ScoreTable, model_free: Dict[str, Dict[str, float]],
+                        only: Optional[str] = None):
+  """(kept entry indices, {'family/metric': why it left}) by step 1; with `only`
+  (RuleOptions.metric), an informative entry of the other metric leaves too."""
   kept, left = [], {}
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', RuntimeWarning)
@@ -141,6 +143,8 @@ def informative_entries(table: ScoreTable, model_free: Dict[str, Dict[str, float
       left[f'{family}/{metric}'] = f'solved without a model (z-score AUROC {free:.3f} >= {SOLVED})'
     elif np.all(table.point[:, e] - 0.5 <= 2 * se[:, e]):
       left[f'{family}/{metric}'] = 'every candidate at chance (AUROC - 0.5 <= 2 SE)'
+    elif only is not None and metric != only:
+      left[f'{family}/{metric}'] = f'RuleOptions.metric={only!r}'
     else:
       kept.append(e)
   return kept, left

@@ -136,11 +136,7 @@ def decide(config, rows, evidence, dev, model_free, features: bool, options, poo
   """The rule's decision with the default at point `at` (the default point unless given), or
   with candidate `reference` as the only default-like row."""
   table = _table(dev, evidence, config.tune)
-  kept, left = choice_lib.informative_entries(table, model_free['families'])
-  if options.metric is not None:  # the other metric's entries leave too, so tuned.json says so
-    left.update({f'{f}/{m}': f'RuleOptions.metric={options.metric!r}'
-                 for e, (f, m) in enumerate(table.entries) if e in kept and m != options.metric})
-    kept = choice_lib.of_metric(table, kept, options.metric)
+  kept, left = choice_lib.informative_entries(table, model_free['families'], options.metric)
   if reference is None:
     default, flags = _default_flags(config, rows, features, at)
   else:
