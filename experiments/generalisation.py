@@ -84,26 +84,24 @@ def aurocs_on_test(scores, labels):
   combined = standardised_mean({k: scores[k]['test'] for k in singles},
                                {k: scores[k]['held_out'] for k in singles})
   values = {**{k: s['test'] for k, s in scores.items()}, STANDARDISED: combined}
-  weights = np.concatenate([np.ones((1, labels.size)), metrics.bootstrap_counts(labels, RESAMPLES)])
+  weights = _resampled(labels)
   aurocs = {k: metrics.weighted_auroc(v, labels, weights) for k, v in values.items()}
-  difference = aurocs[STANDARDISED] - aurocs[DEFAULT]
   return ({k: float(a[0]) for k, a in aurocs.items()},
-          [float(difference[0])] + np.quantile(difference[1:], [0.025, 0.975]).tolist())
+          _with_interval(aurocs[STANDARDISED] - aurocs[DEFAULT]))
 
 
 def gap_rows(scores):
   """Per detector: mean scores, their ratio (training / held-out) and AUROC [estimate, lo, hi]."""
   rows = {}
+  some = next(iter(scores.values()))  # every detector scores the same images
+  labels = np.concatenate([np.ones(some['held_out'].size), np.zeros(some['train'].size)])
+  weights = _resampled(labels)
   for key, s in scores.items():
-    values = np.concatenate([s['held_out'], s['train']])
-    labels = np.concatenate([np.ones(s['held_out'].size), np.zeros(s['train'].size)])
-    weights = np.concatenate([np.ones((1, labels.size)),
-                              metrics.bootstrap_counts(labels, RESAMPLES)])
-    auroc = metrics.weighted_auroc(values, labels, weights)
+    auroc = metrics.weighted_auroc(np.concatenate([s['held_out'], s['train']]), labels, weights)
     held, train = float(np.mean(s['held_out'])), float(np.mean(s['train']))
     rows[key] = {'held_out_mean': held, 'train_mean': train,
                  'ratio': train / held if held else float('nan'),
-                 'auroc': [float(auroc[0])] + np.quantile(auroc[1:], [0.025, 0.975]).tolist(),
+                 'auroc': _with_interval(auroc),
                  'held_out_std': float(np.std(s['held_out'], ddof=1)),
                  'held_out_images': int(s['held_out'].size), 'train_images': int(s['train'].size)}
   return rows
@@ -128,6 +126,16 @@ def markdown(results) -> str:
                    f"{_fmt(test[STANDARDISED])} ({d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] against "
                    f"{DEFAULT}) |")
   return '\n'.join(lines)
+
+
+def _resampled(labels) -> np.ndarray:
+  """[1 + RESAMPLES, N] image multiplicities: the data as it is, then stratified resamples."""
+  return np.concatenate([np.ones((1, labels.size)), metrics.bootstrap_counts(labels, RESAMPLES)])
+
+
+def _with_interval(values) -> list:
+  """[estimate, 2.5%, 97.5%] of a statistic over _resampled's rows."""
+  return [float(values[0])] + np.quantile(values[1:], [0.025, 0.975]).tolist()
 
 
 def _fmt(value) -> str:
