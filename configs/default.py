@@ -112,6 +112,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   de.var_floor = 1e-8  # numerical floor of σ² in S_U and S_KL (not the sampler's σ²_min)
   de.threshold_percentile = 99.0  # predict: decision threshold, percentile of held-out good scores
   de.image_detectors = ()  # eq. 15 reads the map of these detectors only; () = the paper's map
+  # 'map': eq. 15 of that map (the paper); 'standardised_mean': the mean of the image detectors' own
+  # eq. 15 scores, each standardised by its held-out mean and std (docs/method.md)
+  de.image_score = 'map'
 
   # --- features: esm/features/vit.py FeaturesConfig, read by esm/features/extractor.py ------------
   c.features = f = ml_collections.ConfigDict()

@@ -7,7 +7,9 @@ its T_d (after DIR/tuned.json was applied), the detector weights, blur and N_a, 
 extractor's identity, the normalisation statistics of the held-out train/good images, the image
 threshold (percentile detect.threshold_percentile of the held-out good images' scores) and the pixel
 threshold (the same percentile over every held-out good pixel of the combined map), the checkpoint
-step and the project version.
+step and the project version. The normalisation holds, besides each raw map's pixel mean and std,
+each detector's held-out image-score mean and std that detect.image_score='standardised_mean'
+reads.
 """
 
 import json
@@ -35,7 +37,7 @@ SAVED_FIELDS = (
     'sampling.method', 'sampling.t_d', 'sampling.esm_min_var', 'sampling.sigma_min_var',
     'sampling.sigma_max_var', 'sampling.sigma_time', 'sampling.sigma_floor', 'sampling.var_source',
     'detect.weights', 'detect.blur_sigma', 'detect.top_n', 'detect.re_kind', 'detect.var_floor',
-    'detect.threshold_percentile', 'detect.image_detectors')
+    'detect.threshold_percentile', 'detect.image_detectors', 'detect.image_score')
 FEATURE_FIELDS = ('features.model', 'features.weights', 'features.layers', 'features.image_size',
                   'features.norm')
 

@@ -8,8 +8,10 @@ Four raw detectors, each a per-pixel map averaged over channels (inputs NHWC in 
 Then: normalise each map with mean/std of held-out train/good maps (NormAccumulator, normalise),
 combine with eq. 14 (combine), blur (gaussian_blur) and take the image score of eq. 15
 (image_score), by default of the same map; detect.image_detectors lets eq. 15 read the combination
-of some of the detectors only (image_weights), the pixel map keeping all. get_score_fn packages
-the last three; iter_ablation scores every detector subset.
+of some of the detectors only (image_weights), the pixel map keeping all, and
+detect.image_score='standardised_mean' averages the image detectors' own eq. 15 scores instead, each
+standardised by the held-out images' mean and std of it (fit_stats, standardised_mean).
+get_score_fn packages the last three; iter_ablation scores every detector subset.
 
 Each detector is registered in DETECTORS (`register_detector`) with what it needs: S_U and S_KL a
 predicted variance (none for an SGM model), S_Cos a feature extractor. select_detectors says which
@@ -31,6 +33,9 @@ from esm.errors import UserError
 
 REFERENCE_SIDE = 256  # blur_sigma and top_n are given at 256 x 256
 RE_KINDS = ('squared', 'absolute')
+# The image score: eq. 15 of the combined map, or the mean of each image detector's eq. 15 score
+# standardised by the held-out images' mean and std of it (docs/method.md, "Detectors and scores").
+IMAGE_SCORES = ('map', 'standardised_mean')
 NO_FEATURES = 'unavailable without a feature extractor (features.model is none)'
 NO_VARIANCE = ('unavailable without a predicted variance (an SGM model, or a sampler that does '
                'not read σ²_θ such as sampling.method=sgm)')
@@ -49,6 +54,7 @@ class DetectConfig:
   var_floor: float = 1e-8
   threshold_percentile: float = 99.0  # predict's decision threshold over held-out good scores
   image_detectors: tuple[str, ...] = ()  # eq. 15 reads these of the map's detectors; () = all
+  image_score: str = 'map'  # one of IMAGE_SCORES
 
   def __post_init__(self):
     weights = self.weights
@@ -67,6 +73,9 @@ class DetectConfig:
     if unknown or isinstance(self.image_detectors, str):
       raise UserError(f'detect.image_detectors: expected a tuple of names from {DETECTOR_NAMES}, '
                       f'got {self.image_detectors!r}')
+    if self.image_score not in IMAGE_SCORES:
+      raise UserError(f'detect.image_score: expected one of {IMAGE_SCORES}, got '
+                      f'{self.image_score!r}')
     if not 0.0 <= self.threshold_percentile <= 100.0:
       raise UserError(f'detect.threshold_percentile: expected a percentile in [0, 100], got '
                       f'{self.threshold_percentile!r}')
@@ -226,17 +235,23 @@ def select_detectors(weights: Union[Mapping[str, float], Sequence[float]], *, va
 # --- normalisation --------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class NormStats:
-  """Per-detector mean and std over all held-out pixels, and the pixel count behind them."""
+  """Per detector, held out: the mean and std over all pixels of its raw map and the pixel count
+  behind them; and the mean and std over the images of its own image score (eq. 15 of its
+  normalised, blurred map), which detect.image_score='standardised_mean' reads (fit_stats)."""
   mean: dict[str, float]
   std: dict[str, float]
   count: dict[str, int]
+  score_mean: dict[str, float] = dataclasses.field(default_factory=dict)
+  score_std: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: Mapping) -> 'NormStats':
-    return cls(dict(d['mean']), dict(d['std']), dict(d['count']))
+    # A state saved before the image-score statistics existed has none; 'map' does not read them.
+    return cls(dict(d['mean']), dict(d['std']), dict(d['count']), dict(d.get('score_mean', {})),
+               dict(d.get('score_std', {})))
 
 
 @jax.jit
@@ -285,13 +300,12 @@ def fit_normaliser(maps_on_val: Mapping[str, jax.Array]) -> NormStats:
   return acc.stats()
 
 
-def _scale(stats: NormStats, name: str) -> float:
-  """std, or 1 when the val map is (numerically) constant so that normalising cannot blow up."""
-  std, mean = stats.std[name], stats.mean[name]
+def _scale(std: float, mean: float, what: str) -> float:
+  """std, or 1 when the held-out values are (numerically) constant so that dividing cannot blow
+  up."""
   if std > 1e-6 * abs(mean) and std > 1e-30:
     return std
-  logging.warning('detectors: %s map is constant on the held-out set (std %g); not scaled',
-                  name, std)
+  logging.warning('detectors: %s is constant on the held-out set (std %g); not scaled', what, std)
   return 1.0
 
 
@@ -300,7 +314,8 @@ def normalise(maps: Mapping[str, jax.Array], stats: NormStats) -> dict[str, jax.
   missing = set(maps) - set(stats.mean)
   if missing:
     raise ValueError(f'no normalisation statistics for {sorted(missing)}')
-  return {k: (x - stats.mean[k]) / _scale(stats, k) for k, x in maps.items()}
+  return {k: (x - stats.mean[k]) / _scale(stats.std[k], stats.mean[k], f'{k} map')
+          for k, x in maps.items()}
 
 
 # --- combination and scores -----------------------------------------------------------------------
@@ -339,34 +354,110 @@ def image_weights(weights: Mapping[str, float], image_detectors: Sequence[str]) 
   return kept if any(float(w) != 0.0 for w in kept.values()) else dict(weights)
 
 
+def standardised_mean(scores: Mapping[str, jax.Array], mean: Mapping[str, jax.Array],
+                      scale: Mapping[str, jax.Array], read: Mapping[str, jax.Array]) -> jax.Array:
+  """The image score of detect.image_score='standardised_mean': the mean, over the detectors k
+  that read[k] marks (1 or 0), of (scores[k] - mean[k]) / scale[k], each detector's own image score
+  standardised by the held-out images' mean and std of it."""
+  total = sum(read[k] * (scores[k] - mean[k]) / scale[k] for k in scores)
+  return total / sum(read[k] for k in scores)
+
+
 @functools.lru_cache(maxsize=None)
-def _weighted_score_fn(sigma: float, top_n: int, own_image_map: bool) -> Callable:
-  """One compiled (maps, weights, image weights) -> (pixel maps, image scores), both weights
-  passed at run time. With own_image_map the image score reads its own combination
-  (image_weights); without it, the pixel map, and the image weights are not read."""
+def _own_scores_fn(sigma: float, top_n: int) -> Callable:
+  """Compiled normalised maps {name: [B,H,W]} -> {name: [B]}: eq. 15 of each blurred map alone."""
+  return jax.jit(lambda maps: {k: image_score(gaussian_blur(m, sigma), top_n)
+                               for k, m in maps.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def _weighted_score_fn(sigma: float, top_n: int, image_from: str) -> Callable:
+  """One compiled (maps, weights, image weights, score moments) -> (pixel maps, image scores),
+  everything but the maps' shapes passed at run time. image_from: 'map' scores the pixel map;
+  'own_map' the combination of the image weights (image_weights); 'standardised' the
+  standardised_mean of the detectors with a nonzero image weight, whose held-out (mean, scale)
+  the moments give. The moments are read by 'standardised' alone, the image weights not by 'map'."""
 
   @jax.jit
-  def score(maps, weights, weights_of_image):
+  def score(maps, weights, weights_of_image, moments):
     pixel = gaussian_blur(combine(maps, weights), sigma)
-    scored = gaussian_blur(combine(maps, weights_of_image), sigma) if own_image_map else pixel
+    if image_from == 'standardised':
+      read = {k: jnp.where(w != 0, 1.0, 0.0) for k, w in weights_of_image.items()}
+      return pixel, standardised_mean(_own_scores_fn(sigma, top_n)(maps), *moments, read)
+    scored = gaussian_blur(combine(maps, weights_of_image), sigma) if image_from == 'own_map' else pixel
     return pixel, image_score(scored, top_n)
 
   return score
 
 
-def get_score_fn(cfg: DetectConfig, image_size: ImageSize,
-                 detectors: Sequence[str]) -> Callable[[Mapping[str, jax.Array]], tuple]:
+def _image_from(cfg: DetectConfig, weights: Mapping[str, float]) -> str:
+  """_weighted_score_fn's image_from for cfg over a map of these weights."""
+  if cfg.image_score == 'standardised_mean':
+    return 'standardised'
+  return 'own_map' if image_weights(weights, cfg.image_detectors) != dict(weights) else 'map'
+
+
+def _score_moments(cfg: DetectConfig, stats: Optional[NormStats], detectors: Sequence[str]):
+  """The (mean, scale) of each detector's held-out image score that cfg's image score reads, as
+  run-time inputs; None when it reads none."""
+  if cfg.image_score != 'standardised_mean':
+    return None
+  missing = [k for k in detectors if stats is None or k not in stats.score_mean]
+  if missing:
+    raise UserError(f'detect.image_score=standardised_mean: no held-out image-score statistics for '
+                    f'{missing}; fit them again (run --mode=eval)')
+  return ({k: jnp.float32(stats.score_mean[k]) for k in detectors},
+          {k: jnp.float32(_scale(stats.score_std[k], stats.score_mean[k], f'{k} image score'))
+           for k in detectors})
+
+
+def fit_stats(raw_maps: Mapping[str, np.ndarray], cfg: DetectConfig, image_size: ImageSize,
+              batch_size: int = 32) -> NormStats:
+  """The held-out statistics of raw maps name -> [N,H,W]: each map's pixel mean and std
+  (fit_normaliser), then the mean and std (ddof 1; 0 for one image) over the N images of each
+  detector's own image score on the maps so normalised."""
+  pixel = fit_normaliser(raw_maps)
+  own = _own_scores_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size))
+  normed = normalise(raw_maps, pixel)
+  scores = {k: [] for k in normed}
+  for batch, real in _padded_batches(normed, batch_size):
+    for k, v in jax.device_get(own(batch)).items():
+      scores[k].append(np.asarray(v[:real], np.float64))
+  scores = {k: np.concatenate(v) for k, v in scores.items()}
+  return dataclasses.replace(
+      pixel, score_mean={k: float(np.mean(v)) for k, v in scores.items()},
+      score_std={k: float(np.std(v, ddof=1)) if v.size > 1 else 0.0 for k, v in scores.items()})
+
+
+def _padded_batches(maps: Mapping[str, np.ndarray],
+                    batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+  """(batch, number of real images) of maps name -> [N,H,W], the last batch zero-padded so that
+  every compiled call sees one shape."""
+  num = int(np.shape(next(iter(maps.values())))[0])
+  for start in range(0, num, batch_size):
+    batch = {k: np.asarray(v[start:start + batch_size], np.float32) for k, v in maps.items()}
+    real = next(iter(batch.values())).shape[0]
+    if real < batch_size:
+      batch = {k: np.pad(v, ((0, batch_size - real), (0, 0), (0, 0))) for k, v in batch.items()}
+    yield batch, real
+
+
+def get_score_fn(cfg: DetectConfig, image_size: ImageSize, detectors: Sequence[str],
+                 stats: Optional[NormStats] = None) -> Callable[[Mapping[str, jax.Array]], tuple]:
   """Jitted normalised maps {name: [B,H,W]} -> (blurred combined map [B,H,W], image score [B])
-  over `detectors` with cfg's weights, image detectors, blur σ and N_a scaled to image_size."""
+  over `detectors` with cfg's weights, image detectors, image score, blur σ and N_a scaled to
+  image_size; stats (the held-out image-score statistics) is read by
+  image_score='standardised_mean' alone."""
   detectors = tuple(detectors)
   unknown = set(detectors) - set(DETECTOR_NAMES)
   if unknown:
     raise ValueError(f'unknown detectors {sorted(unknown)}; expected names from {DETECTOR_NAMES}')
   weights = {k: cfg.weights_by_name()[k] for k in detectors}
   of_image = image_weights(weights, cfg.image_detectors)
+  moments = _score_moments(cfg, stats, detectors)
   core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size),
-                            of_image != weights)
-  return jax.jit(lambda maps: core({k: maps[k] for k in detectors}, weights, of_image))
+                            _image_from(cfg, weights))
+  return jax.jit(lambda maps: core({k: maps[k] for k in detectors}, weights, of_image, moments))
 
 
 def subset_weights(weights: Sequence[float], subset: Sequence[str]) -> tuple[float, ...]:
@@ -383,32 +474,33 @@ def ablation_subsets(detectors: Sequence[str]) -> list[tuple[str, ...]]:
 
 def iter_ablation(cfg: DetectConfig, image_size: ImageSize,
                   maps_norm: Mapping[str, np.ndarray], detectors: Optional[Sequence[str]] = None,
-                  batch_size: int = 32) -> Iterator[tuple[tuple[str, ...], np.ndarray, np.ndarray]]:
+                  batch_size: int = 32, stats: Optional[NormStats] = None
+                  ) -> Iterator[tuple[tuple[str, ...], np.ndarray, np.ndarray]]:
   """Yields (subset, pixel maps [N,H,W], image scores [N]) for every subset, one at a time.
 
   All subsets share one compiled function (weights are run-time inputs; a left-out detector gets
   weight 0), and only one subset's maps are alive at a time, so the caller can compute pixel
-  metrics subset by subset. detectors defaults to the used detectors among maps_norm's keys.
+  metrics subset by subset. detectors defaults to the used detectors among maps_norm's keys; stats
+  is read by image_score='standardised_mean' alone (get_score_fn).
   """
   if detectors is None:
     detectors = [k for k in DETECTOR_NAMES if k in maps_norm and cfg.weights_by_name()[k] != 0.0]
   detectors = tuple(detectors)
-  core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size),
-                            bool(cfg.image_detectors))
   weight_of = cfg.weights_by_name()
-  num = int(np.shape(maps_norm[detectors[0]])[0])
+  moments = _score_moments(cfg, stats, detectors)
+  # A subset is scored from its own map when it holds no image detector: 'own_map' serves both.
+  image_from = 'standardised' if moments is not None else (
+      'own_map' if cfg.image_detectors else 'map')
+  core = _weighted_score_fn(scaled_blur_sigma(cfg, image_size), scaled_top_n(cfg, image_size),
+                            image_from)
+  maps = {k: maps_norm[k] for k in detectors}
   for subset in ablation_subsets(detectors):
     own = {k: weight_of[k] if k in subset else 0.0 for k in detectors}
     weights = {k: jnp.float32(w) for k, w in own.items()}
     of_image = {k: jnp.float32(w) for k, w in image_weights(own, cfg.image_detectors).items()}
     pixel, score = [], []
-    for start in range(0, num, batch_size):
-      batch = {k: np.asarray(maps_norm[k][start:start + batch_size], np.float32)
-               for k in detectors}
-      real = next(iter(batch.values())).shape[0]
-      if real < batch_size:  # pad the last batch so that every call has one shape
-        batch = {k: np.pad(v, ((0, batch_size - real), (0, 0), (0, 0))) for k, v in batch.items()}
-      p, s = jax.device_get(core(batch, weights, of_image))
+    for batch, real in _padded_batches(maps, batch_size):
+      p, s = jax.device_get(core(batch, weights, of_image, moments))
       pixel.append(p[:real])
       score.append(s[:real])
     yield subset, np.concatenate(pixel), np.concatenate(score)

@@ -221,9 +221,9 @@ def score_candidate(scorer: Scorer, dev: DevSet,
   for fold in np.unique(dev.folds):
     fit = (dev.folds != fold) & (dev.labels == 0)
     judge = np.flatnonzero(dev.folds == fold)
-    stats = det.fit_normaliser({k: v[fit] for k, v in out.maps.items()})
+    stats = det.fit_stats({k: v[fit] for k, v in out.maps.items()}, scorer.detect_cfg, size)
     normed = det.normalise({k: v[judge] for k, v in out.maps.items()}, stats)
-    for subset, p, s in det.iter_ablation(scorer.detect_cfg, size, normed, used):
+    for subset, p, s in det.iter_ablation(scorer.detect_cfg, size, normed, used, stats=stats):
       if subset in scores:
         scores[subset][judge], pixels[subset][judge] = s, p
   rows, evidence = [], []

@@ -165,7 +165,7 @@ def evaluate_outputs(config: Config, workdir: str) -> Evaluation:
   pixel_m = metrics.pixel_metrics(pixel_maps, pixel_labels) if pixel_labels is not None else {}
   ablation = []
   for subset, p, s in det.iter_ablation(scorer.detect_cfg, scorer.image_size, normed,
-                                        scorer.selection.used):
+                                        scorer.selection.used, stats=scorer.stats):
     row = {'detectors': list(subset), 'image_auroc': metrics.auroc(s, out.labels)}
     if pixel_labels is not None:
       row['pixel_auroc'] = metrics.pixel_metrics(p, pixel_labels)['auroc']

@@ -27,7 +27,7 @@ def export_detector(workdir: str, batch_size: int, out_dir: str = '') -> str:
   """Writes workdir/export/ (or out_dir) from the workdir's saved detector; returns the folder."""
   detector = Detector.load(workdir, batch_size=batch_size)
   scorer, size = detector.scorer, detector.image_size
-  score_fn = det.get_score_fn(scorer.detect_cfg, size, scorer.selection.used)
+  score_fn = det.get_score_fn(scorer.detect_cfg, size, scorer.selection.used, scorer.stats)
   params, seed, stats = scorer.params, scorer.config.seed, scorer.stats
 
   def scoring(images_u8, digests):

@@ -218,7 +218,7 @@ class Scorer:
       raise UserError('data.val_fraction: the held-out train/good slice is empty; it is needed to '
                       'normalise the detector maps (raise data.val_fraction)')
     out = self.run_split(val_data, what='val')
-    self.stats = det.fit_normaliser(out.maps)
+    self.stats = det.fit_stats(out.maps, self.detect_cfg, self.image_size)
     return out
 
   def normalise(self, raw_maps: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -227,7 +227,7 @@ class Scorer:
   def score(self, normed: Dict[str, np.ndarray], batch_size: int = 32):
     """(pixel maps [N,H,W], image scores [N]) of the configured combination (eq. 14, 15) of
     normalised maps."""
-    score_fn = det.get_score_fn(self.detect_cfg, self.image_size, self.selection.used)
+    score_fn = det.get_score_fn(self.detect_cfg, self.image_size, self.selection.used, self.stats)
     pixel, image = [], []
     n = next(iter(normed.values())).shape[0]
     for s in range(0, n, batch_size):

@@ -62,7 +62,8 @@ def weight_evidence(config: config_lib.Config, workdir: str, cos_weights) -> lis
   evidence = []
   for u in cos_weights:
     cfg = config_lib.with_fields(config, {'detect.weights': (u,) + tuple(config.detect.weights[1:])})
-    score_fn = det.get_score_fn(cfg.detect, scorer.image_size, scorer.selection.used)
+    score_fn = det.get_score_fn(cfg.detect, scorer.image_size, scorer.selection.used,
+                                scorer.stats)
     pixel, image = (np.asarray(a) for a in score_fn(normed))
     evidence.append((image, resample.pixel_pairs(pixel, out.masks), out.labels))
   return evidence

@@ -12,11 +12,12 @@ ratio, and the AUROC of the held-out against the training scores with a 95% stra
 interval: 0.5 when the detector cannot tell an image the model trained on from an unseen one,
 above it when it scores the trained-on images lower; and the spread (std) of the held-out
 images' scores. No test image is read, unless --test: then the test split is scored too, and the
-test image AUROC is given for each detector, for the config's image score, and for the mean of
-the detectors' image scores each standardised by the held-out images' mean and std
-(`standardised_mean`).
+test image AUROC is given for each detector, for the config's image score, and for
+detect.image_score='standardised_mean' (the mean of the detectors' image scores, each standardised
+by the held-out images' mean and std of it; esm/detectors.py `standardised_mean`).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -42,12 +43,12 @@ _JSONL = flags.DEFINE_string('jsonl', None, 'JSON lines file of the results (one
 _TEST = flags.DEFINE_bool('test', False, 'Also score the test split (reads its labels).')
 RESAMPLES = 2000
 DEFAULT = 'default'  # the config's own image score (eq. 14 and 15, detect.image_detectors)
-STANDARDISED = 'standardised'  # standardised_mean of the single detectors' image scores
+STANDARDISED = 'standardised'  # detect.image_score='standardised_mean' over every detector
 
 
 def split_scores(config, workdir: str, test: bool = False):
-  """{detector or DEFAULT: {'held_out': [N_val], 'train': [N_train] (, 'test': [N_test])}} image
-  scores, and the test labels (None without test)."""
+  """{detector, DEFAULT or STANDARDISED: {'held_out': [N_val], 'train': [N_train]
+  (, 'test': [N_test])}} image scores, and the test labels (None without test)."""
   gb = config.eval.batch_size
   splits = {name: pipeline.get_eval_data(config.data, name, global_batch_size=gb)
             for name in ('val', 'train') + (('test',) if test else ())}
@@ -55,43 +56,37 @@ def split_scores(config, workdir: str, test: bool = False):
       config, config.detect.weights_by_name()))
   scorer.fit_normalisation(splits['val'])
   used = tuple(scorer.selection.used)
+  standardised = det.get_score_fn(
+      dataclasses.replace(scorer.detect_cfg, image_score='standardised_mean', image_detectors=()),
+      scorer.image_size, used, scorer.stats)
   out, labels = {}, None
   for name, images in splits.items():
     split = scorer.run_split(images, what=f'generalisation {name}')
-    maps = scorer.normalise(split.maps)
-    for subset, _, scores in det.iter_ablation(scorer.detect_cfg, scorer.image_size, maps, used):
+    maps, part = scorer.normalise(split.maps), 'held_out' if name == 'val' else name
+    for subset, _, scores in det.iter_ablation(scorer.detect_cfg, scorer.image_size, maps, used,
+                                               stats=scorer.stats):
       if len(subset) == 1 or subset == used:
-        key = DEFAULT if subset == used else subset[0]
-        out.setdefault(key, {})['held_out' if name == 'val' else name] = np.asarray(scores)
+        out.setdefault(DEFAULT if subset == used else subset[0], {})[part] = np.asarray(scores)
+    out.setdefault(STANDARDISED, {})[part] = np.asarray(standardised(maps)[1])
     if name == 'test':
       labels = split.labels
   return out, labels
 
 
-def standardised_mean(scores, held_out):
-  """The mean over detectors of each one's image scores standardised by the held-out clean
-  images' mean and std: each detector then weighs by its spread on unseen clean images, where the
-  combined map's image score (eq. 15) weighs it by the spread of its map's top pixels."""
-  return np.mean([(np.asarray(scores[k]) - np.mean(held_out[k])) / np.std(held_out[k], ddof=1)
-                  for k in scores], axis=0)
-
-
 def aurocs_on_test(scores, labels):
-  """Test image AUROC per detector, of the config's image score and of standardised_mean, and
-  standardised_mean's paired difference to the config's image score [estimate, 95% interval]
-  (stratified bootstrap over the test images)."""
-  singles = [k for k in scores if k != DEFAULT]
-  combined = standardised_mean({k: scores[k]['test'] for k in singles},
-                               {k: scores[k]['held_out'] for k in singles})
-  values = {**{k: s['test'] for k, s in scores.items()}, STANDARDISED: combined}
+  """Test image AUROC of each entry of split_scores (each detector, the config's image score and
+  the standardised mean), and the standardised mean's paired difference to the config's image
+  score [estimate, 95% interval] (stratified bootstrap over the test images)."""
   weights = _resampled(labels)
-  aurocs = {k: metrics.weighted_auroc(v, labels, weights) for k, v in values.items()}
+  aurocs = {k: metrics.weighted_auroc(s['test'], labels, weights) for k, s in scores.items()}
   return ({k: float(a[0]) for k, a in aurocs.items()},
           _with_interval(aurocs[STANDARDISED] - aurocs[DEFAULT]))
 
 
 def gap_rows(scores):
-  """Per detector: mean scores, their ratio (training / held-out) and AUROC [estimate, lo, hi]."""
+  """Per detector and the config's image score (not the standardised mean, whose held-out mean is
+  0 by construction): mean scores, their ratio (training / held-out) and AUROC [estimate, lo, hi]."""
+  scores = {k: s for k, s in scores.items() if k != STANDARDISED}
   rows = {}
   some = next(iter(scores.values()))  # every detector scores the same images
   labels = np.concatenate([np.ones(some['held_out'].size), np.zeros(some['train'].size)])

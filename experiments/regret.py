@@ -335,7 +335,8 @@ def evaluate_point(run, config, point, features, restored, feature_fn, val, test
   out = scorer.run_split(test, what=f'regret {run.name} {_key(point)}')
   subsets, scores, pairs = [], [], []
   for subset, maps, s in det.iter_ablation(scorer.detect_cfg, scorer.image_size,
-                                           scorer.normalise(out.maps), scorer.selection.used):
+                                           scorer.normalise(out.maps), scorer.selection.used,
+                                           stats=scorer.stats):
     subsets.append(list(subset))
     scores.append(s)
     pairs.append(resample.pixel_pairs(maps, out.masks))

@@ -304,3 +304,31 @@ def test_a_state_of_an_older_checkpoint_is_refused(evaluated, tmp_path):
   with pytest.raises(UserError, match='belongs to checkpoint step 4 but the newest checkpoint is '
                                       'step 8; run --mode=eval again'):
     Detector.load(copy)
+
+
+@pytest.mark.slow
+def test_the_standardised_image_score_travels_through_the_state_predict_and_export(evaluated,
+                                                                                   tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import esm.export  # pylint: disable=g-import-not-at-top
+  from esm import Detector  # pylint: disable=g-import-not-at-top
+  cache, workdir, _ = evaluated
+  copy = str(tmp_path / 'wd')
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('predict', 'export'))
+  config = micro_config(cache, **{'detect.image_score': 'standardised_mean'})
+  config.predict.refit = True
+  run.run(config, copy, 'export')  # re-fits DIR/detector.json with the flag, then exports
+  with open(os.path.join(copy, 'detector.json')) as f:
+    state = json.load(f)
+  assert state['fields']['detect.image_score'] == 'standardised_mean'
+  norm = state['normalisation']
+  assert set(norm['score_mean']) == set(norm['score_std']) == {'u', 'kl', 're'}
+  assert all(s > 0 for s in norm['score_std'].values())
+  rng = np.random.default_rng(5)
+  images = rng.integers(0, 255, (5, 16, 16, 3), np.uint8)
+  api = Detector.load(copy).predict(list(images))
+  paper = Detector.load(workdir).predict(list(images))
+  np.testing.assert_allclose(api.model_maps, paper.model_maps, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(api.scores, paper.scores)  # the same maps, another image score
+  scores, _ = esm.export.load(os.path.join(copy, 'export'))(images)
+  np.testing.assert_allclose(scores, api.scores, rtol=1e-4, atol=1e-5)

@@ -1,5 +1,6 @@
 """esm/detectors.py: each map on hand-made inputs, normalisation, blur, eq. 14/15, ablation."""
 
+import dataclasses
 import functools
 
 import jax
@@ -10,6 +11,7 @@ import scipy.ndimage
 
 from configs import default
 from esm import detectors
+from esm import metrics
 from esm.config import section_from_dict
 from esm.errors import UserError
 
@@ -206,6 +208,60 @@ def test_image_detectors_score_their_own_map_and_keep_the_pixel_map():
     detectors.DetectConfig(image_detectors=('sharpness',))
   with pytest.raises(UserError, match='image_detectors'):
     detectors.DetectConfig(image_detectors='re')
+
+
+def test_standardised_mean_keeps_a_detector_noisy_on_clean_images_from_dominating():
+  # Both maps have unit pixel std on clean images once normalised, but S_RE's is mostly a fixed
+  # ramp shared by every image, so its image score barely moves between clean images, while S_U's
+  # moves a lot and carries no defect signal. The map's image score then follows S_U; the
+  # standardised mean weighs each by its spread across clean images and follows S_RE.
+  rng = np.random.default_rng(1)
+  labels = np.repeat([0, 1], 40)
+  ramp = np.broadcast_to(np.linspace(-17.0, 17.0, W), (H, W))
+
+  def maps_of(n, signal):
+    u, re = rng.normal(0.0, 10.0, n), rng.normal(0.0, 1.0, n) + 5.0 * signal
+    return {'u': np.broadcast_to(u[:, None, None], (n, H, W)).astype(np.float32),
+            're': (ramp + re[:, None, None]).astype(np.float32)}
+
+  held_out, test = maps_of(20, np.zeros(20)), maps_of(80, labels)
+  cfg = detectors.DetectConfig(blur_sigma=16.0, top_n=1024, image_score='standardised_mean')
+  stats = detectors.fit_stats(held_out, cfg, H, batch_size=8)
+  normed = detectors.normalise(test, stats)
+  _, plain = detectors.get_score_fn(dataclasses.replace(cfg, image_score='map'), H,
+                                    ('u', 're'))(normed)
+  pixel, score = detectors.get_score_fn(cfg, H, ('u', 're'), stats)(normed)
+  assert metrics.auroc(np.asarray(plain), labels) < 0.75
+  assert metrics.auroc(np.asarray(score), labels) > 0.95
+  # At 16x16, σ = 1 px and N_a = 4 pixels (test_combine_score_fn_and_ablation).
+  own = lambda maps, k: np.asarray(detectors.image_score(detectors.gaussian_blur(
+      jnp.asarray(maps[k]), 1.0), 4), np.float64)
+  held_own = detectors.normalise(held_out, stats)
+  for k in ('u', 're'):
+    assert stats.score_mean[k] == pytest.approx(own(held_own, k).mean(), abs=1e-4)
+    assert stats.score_std[k] == pytest.approx(own(held_own, k).std(ddof=1), rel=1e-3)
+  z = {k: (own(normed, k) - stats.score_mean[k]) / stats.score_std[k] for k in ('u', 're')}
+  np.testing.assert_allclose(score, (z['u'] + z['re']) / 2, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(pixel, detectors.gaussian_blur(normed['u'] + normed['re'], 1.0),
+                             rtol=1e-5, atol=1e-5)
+  assert stats == detectors.NormStats.from_dict(stats.to_dict())
+  # The ablation scores each subset by the standardised mean of its own members, and
+  # image_detectors names the detectors the mean reads.
+  by_subset = {s: sc for s, _, sc in detectors.iter_ablation(cfg, H, normed, stats=stats)}
+  np.testing.assert_allclose(by_subset[('u', 're')], score, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(by_subset[('re',)], z['re'], rtol=1e-3, atol=1e-3)
+  _, re_only = detectors.get_score_fn(dataclasses.replace(cfg, image_detectors=('re',)), H,
+                                      ('u', 're'), stats)(normed)
+  np.testing.assert_allclose(re_only, z['re'], rtol=1e-3, atol=1e-3)
+
+
+def test_standardised_mean_needs_the_held_out_image_score_statistics():
+  cfg = detectors.DetectConfig(image_score='standardised_mean')
+  saved_before = {'mean': {'re': 0.0}, 'std': {'re': 1.0}, 'count': {'re': 10}}
+  with pytest.raises(UserError, match='run --mode=eval'):
+    detectors.get_score_fn(cfg, H, ('re',), detectors.NormStats.from_dict(saved_before))
+  with pytest.raises(UserError, match='image_score'):
+    detectors.DetectConfig(image_score='sum')
 
 
 def test_subset_weights_keep_each_members_configured_weight():
