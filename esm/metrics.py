@@ -327,6 +327,20 @@ def bootstrap_counts(labels, num_resamples: int, seed: int = 0) -> np.ndarray:
   return counts
 
 
+def bootstrap_weights(labels, num_resamples: int, seed: int = 0) -> np.ndarray:
+  """[1 + num_resamples, N] image multiplicities: the images as they are (a row of ones), then
+  bootstrap_counts' stratified resamples."""
+  labels = np.asarray(labels)
+  return np.concatenate([np.ones((1, labels.size)), bootstrap_counts(labels, num_resamples, seed)])
+
+
+def with_interval(values, level: float = 0.95) -> list[float]:
+  """[estimate, lo, hi] of a statistic over bootstrap_weights' rows: its value on the images as
+  they are and the percentile interval of its resamples."""
+  tail = (1.0 - level) / 2
+  return [float(values[0])] + np.quantile(values[1:], [tail, 1.0 - tail]).tolist()
+
+
 def weighted_auroc(scores, labels, weights) -> np.ndarray:
   """AUROC of `scores` [N] with image multiplicities `weights` [B, N] (one row per resample);
   ties count one half, as in roc_auc_score on the repeated images. Returns [B]."""

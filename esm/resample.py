@@ -89,8 +89,7 @@ def paired_difference(a: Sequence[Evidence], b: Sequence[Evidence], num_resample
   """[2, 3]: image and pixel AUROC of a − b (each the mean over its entries) and its paired,
   class-stratified bootstrap interval over the test images, both metrics from the same resamples."""
   labels = a[0][2]
-  weights = np.concatenate([np.ones((1, labels.size)),
-                            metrics.bootstrap_counts(labels, num_resamples, seed)])
+  weights = metrics.bootstrap_weights(labels, num_resamples, seed)
   diff = pooled_aurocs(a, weights) - pooled_aurocs(b, weights)
   lo, hi = np.nanquantile(diff[:, 1:], [(1 - level) / 2, (1 + level) / 2], axis=1)
   return np.stack([diff[:, 0], lo, hi], axis=1)

@@ -34,6 +34,7 @@ ADDED_FIELDS = {
     'model.scan_streams': False,
     'model.scan_blocks': False,
     'train.compiler_options': {},
+    'detect.image_score': 'map',
 }
 
 

@@ -77,10 +77,10 @@ def aurocs_on_test(scores, labels):
   """Test image AUROC of each entry of split_scores (each detector, the config's image score and
   the standardised mean), and the standardised mean's paired difference to the config's image
   score [estimate, 95% interval] (stratified bootstrap over the test images)."""
-  weights = _resampled(labels)
+  weights = metrics.bootstrap_weights(labels, RESAMPLES)
   aurocs = {k: metrics.weighted_auroc(s['test'], labels, weights) for k, s in scores.items()}
   return ({k: float(a[0]) for k, a in aurocs.items()},
-          _with_interval(aurocs[STANDARDISED] - aurocs[DEFAULT]))
+          metrics.with_interval(aurocs[STANDARDISED] - aurocs[DEFAULT]))
 
 
 def gap_rows(scores):
@@ -90,13 +90,13 @@ def gap_rows(scores):
   rows = {}
   some = next(iter(scores.values()))  # every detector scores the same images
   labels = np.concatenate([np.ones(some['held_out'].size), np.zeros(some['train'].size)])
-  weights = _resampled(labels)
+  weights = metrics.bootstrap_weights(labels, RESAMPLES)
   for key, s in scores.items():
     auroc = metrics.weighted_auroc(np.concatenate([s['held_out'], s['train']]), labels, weights)
     held, train = float(np.mean(s['held_out'])), float(np.mean(s['train']))
     rows[key] = {'held_out_mean': held, 'train_mean': train,
                  'ratio': train / held if held else float('nan'),
-                 'auroc': _with_interval(auroc),
+                 'auroc': metrics.with_interval(auroc),
                  'held_out_std': float(np.std(s['held_out'], ddof=1)),
                  'held_out_images': int(s['held_out'].size), 'train_images': int(s['train'].size)}
   return rows
@@ -121,16 +121,6 @@ def markdown(results) -> str:
                    f"{_fmt(test[STANDARDISED])} ({d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] against "
                    f"{DEFAULT}) |")
   return '\n'.join(lines)
-
-
-def _resampled(labels) -> np.ndarray:
-  """[1 + RESAMPLES, N] image multiplicities: the data as it is, then stratified resamples."""
-  return np.concatenate([np.ones((1, labels.size)), metrics.bootstrap_counts(labels, RESAMPLES)])
-
-
-def _with_interval(values) -> list:
-  """[estimate, 2.5%, 97.5%] of a statistic over _resampled's rows."""
-  return [float(values[0])] + np.quantile(values[1:], [0.025, 0.975]).tolist()
 
 
 def _fmt(value) -> str:

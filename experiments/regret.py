@@ -455,7 +455,7 @@ def role_rows(curves, picks) -> Dict[str, Any]:
       versus = own - picked(curves, picks['default'])[m]
       row = rows.setdefault(role, {'choice': _choice_of(picks[role]), 'auroc': [None, None]})
       row['auroc'][m] = float(own[0])
-      row[f'{metric}_regret'] = [float(regret[0])] + np.quantile(regret[1:], [0.025, 0.975]).tolist()
+      row[f'{metric}_regret'] = metrics.with_interval(regret)
       row[f'{metric}_vs_default'] = [float(versus[0]), float(np.std(versus[1:]))]
     row = rows.setdefault('best', {'choice': {}, 'auroc': [None, None]})
     row['choice'][metric] = list(best)
@@ -468,7 +468,7 @@ def run_rows(run: Run, evidence: Dict[Tuple, resample.Evidence]) -> Dict[str, An
   evidence = dict(evidence)
   free = {n: evidence.pop((n, (n,))) for n in baselines.BASELINES if (n, (n,)) in evidence}
   labels = next(iter(evidence.values()))[2]
-  weights = np.concatenate([np.ones((1, labels.size)), metrics.bootstrap_counts(labels, RESAMPLES)])
+  weights = metrics.bootstrap_weights(labels, RESAMPLES)
   curves = {k: np.stack(aurocs(v, weights)) for k, v in evidence.items()}  # [2, 1 + R]
   done = tunings(run)
   picks = choices(run, evidence, done)
@@ -478,8 +478,7 @@ def run_rows(run: Run, evidence: Dict[Tuple, resample.Evidence]) -> Dict[str, An
     rows[name] = {'auroc': floor[:, 0].tolist()}
     for role in [r for r in ROLES[:-1] if r in picks]:  # paired over the test images
       gap = picked(curves, picks[role]) - floor
-      rows[role][f'minus_{name}'] = [[float(g[0])] + np.quantile(g[1:], [0.025, 0.975]).tolist()
-                                     for g in gap]
+      rows[role][f'minus_{name}'] = [metrics.with_interval(g) for g in gap]
   new = done['new']
   dev = [(c, (_key(tune.point_of(c)), tuple(c['detectors']))) for c in new['candidates']]
   dev = [(c, k) for c, k in dev if k in curves]

@@ -99,14 +99,14 @@ def test_saved_configs_with_renamed_fields_still_load(tmp_path, caplog):
   assert sum('deprecated' in r.message for r in caplog.records) == 3
 
 
-def test_workdirs_written_before_the_scan_layouts_stay_compatible(tmp_path):
+def test_workdirs_written_before_the_scan_layouts_and_the_image_score_stay_compatible(tmp_path):
   old = config_lib.to_dict(config_lib.from_configdict(get_default_config()))
   for section, field in (('model', 'scan_streams'), ('model', 'scan_blocks'),
-                         ('train', 'compiler_options')):
+                         ('train', 'compiler_options'), ('detect', 'image_score')):
     del old[section][field]
   (tmp_path / 'config.json').write_text(json.dumps(old))
   saved = workdir.load_saved_config(str(tmp_path))
-  config_lib.from_dict(saved)  # every field is there again
+  assert config_lib.from_dict(saved).detect.image_score == 'map'  # every field is there again
   validate.check_checkpoint_compatible(saved, config_lib.from_configdict(get_default_config()),
                                        str(tmp_path))
   c = get_default_config()
