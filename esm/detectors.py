@@ -384,7 +384,8 @@ def _weighted_score_fn(sigma: float, top_n: int, image_from: str) -> Callable:
     if image_from == 'standardised':
       read = {k: jnp.where(w != 0, 1.0, 0.0) for k, w in weights_of_image.items()}
       return pixel, standardised_mean(_own_scores_fn(sigma, top_n)(maps), *moments, read)
-    scored = gaussian_blur(combine(maps, weights_of_image), sigma) if image_from == 'own_map' else pixel
+    own_map = image_from == 'own_map'
+    scored = gaussian_blur(combine(maps, weights_of_image), sigma) if own_map else pixel
     return pixel, image_score(scored, top_n)
 
   return score

@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
 import generalisation  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -32,3 +33,25 @@ def test_aurocs_on_test_names_each_detector_the_default_and_the_standardised_mea
   estimate, low, high = difference
   assert estimate == out[generalisation.STANDARDISED] - out[generalisation.DEFAULT]
   assert low <= estimate <= high
+
+
+def test_runs_of_one_category_pool_into_one_paired_interval():
+  rng = np.random.default_rng(3)
+  labels = np.repeat([0, 1], 30)
+  runs = []
+  for seed in range(3):  # the standardised mean separates the classes, the default barely
+    scores = {generalisation.DEFAULT: rng.normal(0.0, 1.0, 60) + 0.3 * labels,
+              generalisation.STANDARDISED: rng.normal(0.0, 1.0, 60) + 2.0 * labels}
+    runs.append({'workdir': f's{seed}', 'dataset': 'd', 'category': 'c', 'test_labels': labels,
+                 'test_scores': scores,
+                 'test_auroc': {k: metrics.auroc(v, labels) for k, v in scores.items()}})
+  without_test = {'workdir': 'no test', 'dataset': 'd', 'category': 'c'}
+  rows = generalisation.pooled_rows(runs + [without_test])
+  row = rows['d/c']
+  assert row['runs'] == ['s0', 's1', 's2']
+  estimate, low, high = row['standardised_minus_default']
+  assert estimate == pytest.approx(row['standardised'] - row['default'])
+  assert 0.0 < low <= estimate <= high
+  runs[1]['test_labels'] = labels[::-1]
+  with pytest.raises(SystemExit, match='different test splits'):
+    generalisation.pooled_rows(runs)
