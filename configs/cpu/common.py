@@ -19,8 +19,8 @@ Everything not listed here is the paper's setting. What changes, and why:
   pixel map every detector, S_Cos at half S_RE's weight (detect.weights): S_Cos sharpens the maps
   but ranks whole images worse on pill and metal_plate, and at half weight its maps scored higher
   on bottle and pill ("S_Cos at half weight"). The dual-stream models run with `loss.kind`,
-  `sampling.method`, T_d, the paper's equal weights and its image score from experiments/models.py
-  MODELS.
+  `sampling.method`, T_d, the paper's equal weights and the standardised image score
+  (`detect.image_score`; "The standardised image score") from experiments/models.py MODELS.
 - Label-free tuning (esm/tune.py) is on: train_eval trains, tunes T_d, the sampler and the
   detector weights on held-out training images, then evaluates with them.
 - 1600 steps at batch 16 (136 epochs of bottle) with a large learning rate, not the paper's 1000
