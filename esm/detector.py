@@ -35,7 +35,7 @@ ImageInput = Union[str, os.PathLike, np.ndarray]
 @dataclasses.dataclass
 class Prediction:
   """Results of Detector.predict, one entry per input, in input order."""
-  scores: np.ndarray  # (N,) float32 image scores (eq. 15)
+  scores: np.ndarray  # (N,) float32 image scores (eq. 15, or detect.image_score's)
   decisions: np.ndarray  # (N,) bool: score > the saved image threshold (True = defect)
   maps: List[np.ndarray]  # float32 anomaly maps (eq. 14, blurred), each at its input's size
   masks: List[np.ndarray]  # bool maps: map > the saved pixel threshold

@@ -5,7 +5,8 @@
 
 The artifact computes, for a fixed batch B and image size S: preprocessing (x * 2/255 - 1),
 reconstruction with the per-image noise keys, the raw detector maps, the saved normalisation, the
-combined blurred map and the image score (eq. 14, 15). Its inputs are the uint8 images and each
+combined blurred map and the image score (eq. 14, 15, or the standardised mean of
+detect.image_score). Its inputs are the uint8 images and each
 image's content digest (esm/preprocess.py), which the loader computes with numpy and hashlib, so
 the noise, and hence every score, equals Detector.predict's. The parameters are constants inside
 the artifact. DIR/export/detector.json holds the thresholds and the input contract.

@@ -50,7 +50,8 @@ def export_detector(workdir: str, batch_size: int, out_dir: str = '') -> str:
       'artifact': ARTIFACT, 'batch_size': batch_size, 'image_size': size,
       'input': f'uint8 [N, {size}, {size}, 3] RGB, already resized to {size}x{size} '
                '(antialiasing bilinear); any N (padded to batch_size)',
-      'outputs': {'scores': 'float32 [N] image scores (eq. 15)',
+      'outputs': {'scores': f'float32 [N] image scores (detect.image_score='
+                            f'{scorer.detect_cfg.image_score!r})',
                   'maps': f'float32 [N, {size}, {size}] combined anomaly maps (eq. 14, blurred)'},
       'noise_digest': 'blake2b (4 bytes, little endian) of the float32 preprocessed pixels',
       'image_threshold': state['image_threshold'], 'pixel_threshold': state['pixel_threshold'],

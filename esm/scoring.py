@@ -212,8 +212,9 @@ class Scorer:
     return SplitOutputs(maps, labels, masks, figures.kept, figures.trajectory, timing['seconds'])
 
   def fit_normalisation(self, val_data: ImageSet) -> SplitOutputs:
-    """Fits the statistics of each raw map over the reconstructed held-out train/good images;
-    returns those images' outputs."""
+    """Fits the statistics of each raw map, and of each detector's image score, over the
+    reconstructed held-out train/good images (detectors.fit_stats); returns those images'
+    outputs."""
     if val_data.num_examples == 0:
       raise UserError('data.val_fraction: the held-out train/good slice is empty; it is needed to '
                       'normalise the detector maps (raise data.val_fraction)')
