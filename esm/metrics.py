@@ -371,11 +371,9 @@ def paired_bootstrap_auroc_difference(scores_a, scores_b, labels, *, num_resampl
     raise ValueError(f'scores {a.shape}, {b.shape} do not match {labels.size} labels')
   if len(np.unique(labels)) != 2:
     return {'difference': math.nan, 'lo': math.nan, 'hi': math.nan, 'p_not_better': math.nan}
-  full = np.ones((1, labels.size))
   mean_auroc = lambda s, w: np.mean([weighted_auroc(x, labels, w) for x in s], axis=0)
-  counts = bootstrap_counts(labels, num_resamples, seed)
-  diffs = mean_auroc(a, counts) - mean_auroc(b, counts)
-  tail = (1.0 - level) / 2
-  return {'difference': float(mean_auroc(a, full)[0] - mean_auroc(b, full)[0]),
-          'lo': float(np.quantile(diffs, tail)), 'hi': float(np.quantile(diffs, 1 - tail)),
-          'p_not_better': float(np.mean(diffs <= 0))}
+  weights = bootstrap_weights(labels, num_resamples, seed)
+  diffs = mean_auroc(a, weights) - mean_auroc(b, weights)
+  difference, lo, hi = with_interval(diffs, level)
+  return {'difference': difference, 'lo': lo, 'hi': hi,
+          'p_not_better': float(np.mean(diffs[1:] <= 0))}
